@@ -1,0 +1,85 @@
+from rlhf.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PauseRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ResumeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListVersionsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RollbackRequest(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
+
+class LearnerStatus(_message.Message):
+    __slots__ = ("paused", "step", "policy_version", "serving_version", "kl_coef", "rollouts_trained", "rollouts_dropped_stale", "last_stats")
+    class LastStatsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SERVING_VERSION_FIELD_NUMBER: _ClassVar[int]
+    KL_COEF_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUTS_TRAINED_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUTS_DROPPED_STALE_FIELD_NUMBER: _ClassVar[int]
+    LAST_STATS_FIELD_NUMBER: _ClassVar[int]
+    paused: bool
+    step: int
+    policy_version: int
+    serving_version: int
+    kl_coef: float
+    rollouts_trained: int
+    rollouts_dropped_stale: int
+    last_stats: _containers.ScalarMap[str, float]
+    def __init__(self, paused: _Optional[bool] = ..., step: _Optional[int] = ..., policy_version: _Optional[int] = ..., serving_version: _Optional[int] = ..., kl_coef: _Optional[float] = ..., rollouts_trained: _Optional[int] = ..., rollouts_dropped_stale: _Optional[int] = ..., last_stats: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class PolicyVersionInfo(_message.Message):
+    __slots__ = ("version", "step", "created_unix_ms", "uri", "sha256", "format", "kl_to_reference", "promoted", "reason")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    URI_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    KL_TO_REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    PROMOTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    step: int
+    created_unix_ms: int
+    uri: str
+    sha256: str
+    format: _common_pb2.WeightFormat
+    kl_to_reference: float
+    promoted: bool
+    reason: str
+    def __init__(self, version: _Optional[int] = ..., step: _Optional[int] = ..., created_unix_ms: _Optional[int] = ..., uri: _Optional[str] = ..., sha256: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.WeightFormat, str]] = ..., kl_to_reference: _Optional[float] = ..., promoted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ListVersionsResponse(_message.Message):
+    __slots__ = ("versions",)
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    versions: _containers.RepeatedCompositeFieldContainer[PolicyVersionInfo]
+    def __init__(self, versions: _Optional[_Iterable[_Union[PolicyVersionInfo, _Mapping]]] = ...) -> None: ...

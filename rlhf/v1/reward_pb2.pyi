@@ -1,0 +1,50 @@
+from rlhf.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ScoreItem(_message.Message):
+    __slots__ = ("prompt", "response")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    prompt: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
+    response: str
+    def __init__(self, prompt: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., response: _Optional[str] = ...) -> None: ...
+
+class ScoreRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[ScoreItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[ScoreItem, _Mapping]]] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("scores", "raw_scores", "rm_version")
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    RAW_SCORES_FIELD_NUMBER: _ClassVar[int]
+    RM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    raw_scores: _containers.RepeatedScalarFieldContainer[float]
+    rm_version: int
+    def __init__(self, scores: _Optional[_Iterable[float]] = ..., raw_scores: _Optional[_Iterable[float]] = ..., rm_version: _Optional[int] = ...) -> None: ...
+
+class RewardInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RewardInfo(_message.Message):
+    __slots__ = ("rm_version", "train_step", "online_accuracy", "pairs_seen", "backbone")
+    RM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_STEP_FIELD_NUMBER: _ClassVar[int]
+    ONLINE_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_SEEN_FIELD_NUMBER: _ClassVar[int]
+    BACKBONE_FIELD_NUMBER: _ClassVar[int]
+    rm_version: int
+    train_step: int
+    online_accuracy: float
+    pairs_seen: int
+    backbone: str
+    def __init__(self, rm_version: _Optional[int] = ..., train_step: _Optional[int] = ..., online_accuracy: _Optional[float] = ..., pairs_seen: _Optional[int] = ..., backbone: _Optional[str] = ...) -> None: ...
