@@ -1,0 +1,211 @@
+"""The one way to run a gRPC service: grpc.aio server, standard health and reflection,
+Prometheus metrics, request metrics, graceful shutdown on SIGTERM.
+
+A service implements `Service`; its `main()` is three lines:
+
+    settings = load_settings(GeneratorSettings, argv)
+    run_service(GeneratorService(settings), settings)
+
+Health means ready (STYLE.md #7): NOT_SERVING while `start()` loads weights and
+assigns consumers, SERVING after, NOT_SERVING again from the first moment of draining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from abc import ABC, abstractmethod
+from typing import Any, Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from rlhf.serving.logs import setup_logging
+from rlhf.serving.settings import GrpcServiceSettings
+
+log = logging.getLogger(__name__)
+
+RPC_SECONDS = Histogram(
+    "rlhf_grpc_server_handling_seconds",
+    "Time to handle an RPC, by method",
+    ["method"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+RPC_TOTAL = Counter("rlhf_grpc_server_handled_total", "RPCs handled, by method and status code", ["method", "code"])
+SERVICE_UP = Gauge("rlhf_service_ready", "1 while the service reports SERVING", ["service"])
+SERVICE_INFO = Gauge("rlhf_service_info", "Constant 1, labelled with the service and package version", ["service", "version"])
+
+
+class Service(ABC):
+    """What a gRPC service gives the scaffold. Algorithms live in `rlhf`, not here."""
+
+    #: short name used in logs and metrics, e.g. "generator"
+    name: str
+    #: fully-qualified gRPC service names it registers, e.g. ("rlhf.v1.GenerationService",)
+    grpc_services: tuple[str, ...]
+
+    @abstractmethod
+    def register(self, server: grpc.aio.Server) -> None:
+        """Add servicers to the server (called before it starts)."""
+
+    async def start(self) -> None:
+        """Load weights, connect to Kafka, start background tasks. Health turns SERVING after."""
+
+    async def stop(self) -> None:
+        """Release resources after in-flight RPCs have drained."""
+
+
+class _MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts and times every RPC. Streaming RPCs are timed until the handler returns."""
+
+    async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith("/grpc."):
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+
+        def record(start: float, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
+            code = context.code()
+            if error is not None and not isinstance(error, asyncio.CancelledError):
+                code = code or grpc.StatusCode.UNKNOWN
+            name = code.name if isinstance(code, grpc.StatusCode) else "OK" if code in (None, 0) else str(code)
+            RPC_TOTAL.labels(method, name).inc()
+            RPC_SECONDS.labels(method).observe(time.perf_counter() - start)
+
+        def wrap_unary(fn: Callable) -> Callable:
+            async def inner(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+                start, err = time.perf_counter(), None
+                try:
+                    return await fn(request_or_iterator, context)
+                except BaseException as e:  # noqa: BLE001 - re-raised
+                    err = e
+                    raise
+                finally:
+                    record(start, context, err)
+
+            return inner
+
+        def wrap_stream(fn: Callable) -> Callable:
+            async def inner(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+                start, err = time.perf_counter(), None
+                try:
+                    async for item in fn(request_or_iterator, context):
+                        yield item
+                except BaseException as e:  # noqa: BLE001 - re-raised
+                    err = e
+                    raise
+                finally:
+                    record(start, context, err)
+
+            return inner
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                wrap_unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer
+            )
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                wrap_stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer
+            )
+        return handler
+
+
+def grpc_options(settings: GrpcServiceSettings) -> list[tuple[str, Any]]:
+    limit = settings.max_message_mb * 1024 * 1024
+    return [
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+async def serve(service: Service, settings: GrpcServiceSettings, stop_event: asyncio.Event | None = None) -> int:
+    """Run until SIGTERM/SIGINT (or stop_event). Returns the process exit code."""
+    from rlhf import __version__
+
+    stop_event = stop_event or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop_event.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread (tests)
+            pass
+
+    SERVICE_INFO.labels(service.name, __version__).set(1)
+    SERVICE_UP.labels(service.name).set(0)
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr=settings.host)
+
+    server = grpc.aio.server(
+        interceptors=[_MetricsInterceptor()],
+        options=grpc_options(settings),
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    service.register(server)
+    names = ("",) + tuple(service.grpc_services)
+    for n in names:
+        await health.set(n, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        tuple(service.grpc_services) + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    address = f"{settings.host}:{settings.port}"
+    port = server.add_insecure_port(address)
+    if port == 0:
+        log.error("cannot bind %s (port in use?)", address)
+        return 2
+    await server.start()
+    log.info("listening", extra={"address": f"{settings.host}:{port}", "metrics_port": settings.metrics_port})
+
+    # Load weights etc. while health says NOT_SERVING; a stop request interrupts it.
+    start_task = asyncio.create_task(service.start())
+    stop_task = asyncio.create_task(stop_event.wait())
+    await asyncio.wait({start_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    exit_code = 0
+    if start_task.done():
+        if start_task.exception() is not None:
+            log.error("start-up failed", exc_info=start_task.exception())
+            exit_code = 1
+            stop_event.set()
+        else:
+            for n in names:
+                await health.set(n, health_pb2.HealthCheckResponse.SERVING)
+            SERVICE_UP.labels(service.name).set(1)
+            log.info("serving", extra={"service": service.name})
+    await stop_event.wait()
+
+    # Drain: tell load balancers first, then let in-flight RPCs finish.
+    log.info("draining", extra={"grace_seconds": settings.drain_seconds})
+    SERVICE_UP.labels(service.name).set(0)
+    await health.enter_graceful_shutdown()
+    if not start_task.done():
+        start_task.cancel()
+    await server.stop(settings.drain_seconds)
+    try:
+        await service.stop()
+    except Exception:
+        log.exception("error while stopping")
+        exit_code = exit_code or 1
+    log.info("stopped")
+    return exit_code
+
+
+def run_service(service: Service, settings: GrpcServiceSettings) -> int:
+    """Blocking entrypoint for a service's main()."""
+    setup_logging(service.name, settings.log_level, settings.log_format)
+    return asyncio.run(serve(service, settings))

@@ -1,0 +1,1 @@
+"""The services: thin wiring (settings, servicer, main) around the `rlhf` library."""

@@ -1,0 +1,3 @@
+from services.reference.main import main
+
+raise SystemExit(main())

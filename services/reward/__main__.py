@@ -1,0 +1,3 @@
+from services.reward.main import main
+
+raise SystemExit(main())

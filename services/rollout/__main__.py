@@ -1,0 +1,3 @@
+from services.rollout.main import main
+
+raise SystemExit(main())
