@@ -1,0 +1,46 @@
+"""PPO with KL control for language models: pure torch, no grpc, no Kafka.
+
+All tensors are `(B, T)` over response tokens; `mask` is 1 on real response tokens and 0
+on padding. The pieces, in the order a PPO step uses them:
+
+  logprobs_from_logits, entropy_from_logits   per-token log π and entropy from logits
+  kl_penalty, kl_penalized_rewards            r_t = −β·kl_t (+ score at the last token)
+  AdaptiveKLController, FixedKLController     β (Ziegler et al. 2019)
+  gae                                         advantages and returns (Schulman et al. 2016)
+  masked_mean, masked_var, masked_whiten      reductions over the mask
+  policy_loss, value_loss                     clipped PPO losses → (loss, stats)
+  explained_variance                          critic quality
+"""
+
+from rlhf.ppo.gae import gae
+from rlhf.ppo.kl import (
+    AdaptiveKLController,
+    FixedKLController,
+    kl_penalized_rewards,
+    kl_penalty,
+)
+from rlhf.ppo.loss import policy_loss, value_loss
+from rlhf.ppo.masked import (
+    entropy_from_logits,
+    explained_variance,
+    logprobs_from_logits,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+)
+
+__all__ = [
+    "AdaptiveKLController",
+    "FixedKLController",
+    "entropy_from_logits",
+    "explained_variance",
+    "gae",
+    "kl_penalized_rewards",
+    "kl_penalty",
+    "logprobs_from_logits",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "policy_loss",
+    "value_loss",
+]
