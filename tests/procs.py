@@ -1,0 +1,89 @@
+"""Start a service from its real entrypoint (`python -m services.<name>`) for a test."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from rlhf.serving.client import check_health
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServiceProcess:
+    def __init__(self, name: str, env: dict[str, str], log_path: Path, port: int, metrics_port: int):
+        self.name, self.env, self.log_path = name, env, log_path
+        self.port, self.metrics_port = port, metrics_port
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> "ServiceProcess":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", f"services.{self.name}"], cwd=ROOT, env=self.env,
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        log.close()
+        return self
+
+    def wait_serving(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited {self.proc.returncode}:\n{self.log()}")
+            if check_health(self.address, timeout=1) == "SERVING":
+                return
+            time.sleep(0.3)
+        raise TimeoutError(f"{self.name} not SERVING after {timeout}s:\n{self.log()}")
+
+    def log(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait()
+
+
+@contextmanager
+def run_service(name: str, tmp_path: Path, env: dict[str, str] | None = None, timeout: float = 120) -> Iterator[ServiceProcess]:
+    """A service on free loopback ports with its state in tmp_path; stopped (SIGTERM) after."""
+    port, metrics_port = free_port(), free_port()
+    full_env = {
+        **os.environ,
+        "RLHF_HOST": "127.0.0.1",
+        "RLHF_PORT": str(port),
+        "RLHF_METRICS_PORT": str(metrics_port),
+        "RLHF_STATE_DIR": str(tmp_path / f"state-{name}"),
+        "RLHF_DRAIN_SECONDS": "1",
+        "RLHF_LOG_FORMAT": "text",
+        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
+    }
+    svc = ServiceProcess(name, full_env, tmp_path / f"{name}.log", port, metrics_port).start()
+    try:
+        svc.wait_serving(timeout)
+        yield svc
+    finally:
+        svc.stop()
