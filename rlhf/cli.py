@@ -66,7 +66,7 @@ def cmd_up(args) -> int:
         print(f"kafka      {bootstrap}", flush=True)
 
         # 3. services, then wait until every one reports SERVING
-        specs = default_specs(http_port=args.http_port)
+        specs = default_specs(base_port=args.base_port, metrics_base=args.metrics_base_port, http_port=args.http_port)
         stack = Stack(specs, env, state_dir / "logs")
         stack.start()
         print(f"starting {len(specs)} services (logs in {state_dir / 'logs'})", flush=True)
@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--kafka-bootstrap", default=None, help="use this Kafka instead of the embedded broker")
     up.add_argument("--broker-port", type=int, default=9092, help="port of the embedded broker")
     up.add_argument("--http-port", type=int, default=8000, help="gateway HTTP port")
+    up.add_argument("--base-port", type=int, default=50051, help="first gRPC port (generator; the others follow)")
+    up.add_argument("--metrics-base-port", type=int, default=9101, help="first /metrics port (the others follow)")
     up.add_argument("--topic-prefix", default="rlhf", help="prefix of every topic name")
     up.add_argument("--timeout", type=float, default=900, help="seconds to wait for every service to be SERVING")
     up.add_argument("--state-dir", default=None, help="checkpoints, weights, outbox, logs (default $RLHF_HOME/state)")
