@@ -1,0 +1,35 @@
+"""The Kafka layer: topic names, the event codec, producer, consumer and admin helpers.
+
+    topics = Topics("rlhf")
+    ensure_topics(bootstrap, topics.all())
+    with EventProducer(bootstrap, client_id="gateway") as producer:
+        producer.publish(topics.feedback, new_event(Feedback, conversation_id=cid, ...), key=cid)
+    with EventConsumer(bootstrap, topics.feedback, Feedback, group_id="reward") as consumer:
+        for record in consumer.poll():
+            ...
+        consumer.commit()
+"""
+
+from rlhf.bus.admin import BrokerUnavailable, MissingTopicError, ensure_topics, wait_for_broker
+from rlhf.bus.codec import SCHEMA_VERSION, DecodeError, decode, encode, new_event
+from rlhf.bus.consumer import EventConsumer, Offsets, Record
+from rlhf.bus.producer import EventProducer, PublishError
+from rlhf.bus.topics import Topics
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "BrokerUnavailable",
+    "DecodeError",
+    "EventConsumer",
+    "EventProducer",
+    "MissingTopicError",
+    "Offsets",
+    "PublishError",
+    "Record",
+    "Topics",
+    "decode",
+    "encode",
+    "ensure_topics",
+    "new_event",
+    "wait_for_broker",
+]
