@@ -1,4 +1,13 @@
-"""Chat gateway: OpenAI-compatible HTTP API and web chat; feedback into a durable outbox."""
+"""Chat gateway: OpenAI-compatible HTTP API and web chat; feedback into a durable outbox.
+
+    python -m services.gateway --http-port 8000 --generator-addr 127.0.0.1:50051
+
+Layout: settings.py (GatewaySettings), app.py (create_app), completions.py and
+feedback.py (routes), schemas.py (request bodies), guard.py (keys, rate limits, body
+size), store.py (served responses + outbox in SQLite), state.py (what lives between
+requests), metrics.py, errors.py, static/ (the web page). The outbox and its relay to
+Kafka are rlhf.outbox.
+"""
 
 from __future__ import annotations
 
@@ -9,46 +18,23 @@ import sys
 from typing import Sequence
 
 import uvicorn
-from fastapi import FastAPI, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import Field
 
-from rlhf.serving import CommonSettings, load_settings
+from rlhf.serving import load_settings
 from rlhf.serving.logs import setup_logging
+from services.gateway.app import create_app
+from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger("gateway")
 
-
-class GatewaySettings(CommonSettings):
-    http_port: int = Field(8000, description="HTTP port of the API and web page (also serves /metrics)")
-    generator_addr: str = Field("127.0.0.1:50051", description="GenerationService address")
-
-
-def create_app(settings: GatewaySettings) -> FastAPI:
-    app = FastAPI(title="rlhf gateway", version="0.1.0")
-    app.state.ready = False
-
-    @app.get("/healthz", include_in_schema=False)
-    async def healthz() -> dict:
-        return {"status": "ok"}
-
-    @app.get("/readyz", include_in_schema=False)
-    async def readyz(response: Response) -> dict:
-        if not app.state.ready:
-            response.status_code = 503
-            return {"status": "NOT_SERVING"}
-        return {"status": "SERVING"}
-
-    @app.get("/metrics", include_in_schema=False)
-    async def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
-    return app
+__all__ = ["GatewaySettings", "create_app", "main", "serve"]
 
 
 async def serve(settings: GatewaySettings) -> int:
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.http_port, log_config=None, lifespan="on")
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.http_port, log_config=None, lifespan="on",
+        timeout_graceful_shutdown=max(1, int(settings.drain_seconds)),
+    )
     server = uvicorn.Server(config)
     # uvicorn installs its own handlers; we take SIGTERM ourselves to flip readiness first
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
@@ -59,6 +45,8 @@ async def serve(settings: GatewaySettings) -> int:
     task = asyncio.create_task(server.serve())
     while not server.started and not task.done():
         await asyncio.sleep(0.05)
+    if task.done():  # could not bind, or the lifespan failed
+        return 1 if task.exception() or not server.started else 0
     app.state.ready = True
     log.info("serving", extra={"address": f"http://{settings.host}:{settings.http_port}"})
     await asyncio.wait({task, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)

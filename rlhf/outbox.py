@@ -1,0 +1,354 @@
+"""Durable outbox: events committed to SQLite first, relayed to Kafka after.
+
+A request that produces an event (a person's feedback, a live prompt) commits it to a
+local SQLite table in the same transaction as whatever else the request wrote, and only
+then answers. A relay thread publishes pending rows and marks them sent only after the
+broker acknowledged them, so a broker outage delays events but never loses one. A row
+can be published twice (acked, then the process dies before marking it): consumers drop
+duplicates by the event's `event_id` (rlhf.bus.codec), which is also the row's key here.
+
+All writes go through one writer thread that commits queued jobs together (group
+commit): one fsync covers every request that arrived meanwhile, so durability costs one
+disk flush per batch, not per request.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Protocol, Sequence
+
+from prometheus_client import Counter, Gauge
+
+from rlhf.bus import EventProducer, PublishError, ensure_topics
+
+log = logging.getLogger(__name__)
+
+BACKLOG = Gauge("rlhf_outbox_backlog", "Outbox events not yet acknowledged by the broker")
+OLDEST_AGE = Gauge("rlhf_outbox_oldest_age_seconds", "Age of the oldest unacknowledged outbox event (0 when empty)")
+RELAYED = Counter("rlhf_outbox_relayed_total", "Outbox events the broker acknowledged, by topic", ["topic"])
+RELAY_ERRORS = Counter("rlhf_outbox_relay_errors_total", "Relay attempts that failed (the rows stay pending)")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq      INTEGER PRIMARY KEY AUTOINCREMENT,  -- relay order
+    event_id TEXT    NOT NULL UNIQUE,
+    topic    TEXT    NOT NULL,
+    key      BLOB,
+    payload  BLOB    NOT NULL,                    -- the encoded protobuf event
+    created  REAL    NOT NULL,                    -- unix seconds
+    attempts INTEGER NOT NULL DEFAULT 0,
+    sent     REAL                                 -- unix seconds of the broker's ack; NULL = pending
+);
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox(seq) WHERE sent IS NULL;
+"""
+
+Synchronous = Literal["FULL", "NORMAL"]
+
+
+def connect(path: Path, synchronous: Synchronous = "FULL") -> sqlite3.Connection:
+    """A connection in WAL mode: readers never block the writer, and the writer commits with
+    one WAL append. FULL fsyncs each commit (survives power loss); NORMAL only a crash."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+@dataclass(frozen=True)
+class Row:
+    seq: int
+    event_id: str
+    topic: str
+    key: bytes | None
+    payload: bytes
+    created: float
+    attempts: int
+
+
+Job = Callable[[sqlite3.Connection], Any]
+
+
+class Outbox:
+    """The outbox table plus the single writer thread for its database file.
+
+    Other tables may live in the same file (the gateway keeps its served responses there)
+    so that a job writes them and its events atomically: `await submit(job)` runs
+    `job(conn)` inside a transaction, and the future resolves only after the commit.
+    """
+
+    def __init__(self, path: Path, synchronous: Synchronous = "FULL", max_batch: int = 256):
+        self.path = Path(path)
+        self.max_batch = max_batch
+        self._conn = connect(self.path, synchronous)
+        self._conn.executescript(_SCHEMA)
+        self._read = connect(self.path, synchronous)
+        self._read_lock = threading.Lock()
+        self._jobs: queue.Queue[tuple[Job, concurrent.futures.Future] | None] = queue.Queue()
+        self._writer = threading.Thread(target=self._write_loop, name="outbox-writer", daemon=True)
+        self._writer.start()
+
+    # ---- writing -------------------------------------------------------------------
+
+    def submit(self, job: Job) -> concurrent.futures.Future:
+        """Run `job(conn)` in the writer's next transaction; the future holds its result once
+        committed, or the exception it raised (its writes then rolled back, others' kept)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._jobs.put((job, future))
+        return future
+
+    @staticmethod
+    def put(conn: sqlite3.Connection, event_id: str, topic: str, key: str | bytes | None, payload: bytes) -> None:
+        """Inside a job: add one event. Re-adding an event_id is a no-op (idempotent retries)."""
+        if isinstance(key, str):
+            key = key.encode()
+        conn.execute(
+            "INSERT OR IGNORE INTO outbox (event_id, topic, key, payload, created) VALUES (?, ?, ?, ?, ?)",
+            (event_id, topic, key, payload, time.time()),
+        )
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                return
+            batch = [item]
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._jobs.put(None)  # finish this batch, then stop
+                    break
+                batch.append(nxt)
+            self._run_batch(batch)
+
+    def _run_batch(self, batch: list[tuple[Job, concurrent.futures.Future]]) -> None:
+        results: list[tuple[concurrent.futures.Future, bool, Any]] = []
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            for i, (job, future) in enumerate(batch):
+                if not future.set_running_or_notify_cancel():
+                    continue
+                # a savepoint per job: one job's failure must not undo the others
+                self._conn.execute(f"SAVEPOINT j{i}")
+                try:
+                    result = job(self._conn)
+                except BaseException as e:  # noqa: BLE001 - handed to the caller
+                    self._conn.execute(f"ROLLBACK TO j{i}")
+                    self._conn.execute(f"RELEASE j{i}")
+                    results.append((future, False, e))
+                else:
+                    self._conn.execute(f"RELEASE j{i}")
+                    results.append((future, True, result))
+            self._conn.execute("COMMIT")
+        except BaseException as e:  # noqa: BLE001 - the whole batch failed: tell every caller
+            log.exception("outbox transaction failed")
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            for job, future in batch:
+                if future.running():
+                    future.set_exception(e)
+            return
+        for future, ok, value in results:
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+    # ---- relaying ------------------------------------------------------------------
+
+    def pending(self, limit: int) -> list[Row]:
+        """The oldest `limit` unacknowledged events, in commit order."""
+        with self._read_lock:
+            rows = self._read.execute(
+                "SELECT seq, event_id, topic, key, payload, created, attempts FROM outbox "
+                "WHERE sent IS NULL ORDER BY seq LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [Row(*r) for r in rows]
+
+    def mark_sent(self, seqs: Sequence[int]) -> concurrent.futures.Future:
+        now = time.time()
+        return self.submit(
+            lambda c: c.executemany("UPDATE outbox SET sent = ? WHERE seq = ?", [(now, s) for s in seqs])
+        )
+
+    def mark_failed(self, seqs: Sequence[int]) -> concurrent.futures.Future:
+        return self.submit(
+            lambda c: c.executemany("UPDATE outbox SET attempts = attempts + 1 WHERE seq = ?", [(s,) for s in seqs])
+        )
+
+    def prune(self, sent_before: float) -> concurrent.futures.Future:
+        """Forget events acknowledged before `sent_before` (unix seconds)."""
+        return self.submit(lambda c: c.execute("DELETE FROM outbox WHERE sent < ?", (sent_before,)).rowcount)
+
+    def stats(self) -> tuple[int, float]:
+        """(pending events, age in seconds of the oldest pending one, 0 when none)."""
+        with self._read_lock:
+            count, oldest = self._read.execute(
+                "SELECT COUNT(*), MIN(created) FROM outbox WHERE sent IS NULL"
+            ).fetchone()
+        return count, (max(0.0, time.time() - oldest) if oldest is not None else 0.0)
+
+    def close(self) -> None:
+        """Commit what is queued, then close the database."""
+        self._jobs.put(None)
+        self._writer.join()
+        self._conn.close()
+        self._read.close()
+
+
+class Publisher(Protocol):
+    def publish_rows(self, rows: Sequence[Row], timeout: float) -> set[int]:
+        """Publish rows; return the seqs the broker acknowledged. Raise if none could be tried."""
+
+    def close(self) -> None: ...
+
+
+class KafkaPublisher:
+    """Publishes outbox rows with rlhf.bus.EventProducer (acks=all), created lazily and
+    recreated after a failure: a restarted broker forgets the idempotent producer's id.
+    On each (re)connection it creates `topics` if missing, as a fresh broker may lack them."""
+
+    def __init__(self, bootstrap: str, client_id: str = "rlhf-outbox", topics: Sequence[str] = (), connect_timeout: float = 5.0):
+        self.bootstrap, self.client_id, self.connect_timeout = bootstrap, client_id, connect_timeout
+        self.topics = list(topics)
+        self._producer = None
+
+    def publish_rows(self, rows: Sequence[Row], timeout: float) -> set[int]:
+        if self._producer is None:
+            if self.topics:
+                ensure_topics(self.bootstrap, self.topics, timeout_s=self.connect_timeout)
+            self._producer = EventProducer(self.bootstrap, self.client_id, bootstrap_timeout_s=self.connect_timeout)
+        futures = [(r, self._producer.send_bytes(r.topic, r.payload, r.key)) for r in rows]
+        deadline = time.monotonic() + timeout
+        acked: set[int] = set()
+        failed = 0
+        for row, future in futures:
+            try:
+                future.get(max(0.0, deadline - time.monotonic()))
+            except Exception as e:  # noqa: BLE001 - any failure leaves the row pending
+                failed += 1
+                if failed == 1:
+                    log.warning("publish failed", extra={"topic": row.topic, "error": str(e)})
+            else:
+                acked.add(row.seq)
+                RELAYED.labels(row.topic).inc()
+        if failed:
+            self.close()
+            if not acked:
+                raise PublishError(f"{failed} of {len(rows)} events not acknowledged")
+        return acked
+
+    def close(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                producer.close(timeout=0)
+            except Exception:  # noqa: BLE001 - best effort on a broken connection
+                log.debug("closing producer", exc_info=True)
+
+
+class Relay:
+    """Thread that moves pending outbox rows to the broker.
+
+    Each round publishes up to `batch` rows and marks the acknowledged ones sent. After a
+    failure it waits with exponential backoff (interval · 2^k, capped at `max_backoff`);
+    rows that failed are retried in later rounds, after newer ones may have gone out
+    (redelivery and reordering are both harmless: consumers key on event_id).
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        publisher: Publisher,
+        interval: float = 0.2,
+        batch: int = 500,
+        max_backoff: float = 10.0,
+        publish_timeout: float = 10.0,
+        retention: float = 3600.0,
+    ):
+        self.outbox, self.publisher = outbox, publisher
+        self.interval, self.batch, self.max_backoff = interval, batch, max_backoff
+        self.publish_timeout, self.retention = publish_timeout, retention
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="outbox-relay", daemon=True)
+
+    def start(self) -> Relay:
+        self._thread.start()
+        return self
+
+    def wake(self) -> None:
+        """New rows were committed: relay now instead of at the next tick."""
+        self._wake.set()
+
+    def run_once(self) -> int:
+        """One round; returns how many rows were acknowledged."""
+        rows = self.outbox.pending(self.batch)
+        if not rows:
+            return 0
+        try:
+            acked = self.publisher.publish_rows(rows, self.publish_timeout)
+        except Exception:
+            self.outbox.mark_failed([r.seq for r in rows]).result()
+            raise
+        if acked:
+            self.outbox.mark_sent(sorted(acked)).result()
+        failed = [r.seq for r in rows if r.seq not in acked]
+        if failed:
+            self.outbox.mark_failed(failed).result()
+            RELAY_ERRORS.inc()
+        return len(acked)
+
+    def _update_gauges(self) -> None:
+        backlog, age = self.outbox.stats()
+        BACKLOG.set(backlog)
+        OLDEST_AGE.set(age)
+
+    def _loop(self) -> None:
+        failures, last_prune = 0, 0.0
+        while not self._stop.is_set():
+            try:
+                sent = self.run_once()
+                failures = 0
+            except Exception as e:  # noqa: BLE001 - logged; the rows stay pending
+                RELAY_ERRORS.inc()
+                failures += 1
+                sent = 0
+                log.warning("relay round failed; retrying", extra={"error": str(e), "failures": failures})
+            try:
+                self._update_gauges()
+                if time.time() - last_prune > 60:
+                    last_prune = time.time()
+                    self.outbox.prune(time.time() - self.retention)
+            except Exception:  # noqa: BLE001 - gauges and pruning are best effort
+                log.exception("outbox bookkeeping failed")
+            if sent >= self.batch:
+                continue  # a full batch went out: more is probably waiting
+            delay = self.interval if failures == 0 else min(self.max_backoff, self.interval * 2 ** failures)
+            self._wake.wait(delay)
+            self._wake.clear()
+
+    def stop(self, flush_timeout: float = 0.0) -> None:
+        """Stop the thread; with `flush_timeout`, first try that long to send what is pending."""
+        deadline = time.monotonic() + flush_timeout
+        while flush_timeout and time.monotonic() < deadline and self.outbox.stats()[0]:
+            self.wake()
+            time.sleep(0.05)
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self.publisher.close()
+        self._update_gauges()

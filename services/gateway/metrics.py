@@ -1,0 +1,51 @@
+"""The gateway's Prometheus metrics (the outbox's own live in rlhf.outbox) and the ASGI
+middleware that counts and times every request by route template, never by raw path."""
+
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+from prometheus_client import Counter, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+REQUESTS = Counter("rlhf_gateway_requests_total", "HTTP requests answered, by route and status code", ["route", "code"])
+REQUEST_SECONDS = Histogram(
+    "rlhf_gateway_request_seconds",
+    "Time from request to the last byte of the response (streams included), by route",
+    ["route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+TOKENS_STREAMED = Counter("rlhf_gateway_tokens_streamed_total", "Completion tokens sent to clients in SSE streams")
+COMPLETION_TOKENS = Counter("rlhf_gateway_completion_tokens_total", "Completion tokens served, streaming or not")
+FEEDBACK = Counter(
+    "rlhf_feedback_events_total", "Feedback events accepted into the outbox, by kind", ["kind"]
+)  # kind: thumbs_up | thumbs_down | comparison
+INTERACTIONS = Counter("rlhf_gateway_interactions_total", "Completed chats queued for rlhf.interactions")
+GENERATOR_ERRORS = Counter("rlhf_gateway_generator_errors_total", "Generate calls that failed, by gRPC code", ["code"])
+
+
+class MetricsMiddleware:
+    def __init__(self, app: ASGIApp, known_paths: Iterable[str] = ()):
+        self.app = app
+        self.known = set(known_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        code = 500
+
+        async def send_and_watch(message: Message) -> None:
+            nonlocal code
+            if message["type"] == "http.response.start":
+                code = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or (scope["path"] if scope["path"] in self.known else "other")
+            REQUESTS.labels(path, str(code)).inc()
+            REQUEST_SECONDS.labels(path).observe(time.perf_counter() - start)

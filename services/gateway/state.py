@@ -1,0 +1,91 @@
+"""The gateway's long-lived parts, opened at start-up and closed after the drain: the
+generator channel, the SQLite store with its outbox, and the relay thread to Kafka."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rlhf.bus import Topics
+from rlhf.outbox import KafkaPublisher, Outbox, Relay
+from rlhf.serving.client import aio_channel
+from rlhf.v1 import generation_pb2, generation_pb2_grpc
+from services.gateway.settings import GatewaySettings
+from services.gateway.store import GatewayStore
+
+log = logging.getLogger("gateway")
+
+
+class Gateway:
+    def __init__(self, settings: GatewaySettings):
+        self.settings = settings
+        self.topics = Topics(settings.topic_prefix)
+        self.started = int(time.time())
+        self.model_name = settings.model_name or "policy"
+        self.policy_version = 0
+        self.generator_status = "UNKNOWN"
+
+        self.outbox = Outbox(settings.outbox_file(), settings.outbox_synchronous)
+        self.relay = Relay(
+            self.outbox,
+            KafkaPublisher(settings.kafka_bootstrap, "rlhf-gateway", topics=[self.topics.feedback, self.topics.interactions]),
+            interval=settings.relay_interval_seconds,
+            batch=settings.relay_batch,
+            max_backoff=settings.relay_max_backoff_seconds,
+            publish_timeout=settings.relay_publish_timeout_seconds,
+            retention=settings.outbox_retention_seconds,
+        )
+        self.store = GatewayStore(self.outbox, self.topics, on_commit=self.relay.wake)
+        self.channel = aio_channel(settings.generator_addr)
+        self.generator = generation_pb2_grpc.GenerationServiceStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+        self._watch: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.relay.start()
+        self._watch = asyncio.create_task(self._watch_generator())
+
+    async def refresh_info(self) -> None:
+        """Model name and serving policy version from the generator (kept as they were if it is away)."""
+        try:
+            info = await self.generator.GetInfo(generation_pb2.GetInfoRequest(), timeout=2)
+        except grpc.RpcError:
+            return
+        self.policy_version = info.policy_version
+        if not self.settings.model_name and info.model:
+            self.model_name = info.model.rstrip("/").rsplit("/", 1)[-1]
+
+    async def _watch_generator(self, period: float = 2.0) -> None:
+        """Readiness follows the generator's health; also prunes old responses hourly."""
+        last_prune = 0.0
+        while True:
+            try:
+                resp = await self._health.Check(health_pb2.HealthCheckRequest(), timeout=period)
+                status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+            except grpc.RpcError:
+                status = "UNREACHABLE"
+            if status != self.generator_status:
+                log.info("generator health", extra={"status": status, "address": self.settings.generator_addr})
+                self.generator_status = status
+                if status == "SERVING":
+                    await self.refresh_info()
+            if time.monotonic() - last_prune > 3600:
+                last_prune = time.monotonic()
+                try:
+                    await self.store.prune_responses(self.settings.response_retention_hours * 3600)
+                except Exception:  # noqa: BLE001 - retried next hour
+                    log.exception("pruning served responses failed")
+            await asyncio.sleep(period)
+
+    async def close(self, flush_timeout: float = 0.0) -> None:
+        """After the HTTP drain: give the relay `flush_timeout` to empty the outbox, then close."""
+        if self._watch is not None:
+            self._watch.cancel()
+        await asyncio.to_thread(self.relay.stop, flush_timeout)
+        self.store.close()
+        self.outbox.close()
+        await self.channel.close()
