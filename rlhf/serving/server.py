@@ -71,7 +71,11 @@ class _MetricsInterceptor(grpc.aio.ServerInterceptor):
 
         def record(start: float, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
             code = context.code()
-            if error is not None and not isinstance(error, asyncio.CancelledError):
+            if isinstance(error, asyncio.CancelledError):
+                # grpc.aio cancels the handler when the client's deadline passes or it hangs up
+                remaining = context.time_remaining()
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+            elif error is not None:
                 code = code or grpc.StatusCode.UNKNOWN
             name = code.name if isinstance(code, grpc.StatusCode) else "OK" if code in (None, 0) else str(code)
             RPC_TOTAL.labels(method, name).inc()
@@ -189,12 +193,15 @@ async def serve(service: Service, settings: GrpcServiceSettings, stop_event: asy
             log.info("serving", extra={"service": service.name})
     await stop_event.wait()
 
-    # Drain: tell load balancers first, then let in-flight RPCs finish.
-    log.info("draining", extra={"grace_seconds": settings.drain_seconds})
+    # Drain: tell load balancers first (still accepting what they already routed to us),
+    # then refuse new RPCs and let in-flight ones finish.
+    log.info("draining", extra={"unready_seconds": settings.unready_seconds, "grace_seconds": settings.drain_seconds})
     SERVICE_UP.labels(service.name).set(0)
     await health.enter_graceful_shutdown()
     if not start_task.done():
         start_task.cancel()
+    if exit_code == 0:
+        await asyncio.sleep(settings.unready_seconds)
     await server.stop(settings.drain_seconds)
     try:
         await service.stop()

@@ -43,8 +43,11 @@ class CommonSettings(BaseSettings):
         default_factory=default_state_dir,
         description="where checkpoints, the weight store and the outbox live",
     )
+    unready_seconds: float = Field(
+        1.0, description="on SIGTERM: report NOT_SERVING but keep accepting RPCs this long (load balancers catch up)"
+    )
     drain_seconds: float = Field(
-        5.0, description="on SIGTERM: report NOT_SERVING, then let in-flight RPCs finish this long"
+        5.0, description="on SIGTERM, after unready_seconds: refuse new RPCs, let in-flight ones finish this long"
     )
 
 
