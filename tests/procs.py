@@ -1,4 +1,7 @@
-"""Start a service from its real entrypoint (`python -m services.<name>`) for a test."""
+"""Start a service from its real entrypoint (`python -m services.<name>`) for a test.
+
+gRPC services are ready when the standard health check says SERVING; the gateway (HTTP)
+when GET /readyz does."""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -24,14 +29,30 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    def __init__(self, name: str, env: dict[str, str], log_path: Path, port: int, metrics_port: int):
+    def __init__(self, name: str, env: dict[str, str], log_path: Path, port: int, metrics_port: int, http_port: int = 0):
         self.name, self.env, self.log_path = name, env, log_path
-        self.port, self.metrics_port = port, metrics_port
+        self.port, self.metrics_port, self.http_port = port, metrics_port, http_port
         self.proc: subprocess.Popen | None = None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """Base URL of an HTTP service (the gateway)."""
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def status(self) -> str:
+        if not self.http_port:
+            return check_health(self.address, timeout=1)
+        try:
+            with urllib.request.urlopen(f"{self.url}/readyz", timeout=1) as r:
+                return "SERVING" if r.status == 200 else f"HTTP {r.status}"
+        except urllib.error.HTTPError as e:
+            return f"HTTP {e.code}"
+        except OSError:
+            return "UNREACHABLE"
 
     def start(self) -> "ServiceProcess":
         log = open(self.log_path, "ab")
@@ -47,7 +68,7 @@ class ServiceProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited {self.proc.returncode}:\n{self.log()}")
-            if check_health(self.address, timeout=1) == "SERVING":
+            if self.status() == "SERVING":
                 return
             time.sleep(0.3)
         raise TimeoutError(f"{self.name} not SERVING after {timeout}s:\n{self.log()}")
@@ -70,6 +91,7 @@ class ServiceProcess:
 def run_service(name: str, tmp_path: Path, env: dict[str, str] | None = None, timeout: float = 120) -> Iterator[ServiceProcess]:
     """A service on free loopback ports with its state in tmp_path; stopped (SIGTERM) after."""
     port, metrics_port = free_port(), free_port()
+    http_port = free_port() if name == "gateway" else 0
     full_env = {
         **os.environ,
         "RLHF_HOST": "127.0.0.1",
@@ -77,11 +99,13 @@ def run_service(name: str, tmp_path: Path, env: dict[str, str] | None = None, ti
         "RLHF_METRICS_PORT": str(metrics_port),
         "RLHF_STATE_DIR": str(tmp_path / f"state-{name}"),
         "RLHF_DRAIN_SECONDS": "1",
+        "RLHF_UNREADY_SECONDS": "0.2",
         "RLHF_LOG_FORMAT": "text",
         "PYTHONUNBUFFERED": "1",
+        **({"RLHF_HTTP_PORT": str(http_port)} if http_port else {}),
         **(env or {}),
     }
-    svc = ServiceProcess(name, full_env, tmp_path / f"{name}.log", port, metrics_port).start()
+    svc = ServiceProcess(name, full_env, tmp_path / f"{name}.log", port, metrics_port, http_port).start()
     try:
         svc.wait_serving(timeout)
         yield svc
