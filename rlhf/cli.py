@@ -119,8 +119,9 @@ def cmd_status(args) -> int:
 
 def cmd_broker(args) -> int:
     from rlhf.broker import run_broker_forever
+    from rlhf.bus.topics import Topics
 
-    return run_broker_forever(args.host, args.port) or 0
+    return run_broker_forever(args.host, args.port, topics=Topics(args.topic_prefix).all()) or 0
 
 
 def cmd_models(args) -> int:
@@ -189,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     br = sub.add_parser("broker", help="run the embedded Kafka-protocol broker (Tansu) in the foreground")
     br.add_argument("--host", default="127.0.0.1")
     br.add_argument("--port", type=int, default=9092)
+    br.add_argument("--topic-prefix", default="rlhf", help="create the loop's topics under this prefix")
     br.set_defaults(fn=cmd_broker)
 
     md = sub.add_parser("models", help="prepare the demo model or build a tiny one")
