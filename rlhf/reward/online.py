@@ -1,0 +1,243 @@
+"""The online training loop: rlhf.feedback → RM steps → versions → checkpoints → offsets.
+
+Runs on one thread of the reward service (it owns the Kafka consumer, which is not
+thread-safe). Scoring never touches the weights being trained: every published version
+is an independent copy, swapped in by replacing one reference (ServingSnapshot).
+
+One iteration:
+  1. poll feedback events
+  2. de-duplicate by event id, turn them into pairs / lone ratings
+  3. train (progressive validation first), publishing a version every N steps
+  4. checkpoint every M steps or T seconds, and when the topic runs dry; commit the
+     offsets only after the checkpoint that contains their effect
+Any failure restores the last checkpoint (weights, trainer state, offsets) and goes on.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from rlhf.bus import EventConsumer, EventProducer, Offsets, new_event
+from rlhf.reward import metrics as m
+from rlhf.reward.checkpoint import RewardCheckpoints
+from rlhf.reward.data import Messages
+from rlhf.reward.model import BackboneSpec, RewardModel
+from rlhf.reward.normalizer import ScoreNormalizer
+from rlhf.reward.trainer import OnlineRewardTrainer
+from rlhf.v1 import events_pb2
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopConfig:
+    publish_every_steps: int = 20         # a new version every N steps
+    checkpoint_every_steps: int = 100     # a checkpoint (and offset commit) every M steps ...
+    checkpoint_every_seconds: float = 60  # ... or after this long with unsaved progress
+    poll_timeout_ms: int = 500            # wait for feedback this long per poll
+    max_poll_records: int = 256           # events per poll
+    error_backoff_seconds: float = 2.0    # pause before restoring after a failure
+
+
+@dataclass(frozen=True)
+class ServingSnapshot:
+    """One RM version as Score serves it: weights, the normaliser of that version, its number."""
+
+    model: RewardModel
+    normalizer: ScoreNormalizer
+    version: int
+    train_step: int
+
+    def score(self, prompts: list[Messages], responses: list[str], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """(raw (B,), normalised (B,))"""
+        raw = self.model.score(prompts, responses, batch_size)
+        return raw, self.normalizer.normalize(raw)
+
+
+class OnlineRewardLoop:
+    def __init__(
+        self,
+        make_trainer: Callable[[], OnlineRewardTrainer],
+        make_consumer: Callable[[], EventConsumer],
+        producer: EventProducer | None,
+        updates_topic: str,
+        checkpoints: RewardCheckpoints,
+        backbone: BackboneSpec,
+        cfg: LoopConfig,
+        on_swap: Callable[[ServingSnapshot], None],
+    ):
+        self.make_trainer, self.make_consumer = make_trainer, make_consumer
+        self.producer, self.updates_topic = producer, updates_topic
+        self.checkpoints, self.backbone, self.cfg, self.on_swap = checkpoints, backbone, cfg, on_swap
+        self.trainer: OnlineRewardTrainer | None = None
+        self.consumer: EventConsumer | None = None
+        self.version = 0
+        self._published_step = 0      # trainer step whose weights `version` holds
+        self._saved_step = 0          # trainer step of the last checkpoint
+        self._saved_at = time.monotonic()
+        self._dirty = False           # state changed since the last checkpoint
+        self._offsets: Offsets = {}   # positions the last checkpoint recorded
+
+    # ---- start / recovery -------------------------------------------------------------
+
+    def restore(self) -> None:
+        """(Re)build trainer and consumer from the last checkpoint, or fresh; swap that version in."""
+        if self.consumer is not None:
+            self.consumer.close()
+            self.consumer = None
+        trainer = self.make_trainer()
+        state = self.checkpoints.latest_state()
+        offsets: Offsets = {}
+        version = 0
+        if state is not None:
+            version = state["version"]
+            _, tensors = self.checkpoints.load_weights(version)
+            trainer.model.load_state_dict(tensors)
+            trainer.load_state_dict(state["trainer"])
+            offsets = {(t, p): o for t, p, o in state["offsets"]}
+        consumer = self.make_consumer()
+        # Resume exactly after what the checkpoint trained on. The group's committed
+        # offsets are never ahead of it (they are committed after the checkpoint).
+        mine = {tp: o for tp, o in offsets.items() if tp[0] == consumer.topic}
+        if mine:
+            consumer.seek(mine)
+        self.trainer, self.consumer, self.version = trainer, consumer, version
+        self._published_step = self._saved_step = trainer.step
+        self._saved_at, self._dirty, self._offsets = time.monotonic(), False, offsets
+        self._swap()
+        log.info("reward model restored", extra={"rm_version": version, "train_step": trainer.step,
+                                                  "offsets": {f"{t}/{p}": o for (t, p), o in mine.items()}})
+
+    @property
+    def assigned(self) -> bool:
+        return self.consumer is not None and self.consumer.assigned
+
+    # ---- the loop ---------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.iterate()
+            except Exception:
+                log.exception("reward training iteration failed; restoring the last checkpoint")
+                m.LOOP_ERRORS.inc()
+                if stop.wait(self.cfg.error_backoff_seconds):
+                    break
+                try:
+                    self.restore()
+                except Exception:
+                    log.exception("restore failed; retrying")
+        try:
+            self.flush()
+        except Exception:
+            log.exception("final checkpoint failed; the next start replays from the last one")
+        finally:
+            if self.consumer is not None:
+                self.consumer.close()
+
+    def iterate(self) -> None:
+        # 1. poll
+        records = self.consumer.poll(timeout_ms=self.cfg.poll_timeout_ms, max_records=self.cfg.max_poll_records)
+        if not records:
+            self.flush()  # the topic ran dry: make everything so far durable
+            return
+        # 2. de-duplicate and convert
+        ingested = self.trainer.ingest(r.event for r in records)
+        for kind, n in ingested.kinds.items():
+            m.FEEDBACK.labels(kind).inc(n)
+        for reason, n in ingested.invalid.items():
+            m.INVALID.labels(reason).inc(n)
+        m.DUPLICATES.inc(ingested.duplicates)
+        self._dirty |= ingested.duplicates < len(records)
+        # 3. train, publishing versions on the way
+        for stats in self.trainer.train(ingested.examples):
+            self._record(stats)
+            if self.trainer.step - self._published_step >= self.cfg.publish_every_steps:
+                self.publish()
+        # 4. checkpoint
+        due = self.trainer.step - self._saved_step >= self.cfg.checkpoint_every_steps
+        late = self._dirty and time.monotonic() - self._saved_at >= self.cfg.checkpoint_every_seconds
+        if due or late:
+            self.checkpoint()
+
+    def _record(self, stats: dict[str, float]) -> None:
+        m.TRAIN_STEPS.inc()
+        m.LOSS.set(stats["loss"])
+        m.ACCURACY.set(stats["online_accuracy"])
+        m.GRAD_NORM.set(stats["grad_norm"])
+        m.PAIRS.inc(stats["new_pairs"])
+        m.POINTWISE.inc(stats["new_examples"] - stats["new_pairs"])
+        m.REPLAYED.inc(stats["replayed"])
+        m.REPLAY_SIZE.set(len(self.trainer.buffer))
+        m.STEP_SECONDS.observe(stats["step_seconds"])
+        log.debug("rm step", extra={"train_step": self.trainer.step, **stats})
+
+    # ---- versions and checkpoints -------------------------------------------------------
+
+    def publish(self) -> None:
+        """Write the current weights as a new version, swap it in, announce it."""
+        t0 = time.perf_counter()
+        tr = self.trainer
+        meta = {
+            "train_step": tr.step, "online_accuracy": tr.online_accuracy, "pairs_seen": tr.pairs_seen,
+            "examples_seen": tr.examples_seen, "score_mean": tr.normalizer.mean, "score_std": tr.normalizer.std,
+            "normalizer": tr.normalizer.state_dict(), "backbone": self.backbone.name,
+        }
+        record = self.checkpoints.publish(tr.model.state_dict(), self.version, str(self.backbone.path), meta)
+        self.version, self._published_step = record.version, tr.step
+        self._swap()
+        if self.producer is not None:
+            update = new_event(
+                events_pb2.RewardModelUpdate, version=record.version, train_step=tr.step, uri=record.path,
+                sha256=record.sha256, online_accuracy=tr.online_accuracy, score_mean=tr.normalizer.mean,
+                score_std=tr.normalizer.std, pairs_seen=tr.pairs_seen,
+            )
+            try:
+                self.producer.publish(self.updates_topic, update, key="reward")
+            except Exception:  # the version is served either way; Score responses carry it
+                log.exception("announcing reward-model version failed", extra={"rm_version": record.version})
+        m.PUBLISH_SECONDS.observe(time.perf_counter() - t0)
+        log.info("reward model version", extra={**meta, "rm_version": record.version, "sha256": record.sha256})
+
+    def checkpoint(self) -> None:
+        """Trainer state (naming a version with these exact weights), then the offsets."""
+        t0 = time.perf_counter()
+        if self.trainer.step != self._published_step:
+            self.publish()
+        offsets = {**self._offsets, **self.consumer.positions()}
+        state: dict[str, Any] = {
+            "trainer": self.trainer.state_dict(),
+            "offsets": [[t, p, o] for (t, p), o in sorted(offsets.items())],
+        }
+        self.checkpoints.save_state(self.trainer.step, self.version, state)
+        self.consumer.commit({tp: o for tp, o in offsets.items() if tp[0] == self.consumer.topic})
+        self._saved_step, self._saved_at, self._dirty, self._offsets = self.trainer.step, time.monotonic(), False, offsets
+        m.CHECKPOINT_SECONDS.observe(time.perf_counter() - t0)
+        log.info("reward checkpoint", extra={"train_step": self.trainer.step, "rm_version": self.version,
+                                             "seconds": round(time.perf_counter() - t0, 3)})
+
+    def flush(self) -> None:
+        """Checkpoint unsaved progress; with none, just commit past duplicates."""
+        if self._dirty or self.trainer.step != self._saved_step:
+            self.checkpoint()
+            return
+        positions = self.consumer.positions()
+        if any(self._offsets.get(tp) != o for tp, o in positions.items()):
+            self._offsets.update(positions)
+            self.consumer.commit(positions)
+
+    def _swap(self) -> None:
+        tr = self.trainer
+        snapshot = ServingSnapshot(tr.model.clone().eval(), copy.deepcopy(tr.normalizer), self.version, tr.step)
+        self.on_swap(snapshot)
+        m.VERSION.set(self.version)
+        m.SCORE_MEAN.set(snapshot.normalizer.mean)
+        m.SCORE_STD.set(snapshot.normalizer.std)
+        m.ACCURACY.set(tr.online_accuracy)
