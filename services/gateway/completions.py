@@ -55,7 +55,7 @@ def _check_limits(req: ChatCompletionRequest, gw: Gateway) -> int:
         raise ApiError(413, f"messages: {chars} characters of content; the limit is max_chars={s.max_chars}", "messages")
     if req.n > s.max_n:
         raise ApiError(422, f"n: {req.n} is above the limit max_n={s.max_n}", "n")
-    max_tokens = req.max_completion_tokens or req.max_tokens or s.default_max_tokens
+    max_tokens = req.max_completion_tokens or req.max_tokens or s.default_max_tokens  # 0: the generator decides
     if max_tokens > s.max_tokens_limit:
         field = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         raise ApiError(422, f"{field}: {max_tokens} is above the limit max_tokens_limit={s.max_tokens_limit}", field)

@@ -37,8 +37,8 @@ class GatewaySettings(CommonSettings):
     max_messages: int = Field(128, description="most chat messages in one request")
     max_chars: int = Field(64_000, description="most characters of message content in one request")
     max_n: int = Field(4, description="most choices (n) one completion request may ask for")
-    max_tokens_limit: int = Field(2048, description="largest max_tokens a request may ask for")
-    default_max_tokens: int = Field(256, description="max_tokens when a request gives none")
+    max_tokens_limit: int = Field(1024, description="largest max_tokens a request may ask for")
+    default_max_tokens: int = Field(0, description="max_tokens when a request gives none; 0 = the generator's default")
     max_feedback_chars: int = Field(16_000, description="most characters in a feedback comment or corrected answer")
 
     # --- durable outbox and relay to Kafka ---------------------------------------------

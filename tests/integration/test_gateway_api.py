@@ -1,0 +1,225 @@
+"""The gateway from its real entrypoint, in front of the real generator (transformers
+backend, tiny model), publishing to the real broker: the official `openai` client gets
+completions streaming and not, feedback resolves served ids into events on Kafka, and
+every refusal names what to fix."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from rlhf.v1 import events_pb2
+from tests.gateway_stack import consume, fresh_topics, gateway_env, generator  # noqa: F401 (fixture)
+from tests.procs import run_service
+
+pytestmark = pytest.mark.slow
+
+HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+@pytest.fixture(scope="module")
+def module_topics(broker):
+    return fresh_topics(broker.bootstrap, "gateway-api")
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory, generator, broker, module_topics):
+    tmp = tmp_path_factory.mktemp("gateway")
+    env = gateway_env(generator, broker.bootstrap, module_topics.prefix, RLHF_MAX_BODY_BYTES="20000", RLHF_MAX_MESSAGES="8", RLHF_MAX_CHARS="4000")
+    with run_service("gateway", tmp, env=env) as svc:
+        yield svc
+
+
+@pytest.fixture
+def client(gateway) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture
+def http(gateway):
+    with httpx.Client(base_url=gateway.url, timeout=60) as c:
+        yield c
+
+
+# --- the OpenAI client ------------------------------------------------------------------
+
+
+def test_openai_client_non_streaming(client, gateway):
+    raw = client.chat.completions.with_raw_response.create(model="policy", messages=HELLO, max_tokens=8, temperature=0)
+    completion = raw.parse()
+    assert completion.object == "chat.completion"
+    assert len(completion.choices) == 1
+    choice = completion.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert 0 < completion.usage.completion_tokens <= 8
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+    # the ids feedback needs, as extra fields the client keeps, and as headers
+    extra = completion.model_extra
+    assert extra["conversation_id"] and isinstance(extra["policy_version"], int)
+    assert choice.model_extra["response_id"] == f"{completion.id}-0"
+    assert raw.headers["x-policy-version"] == str(extra["policy_version"])
+    assert raw.headers["x-conversation-id"] == extra["conversation_id"]
+
+
+def test_openai_client_streaming(client, http):
+    stream = client.chat.completions.create(
+        model="policy", messages=HELLO, max_tokens=8, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert text
+    assert finish in (["stop"], ["length"])
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    response_id = chunks[0].choices[0].model_extra["response_id"]
+    assert {c.model_extra["conversation_id"] for c in chunks} == {chunks[0].model_extra["conversation_id"]}
+    # once the stream ended, the streamed answer can be rated
+    r = http.post("/v1/feedback", json={"kind": "rating", "response_id": response_id, "value": -1})
+    assert r.status_code == 202, r.text
+
+
+def test_models_lists_the_policy(client):
+    models = client.models.list().data
+    assert len(models) == 1 and isinstance(models[0].model_extra["policy_version"], int)
+
+
+def test_n2_compare_and_feedback_events_reach_the_broker(client, http, broker, module_topics):
+    completion = client.chat.completions.create(
+        model="policy", messages=HELLO, n=2, max_tokens=8, extra_body={"conversation_id": "conv-test-compare"}
+    )
+    assert [c.index for c in completion.choices] == [0, 1]
+    a, b = (c.model_extra["response_id"] for c in completion.choices)
+    assert completion.model_extra["conversation_id"] == "conv-test-compare"
+
+    up = http.post("/v1/feedback", json={"kind": "rating", "response_id": a, "value": 1, "comment": "nice"})
+    pick = http.post("/v1/feedback", json={"kind": "comparison", "chosen_id": b, "rejected_id": a, "source": "web"})
+    assert up.status_code == 202 and pick.status_code == 202, (up.text, pick.text)
+
+    wanted = {up.json()["event_id"], pick.json()["event_id"]}
+    feedback = consume(broker.bootstrap, module_topics.feedback, events_pb2.Feedback,
+                       lambda evs: wanted <= {e.event_id for e in evs}, group="t1")
+    mine = {f.event_id: f for f in feedback}
+    rating, comparison = mine[up.json()["event_id"]], mine[pick.json()["event_id"]]
+    texts = {c.model_extra["response_id"]: c.message.content for c in completion.choices}
+    version = completion.model_extra["policy_version"]
+    assert rating.rating.response_id == a and rating.rating.response == texts[a] and rating.rating.value == 1
+    assert rating.rating.policy_version == version and rating.comment == "nice" and rating.source == "api"
+    assert [(m.role, m.content) for m in rating.prompt] == [("user", "Say hello.")]
+    assert (comparison.comparison.chosen_id, comparison.comparison.rejected_id) == (b, a)
+    assert (comparison.comparison.chosen, comparison.comparison.rejected) == (texts[b], texts[a])
+    assert comparison.source == "web" and rating.schema_version == 1
+
+    interactions = consume(broker.bootstrap, module_topics.interactions, events_pb2.Interaction,
+                           lambda evs: any(e.conversation_id == "conv-test-compare" for e in evs), group="t1")
+    live = [i for i in interactions if i.conversation_id == "conv-test-compare"]
+    assert len(live) == 1
+    assert list(live[0].response_ids) == [a, b] and list(live[0].responses) == [texts[a], texts[b]]
+    assert live[0].policy_version == version
+
+
+def test_metrics_count_requests_tokens_feedback_and_outbox(client, http):
+    list(client.chat.completions.create(model="policy", messages=HELLO, max_tokens=4, stream=True))
+    body = http.get("/metrics").text
+    assert 'rlhf_gateway_requests_total{code="200",route="/v1/chat/completions"}' in body
+    assert 'rlhf_gateway_request_seconds_count{route="/v1/chat/completions"}' in body
+    assert "rlhf_outbox_backlog " in body and "rlhf_outbox_oldest_age_seconds " in body
+    streamed = [l for l in body.splitlines() if l.startswith("rlhf_gateway_tokens_streamed_total ")]
+    assert float(streamed[0].split()[1]) > 0
+    assert 'rlhf_feedback_events_total{kind="thumbs_down"}' in body
+
+
+def test_web_page_and_readiness(http):
+    page = http.get("/")
+    assert page.status_code == 200 and "RLHF chat" in page.text
+    assert http.get("/static/app.js").status_code == 200
+    assert http.get("/readyz").json() == {"status": "SERVING", "generator": "SERVING"}
+
+
+# --- refusals that say what to fix --------------------------------------------------------
+
+
+def _error(r: httpx.Response) -> dict:
+    return r.json()["error"]
+
+
+def test_unknown_response_id_is_404(http):
+    r = http.post("/v1/feedback", json={"kind": "rating", "response_id": "chatcmpl-nope-0", "value": 1})
+    assert r.status_code == 404
+    assert _error(r)["param"] == "response_id" and "chatcmpl-nope-0" in _error(r)["message"]
+    r = http.post("/v1/feedback", json={"kind": "comparison", "chosen_id": "x1", "rejected_id": "x2"})
+    assert r.status_code == 404 and _error(r)["param"] == "chosen_id"
+
+
+@pytest.mark.parametrize(
+    "path,body,param",
+    [
+        ("/v1/chat/completions", {"messages": []}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+        ("/v1/chat/completions", {"messages": HELLO, "temperature": 5}, "temperature"),
+        ("/v1/chat/completions", {"messages": HELLO, "n": 9}, "n"),
+        ("/v1/chat/completions", {"messages": HELLO, "max_tokens": 5000}, "max_tokens"),
+        ("/v1/feedback", {"kind": "rating", "response_id": "chatcmpl-x-0", "value": 5}, "value"),
+        ("/v1/feedback", {"kind": "comparison", "chosen_id": "a1"}, "rejected_id"),
+        ("/v1/feedback", {"kind": "thumbs", "response_id": "a1"}, "kind"),
+        ("/v1/feedback", {"kind": "rating", "response_id": "a1", "value": 1, "extra": 1}, "extra"),
+    ],
+)
+def test_malformed_is_422_naming_the_field(http, path, body, param):
+    r = http.post(path, json=body)
+    assert r.status_code == 422, r.text
+    assert _error(r)["param"] == param and _error(r)["message"].startswith(param)
+
+
+def test_comparison_of_different_prompts_is_422(client, http):
+    a = client.chat.completions.create(model="policy", messages=HELLO, max_tokens=2).choices[0].model_extra["response_id"]
+    other = [{"role": "user", "content": "Something else."}]
+    b = client.chat.completions.create(model="policy", messages=other, max_tokens=2).choices[0].model_extra["response_id"]
+    r = http.post("/v1/feedback", json={"kind": "comparison", "chosen_id": a, "rejected_id": b})
+    assert r.status_code == 422 and _error(r)["param"] == "rejected_id"
+
+
+def test_oversized_is_413_with_the_limit(http):
+    r = http.post("/v1/chat/completions", content=b"{" + b" " * 30000 + b"}", headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "max_body_bytes=20000" in _error(r)["message"]
+    r = http.post("/v1/chat/completions", json={"messages": HELLO * 9})
+    assert r.status_code == 413 and "max_messages=8" in _error(r)["message"] and _error(r)["param"] == "messages"
+    r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 5000}]})
+    assert r.status_code == 413 and "max_chars=4000" in _error(r)["message"]
+
+    # a chunked upload declares no length: the gateway stops reading at the limit
+    def chunks():
+        yield b'{"messages": ['
+        for _ in range(400):
+            yield b'{"role": "user", "content": "' + b"y" * 100 + b'"},'
+        yield b"]}"
+
+    r = http.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "max_body_bytes=20000" in _error(r)["message"]
+
+
+def test_api_keys_and_rate_limit(tmp_path, generator, broker, module_topics):
+    env = gateway_env(generator, broker.bootstrap, module_topics.prefix, RLHF_API_KEYS="k-one,k-two",
+                      RLHF_RATE_LIMIT_RPS="0.2", RLHF_RATE_LIMIT_BURST="3")
+    with run_service("gateway", tmp_path, env=env) as gw, httpx.Client(base_url=gw.url, timeout=30) as http:
+        r = http.get("/v1/models")
+        assert r.status_code == 401 and _error(r)["param"] == "authorization"
+        assert r.headers["www-authenticate"].startswith("Bearer")
+        assert http.get("/v1/models", headers={"authorization": "Bearer wrong"}).status_code == 401
+        assert http.get("/healthz").status_code == 200  # probes need no key
+
+        key = {"authorization": "Bearer k-two"}
+        codes = [http.get("/v1/models", headers=key).status_code for _ in range(4)]
+        assert codes == [200, 200, 200, 429]
+        r = http.get("/v1/models", headers=key)
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert "0.2 requests/s" in _error(r)["message"]
+        # buckets are per key: the other key still has its burst
+        assert http.get("/v1/models", headers={"x-api-key": "k-one"}).status_code == 200
+
+        # and the official client sends the key as a bearer token
+        ok = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k-one", max_retries=0)
+        assert ok.chat.completions.create(model="policy", messages=HELLO, max_tokens=2).choices
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{gw.url}/v1", api_key="bad", max_retries=0).models.list()
