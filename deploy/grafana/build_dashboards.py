@@ -1,0 +1,259 @@
+"""Writes the Grafana dashboards of the loop (deploy/grafana/dashboards/*.json).
+
+The panels are declared here, compactly, and rendered to Grafana's JSON model so the
+queries stay reviewable in one place. Edit this file, then run
+
+    python deploy/grafana/build_dashboards.py
+
+tests/integration/test_deploy_grafana.py fails when the JSON and this file disagree, and
+tests/integration/test_prometheus_live.py checks that every query uses only metric names
+the running services export.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent / "dashboards"
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+RI = "$__rate_interval"
+
+
+@dataclass
+class Panel:
+    title: str
+    targets: list[tuple[str, str]]  # (PromQL, legend)
+    unit: str = "short"
+    kind: str = "timeseries"  # timeseries | stat
+    width: int = 8
+    height: int = 8
+    description: str = ""
+    min: float | None = None
+    max: float | None = None
+
+
+@dataclass
+class Row:
+    title: str
+
+
+@dataclass
+class Dashboard:
+    uid: str
+    title: str
+    description: str
+    items: list[Panel | Row] = field(default_factory=list)
+
+
+def _panel_json(p: Panel, pid: int, x: int, y: int) -> dict:
+    defaults: dict = {"unit": p.unit}
+    if p.min is not None:
+        defaults["min"] = p.min
+    if p.max is not None:
+        defaults["max"] = p.max
+    panel = {
+        "id": pid,
+        "type": p.kind,
+        "title": p.title,
+        "description": p.description,
+        "datasource": DATASOURCE,
+        "gridPos": {"h": p.height, "w": p.width, "x": x, "y": y},
+        "fieldConfig": {"defaults": defaults, "overrides": []},
+        "targets": [
+            {"refId": chr(ord("A") + i), "datasource": DATASOURCE, "expr": expr, "legendFormat": legend, "range": True}
+            for i, (expr, legend) in enumerate(p.targets)
+        ],
+    }
+    if p.kind == "timeseries":
+        panel["options"] = {"legend": {"displayMode": "list", "placement": "bottom"}, "tooltip": {"mode": "multi"}}
+    else:
+        panel["options"] = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}, "colorMode": "value"}
+    return panel
+
+
+def render(d: Dashboard) -> dict:
+    panels, pid, x, y, row_h = [], 1, 0, 0, 0
+    for item in d.items:
+        if isinstance(item, Row):
+            y += row_h
+            x, row_h = 0, 0
+            panels.append({"id": pid, "type": "row", "title": item.title, "collapsed": False,
+                           "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}, "panels": []})
+            pid, y = pid + 1, y + 1
+            continue
+        if x + item.width > 24:
+            x, y, row_h = 0, y + row_h, 0
+        panels.append(_panel_json(item, pid, x, y))
+        pid, x, row_h = pid + 1, x + item.width, max(row_h, item.height)
+    return {
+        "uid": d.uid,
+        "title": d.title,
+        "description": d.description,
+        "tags": ["rlhf"],
+        "editable": False,
+        "graphTooltip": 1,
+        "refresh": "30s",
+        "schemaVersion": 39,
+        "version": 1,
+        "time": {"from": "now-6h", "to": "now"},
+        "timepicker": {},
+        "timezone": "",
+        "annotations": {"list": []},
+        "links": [{"type": "dashboards", "tags": ["rlhf"], "title": "RLHF dashboards", "asDropdown": True}],
+        "templating": {"list": [{
+            "name": "datasource", "label": "Prometheus", "type": "datasource", "query": "prometheus",
+            "current": {"text": "Prometheus", "value": "prometheus"}, "hide": 0, "refresh": 1,
+        }]},
+        "panels": panels,
+    }
+
+
+def q(metric_expr: str, quantile: float, by: str = "") -> str:
+    """histogram_quantile over a histogram's buckets, summed `by` extra labels."""
+    labels = f"le, {by}" if by else "le"
+    return f"histogram_quantile({quantile}, sum by ({labels}) (rate({metric_expr}[{RI}])))"
+
+
+LOOP = Dashboard(
+    uid="rlhf-loop",
+    title="RLHF loop",
+    description="Is the loop learning from people without drifting? Feedback in, reward model, PPO, policy versions.",
+    items=[
+        Row("Feedback and reward model"),
+        Panel("Feedback accepted by the gateway", [
+            (f'sum by (kind) (rate(rlhf_feedback_events_total{{job="gateway"}}[{RI}]))', "{{kind}}"),
+        ], unit="reqps", description="Ratings and comparisons committed to the outbox, per second."),
+        Panel("Feedback consumed by the reward model", [
+            (f'sum by (kind) (rate(rlhf_feedback_events_total{{job="reward"}}[{RI}]))', "{{kind}}"),
+            (f"sum(rate(rlhf_feedback_duplicates_total[{RI}]))", "duplicates dropped"),
+        ], unit="reqps"),
+        Panel("RM online accuracy", [
+            ("rlhf_rm_accuracy", "progressive validation"),
+        ], unit="percentunit", min=0, max=1,
+            description="Share of new feedback the RM judged right before training on it. Falling while the RM score rises is reward hacking."),
+        Panel("RM training", [
+            ("rlhf_rm_loss", "loss"),
+            (f"rate(rlhf_rm_pairs_total[{RI}])", "pairs/s"),
+            (f"rate(rlhf_rm_pointwise_total[{RI}])", "pointwise/s"),
+        ]),
+        Panel("RM version", [("rlhf_rm_version", "RM version")], kind="stat", width=4),
+        Panel("RM score normaliser", [
+            ("rlhf_rm_score_mean", "mean"),
+            ("rlhf_rm_score_std", "std"),
+        ], width=12),
+        Panel("RM publish time (p95)", [
+            (q("rlhf_rm_publish_seconds_bucket", 0.95), "p95"),
+        ], unit="s", width=8),
+    ],
+)
+
+SERVING = Dashboard(
+    uid="rlhf-serving",
+    title="RLHF serving",
+    description="What people see: gateway latency and errors, tokens served, gRPC services, the feedback outbox.",
+    items=[
+        Row("Gateway"),
+        Panel("Requests by route and code", [
+            (f"sum by (route, code) (rate(rlhf_gateway_requests_total[{RI}]))", "{{route}} {{code}}"),
+        ], unit="reqps"),
+        Panel("Latency by route", [
+            (q("rlhf_gateway_request_seconds_bucket", 0.5, "route"), "p50 {{route}}"),
+            (q("rlhf_gateway_request_seconds_bucket", 0.99, "route"), "p99 {{route}}"),
+        ], unit="s"),
+        Panel("5xx ratio", [
+            (f'sum(rate(rlhf_gateway_requests_total{{code=~"5.."}}[{RI}])) / sum(rate(rlhf_gateway_requests_total[{RI}]))', "5xx"),
+        ], unit="percentunit", min=0),
+        Panel("Completion tokens served", [
+            (f"sum(rate(rlhf_gateway_completion_tokens_total[{RI}]))", "all"),
+            (f"sum(rate(rlhf_gateway_tokens_streamed_total[{RI}]))", "streamed"),
+        ], unit="short", description="Tokens per second sent to clients."),
+        Panel("Generator errors seen by the gateway", [
+            (f"sum by (code) (rate(rlhf_gateway_generator_errors_total[{RI}]))", "{{code}}"),
+        ], unit="reqps"),
+        Panel("Live prompts queued for training", [
+            (f"sum(rate(rlhf_gateway_interactions_total[{RI}]))", "interactions/s"),
+        ], unit="reqps"),
+        Row("gRPC services"),
+        Panel("Ready (SERVING)", [
+            ("rlhf_service_ready", "{{service}}"),
+        ], kind="stat", width=12, description="1 while the standard gRPC health service reports SERVING."),
+        Panel("Scrape up", [
+            ('up{job=~"generator|reward|reference|learner|rollout|gateway"}', "{{job}}"),
+        ], kind="stat", width=12),
+        Panel("RPCs by method and code", [
+            (f"sum by (job, method, code) (rate(rlhf_grpc_server_handled_total[{RI}]))", "{{job}} {{method}} {{code}}"),
+        ], unit="reqps"),
+        Panel("RPC latency p99", [
+            (q("rlhf_grpc_server_handling_seconds_bucket", 0.99, "job, method"), "{{job}} {{method}}"),
+        ], unit="s"),
+        Panel("Items scored by the reward service", [
+            (f"sum(rate(rlhf_reward_scored_items_total[{RI}]))", "items/s"),
+        ], unit="short"),
+        Row("Feedback outbox"),
+        Panel("Outbox backlog", [
+            ("rlhf_outbox_backlog", "events not yet acknowledged by Kafka"),
+        ], unit="short"),
+        Panel("Oldest pending event", [
+            ("rlhf_outbox_oldest_age_seconds", "age"),
+        ], unit="s"),
+        Panel("Relay", [
+            (f"sum by (topic) (rate(rlhf_outbox_relayed_total[{RI}]))", "{{topic}}"),
+            (f"rate(rlhf_outbox_relay_errors_total[{RI}])", "relay errors"),
+        ], unit="short"),
+        Row("Processes"),
+        Panel("CPU", [
+            (f'rate(process_cpu_seconds_total{{job=~"generator|reward|reference|learner|rollout|gateway"}}[{RI}])', "{{job}}"),
+        ], unit="percentunit", width=12),
+        Panel("Resident memory", [
+            ('process_resident_memory_bytes{job=~"generator|reward|reference|learner|rollout|gateway"}', "{{job}}"),
+        ], unit="bytes", width=12),
+    ],
+)
+
+KAFKA = Dashboard(
+    uid="rlhf-kafka",
+    title="RLHF Kafka",
+    description="Events through Kafka: produced, consumed, backlog growth, dead letters.",
+    items=[
+        Row("Throughput"),
+        Panel("Produced (acknowledged) by topic", [
+            (f"sum by (topic) (rate(rlhf_kafka_produced_events_total[{RI}]))", "{{topic}}"),
+        ], unit="short", width=12),
+        Panel("Consumed by service and topic", [
+            (f"sum by (job, topic) (rate(rlhf_kafka_consumed_events_total[{RI}]))", "{{job}} ← {{topic}}"),
+        ], unit="short", width=12),
+        Row("Lag and dead letters"),
+        Panel("Backlog growth: produced − consumed", [
+            (f"sum by (topic) (rate(rlhf_kafka_produced_events_total[{RI}])) - sum by (topic) (rate(rlhf_kafka_consumed_events_total[{RI}]))", "{{topic}}"),
+        ], unit="short", width=12,
+            description="Events per second that reach a topic faster than its consumers read them; above zero for long means lag grows."),
+        Panel("Dead-lettered messages", [
+            (f"sum by (job, topic) (increase(rlhf_kafka_dlq_messages_total[{RI}]))", "{{job}} {{topic}}"),
+        ], unit="short", width=12, description="Undecodable messages moved to <topic>.dlq."),
+        Panel("Feedback: relayed to Kafka vs consumed by the RM", [
+            (f'sum(rate(rlhf_outbox_relayed_total{{topic=~".+\\\\.feedback"}}[{RI}]))', "relayed by the gateway"),
+            (f'sum(rate(rlhf_kafka_consumed_events_total{{job="reward", topic=~".+\\\\.feedback"}}[{RI}]))', "consumed by reward"),
+        ], unit="short", width=24),
+    ],
+)
+
+DASHBOARDS = {"rlhf-loop.json": LOOP, "rlhf-serving.json": SERVING, "rlhf-kafka.json": KAFKA}
+
+
+def rendered() -> dict[str, str]:
+    return {name: json.dumps(render(d), indent=2, ensure_ascii=False) + "\n" for name, d in DASHBOARDS.items()}
+
+
+def main() -> int:
+    OUT.mkdir(exist_ok=True)
+    for name, text in rendered().items():
+        (OUT / name).write_text(text)
+        print(OUT / name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
