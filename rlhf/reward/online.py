@@ -41,6 +41,7 @@ class LoopConfig:
     publish_every_steps: int = 20         # a new version every N steps
     checkpoint_every_steps: int = 100     # a checkpoint (and offset commit) every M steps ...
     checkpoint_every_seconds: float = 60  # ... or after this long with unsaved progress
+    checkpoint_when_idle: bool = True     # ... and whenever the topic runs dry
     poll_timeout_ms: int = 500            # wait for feedback this long per poll
     max_poll_records: int = 256           # events per poll
     error_backoff_seconds: float = 2.0    # pause before restoring after a failure
@@ -146,7 +147,8 @@ class OnlineRewardLoop:
         # 1. poll
         records = self.consumer.poll(timeout_ms=self.cfg.poll_timeout_ms, max_records=self.cfg.max_poll_records)
         if not records:
-            self.flush()  # the topic ran dry: make everything so far durable
+            if self.cfg.checkpoint_when_idle:
+                self.flush()  # the topic ran dry: make everything so far durable
             return
         # 2. de-duplicate and convert
         ingested = self.trainer.ingest(r.event for r in records)

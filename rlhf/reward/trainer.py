@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -81,10 +81,12 @@ class OnlineRewardTrainer:
             out.examples.extend(examples)
         return out
 
-    def train(self, examples: list[Example]) -> list[dict[str, float]]:
-        """One step per `batch_size` new examples; the stats of each step."""
+    def train(self, examples: list[Example]) -> Iterator[dict[str, float]]:
+        """One step per `batch_size` new examples, lazily: the stats of each step as it is
+        taken, so a caller can publish or checkpoint between steps."""
         bs = self.cfg.batch_size
-        return [self.train_step(examples[i : i + bs]) for i in range(0, len(examples), bs)]
+        for i in range(0, len(examples), bs):
+            yield self.train_step(examples[i : i + bs])
 
     def train_step(self, new: list[Example]) -> dict[str, float]:
         t0 = time.perf_counter()

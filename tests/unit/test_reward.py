@@ -209,7 +209,7 @@ def test_trainer_learns_synthetic_preference_with_progressive_validation(tiny_ba
     before = held_out_accuracy()
     ingested = trainer.ingest([gen.comparison_event() for _ in range(320)])
     assert len(ingested.examples) == 320 and ingested.kinds == {"comparison": 320}
-    stats = trainer.train(ingested.examples)
+    stats = list(trainer.train(ingested.examples))
     assert len(stats) == trainer.step == 20 and trainer.pairs_seen == 320
     assert stats[0]["replayed"] == 0 and stats[-1]["replayed"] == 16
     # progressive validation: early batches are judged at chance, late ones after learning
@@ -227,7 +227,7 @@ def test_trainer_ingest_drops_duplicates_and_mixes_kinds(tiny_backbone):
     assert first.invalid == {"zero_rating": 1} and first.kinds == {"comparison": 1, "thumbs": 3}
     again = trainer.ingest(events)
     assert again.examples == [] and again.duplicates == 4
-    (s,) = trainer.train(first.examples)
+    (s,) = list(trainer.train(first.examples))
     assert s["new_pairs"] == 2 and s["new_examples"] == 3
     assert {"bt_loss", "point_loss", "loss", "grad_norm"} <= set(s)
 
@@ -236,7 +236,7 @@ def test_checkpoint_round_trip_restores_everything(tiny_backbone, tmp_path):
     model = load_reward_model(tiny_backbone, max_tokens=32)
     trainer = OnlineRewardTrainer(model, TrainerConfig(lr=1e-3, batch_size=8))
     gen = SyntheticPreference(seed=3)
-    trainer.train(trainer.ingest([gen.comparison_event() for _ in range(24)]).examples)
+    list(trainer.train(trainer.ingest([gen.comparison_event() for _ in range(24)]).examples))
     ckpt = RewardCheckpoints(tmp_path, keep_versions=2, keep_states=2)
     record = ckpt.publish(model.state_dict(), parent=0, base_model="tiny", meta={"train_step": trainer.step})
     ckpt.save_state(trainer.step, record.version, {"trainer": trainer.state_dict(), "offsets": [["t", 0, 24]]})
@@ -257,7 +257,7 @@ def test_checkpoint_round_trip_restores_everything(tiny_backbone, tmp_path):
     for t in (trainer, fresh):  # same replay sample, same dropout masks
         t.buffer._rng.seed(5)
         torch.manual_seed(5)
-        t.train(batch)
+        list(t.train(batch))
     assert torch.equal(fresh.model.score(prompts, texts), model.score(prompts, texts))
 
 
@@ -273,3 +273,22 @@ def test_checkpoints_never_reuse_versions_and_prune(tiny_backbone, tmp_path):
     ckpt.save_state(5, ckpt.publish(t, parent=3, base_model="x", meta={}).version, {})
     assert [r.version for r in ckpt.store.versions()] == [4, 5]
     assert len(list(ckpt.states.glob("state-*.pt"))) == 1
+
+
+def test_policy_backbone_reads_the_last_response_token(tiny_model_dir):
+    spec = resolve_backbone("policy", policy_model=str(tiny_model_dir))
+    assert spec.family == "decoder"
+    model = load_reward_model(spec, max_tokens=48)
+    prompts = [(("user", "hi"),), (("user", "a long question " * 30),)]
+    responses = ["hello there", "an answer"]
+    enc = model.encode(prompts, responses)
+    eos = model.tokenizer.eos_token_id
+    lengths = enc["attention_mask"].sum(1).tolist()
+    # right-padded, left-truncated to 48 tokens, each ending with the end-of-turn token
+    assert lengths[1] == 48 and [enc["input_ids"][i, n - 1].item() for i, n in enumerate(lengths)] == [eos, eos]
+    batch = model.score(prompts, responses)
+    one = torch.cat([model.score(prompts[i : i + 1], responses[i : i + 1]) for i in range(2)])
+    assert torch.allclose(batch, one, atol=1e-5)
+    trainer = OnlineRewardTrainer(model, TrainerConfig(lr=1e-3, batch_size=2))
+    (s,) = list(trainer.train([Example(PAIR, prompts[0], chosen="good please", rejected="bad")]))
+    assert math.isfinite(s["loss"])
