@@ -92,6 +92,7 @@ class EmbeddedBroker:
             os.close(fd)
             self.log_path, self._temp_log = Path(name), True
         url = f"tcp://{self.host}:{self.port}"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)  # `rlhf up` on a fresh state dir
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
                 [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url],
