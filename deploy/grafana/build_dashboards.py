@@ -147,6 +147,58 @@ LOOP = Dashboard(
         Panel("RM publish time (p95)", [
             (q("rlhf_rm_publish_seconds_bucket", 0.95), "p95"),
         ], unit="s", width=8),
+        Row("Policy (PPO) and KL control"),
+        Panel("Reward and RM score", [
+            ("rlhf_learner_score_mean", "RM score"),
+            ("rlhf_learner_reward_mean", "total reward (score − β·KL)"),
+        ], description="Per PPO batch. RM score rising while RM accuracy falls: reward hacking."),
+        Panel("KL to the reference", [
+            ("rlhf_learner_kl", "training batch"),
+            ("rlhf_learner_drift_kl", "held-out (drift gate)"),
+            ("rlhf_learner_drift_kl_budget", "budget"),
+        ], unit="short", description="KL(π‖π_ref) per response, nats."),
+        Panel("β (KL coefficient)", [
+            ("rlhf_learner_kl_coef", "β"),
+        ], description="Adaptive KL controller, Ziegler et al. 2019."),
+        Panel("Policy version", [
+            ("rlhf_learner_policy_version", "trained"),
+            ("rlhf_learner_serving_version", "promoted"),
+            ("rlhf_generator_policy_version", "served by {{instance}}"),
+        ]),
+        Panel("Staleness", [
+            ("rlhf_learner_staleness_versions", "mean version lag of a batch"),
+            (f"rate(rlhf_learner_rollouts_dropped_stale_total[{RI}])", "stale rollouts dropped/s"),
+        ], description="How many versions behind the learner the rollouts it trains on were generated."),
+        Panel("Weight sync time", [
+            (q("rlhf_weight_sync_seconds_bucket", 0.5, "format"), "p50 {{format}}"),
+            (q("rlhf_weight_sync_seconds_bucket", 0.95, "format"), "p95 {{format}}"),
+        ], unit="s", description="From a weight update's arrival at a generator to serving it."),
+        Panel("Drift-gate decisions", [
+            (f"sum(increase(rlhf_learner_versions_published_total[{RI}]))", "versions published"),
+            (f"sum(increase(rlhf_learner_drift_gate_rejections_total[{RI}]))", "refused by the gate"),
+            (f"sum(increase(rlhf_learner_rollbacks_total[{RI}]))", "rolled back"),
+        ]),
+        Panel("PPO diagnostics", [
+            ("rlhf_learner_entropy_nats", "entropy (nats/token)"),
+            ("rlhf_learner_clipfrac", "clip fraction"),
+            ("rlhf_learner_approx_kl", "approx KL old→new"),
+        ]),
+        Panel("Critic", [
+            ("rlhf_learner_value_loss", "value loss"),
+            ("rlhf_learner_explained_variance", "explained variance"),
+        ]),
+        Panel("Learner throughput", [
+            ("rlhf_learner_tokens_per_second", "tokens/s"),
+            (f"rate(rlhf_learner_rollouts_trained_total[{RI}])", "rollouts/s"),
+        ], width=8),
+        Panel("Response length", [
+            ("rlhf_learner_response_length_tokens", "mean tokens"),
+        ], width=8),
+        Panel("PPO step time", [
+            (q("rlhf_learner_step_seconds_bucket", 0.5), "p50"),
+            (q("rlhf_learner_step_seconds_bucket", 0.95), "p95"),
+        ], unit="s", width=8),
+        Panel("Learner paused", [("rlhf_learner_paused", "paused")], kind="stat", width=4),
     ],
 )
 
@@ -176,6 +228,24 @@ SERVING = Dashboard(
         Panel("Live prompts queued for training", [
             (f"sum(rate(rlhf_gateway_interactions_total[{RI}]))", "interactions/s"),
         ], unit="reqps"),
+        Row("Generator"),
+        Panel("Generator tokens", [
+            (f"sum by (kind) (rate(rlhf_generation_tokens_total[{RI}]))", "{{kind}} tokens/s"),
+        ], unit="short"),
+        Panel("Time to first token", [
+            (q("rlhf_generation_time_to_first_token_seconds_bucket", 0.5), "p50"),
+            (q("rlhf_generation_time_to_first_token_seconds_bucket", 0.99), "p99"),
+        ], unit="s"),
+        Panel("Requests in flight", [
+            ("rlhf_generation_requests_in_flight", "{{instance}}"),
+        ]),
+        Panel("Weight updates", [
+            (f"sum by (format, result) (increase(rlhf_weight_updates_total[{RI}]))", "{{format}} {{result}}"),
+        ], width=12, description="refused: bad sha256 or shapes; the old version keeps serving."),
+        Panel("Micro-batching (reward, reference)", [
+            (q("rlhf_batcher_batch_items_bucket", 0.5, "name"), "items per call {{name}}"),
+            (q("rlhf_batcher_queue_seconds_bucket", 0.99, "name"), "p99 queue wait (s) {{name}}"),
+        ], width=12),
         Row("gRPC services"),
         Panel("Ready (SERVING)", [
             ("rlhf_service_ready", "{{service}}"),
@@ -233,6 +303,14 @@ KAFKA = Dashboard(
         Panel("Dead-lettered messages", [
             (f"sum by (job, topic) (increase(rlhf_kafka_dlq_messages_total[{RI}]))", "{{job}} {{topic}}"),
         ], unit="short", width=12, description="Undecodable messages moved to <topic>.dlq."),
+        Panel("Policy updates seen by generators", [
+            (f"sum by (action, outcome) (increase(rlhf_generator_policy_events_total[{RI}]))", "{{action}} {{outcome}}"),
+        ], unit="short", width=12),
+        Panel("Rollouts trained by the learner", [
+            (f"rate(rlhf_learner_rollouts_trained_total[{RI}])", "trained/s"),
+            (f"rate(rlhf_learner_rollouts_dropped_stale_total[{RI}])", "dropped stale/s"),
+            (f"rate(rlhf_learner_rollouts_invalid_total[{RI}])", "dropped invalid/s"),
+        ], unit="short", width=12),
         Panel("Feedback: relayed to Kafka vs consumed by the RM", [
             (f'sum(rate(rlhf_outbox_relayed_total{{topic=~".+\\\\.feedback"}}[{RI}]))', "relayed by the gateway"),
             (f'sum(rate(rlhf_kafka_consumed_events_total{{job="reward", topic=~".+\\\\.feedback"}}[{RI}]))', "consumed by reward"),
