@@ -1,32 +1,93 @@
-"""PPO learner service: consumes rollouts, trains, gates and publishes policy versions."""
+"""PPO learner service: consumes rollouts, trains, gates and publishes policy versions.
+
+Wiring only: the loop is `rlhf.learner.Learner`, the math `rlhf.ppo`. Every field of
+`rlhf.learner.LearnerConfig` is a setting here with a `learner_` prefix:
+`RLHF_LEARNER_BATCH_SIZE=32` or `--learner-batch-size 32`.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import copy
+import logging
+import os
+import signal
 import sys
+import threading
 from typing import Sequence
 
 import grpc
-from pydantic import Field
+from pydantic import Field, create_model
 
+from rlhf.learner import LearnerConfig
 from rlhf.serving import GrpcServiceSettings, Service, load_settings, run_service
 from rlhf.v1 import learner_pb2_grpc
+from services.learner.servicer import LearnerServicer
+
+log = logging.getLogger(__name__)
+
+PREFIX = "learner_"
 
 
-class LearnerSettings(GrpcServiceSettings):
+class _LearnerSettingsBase(GrpcServiceSettings):
     port: int = Field(50054, description="gRPC port")
     metrics_port: int = Field(9104, description="Prometheus /metrics HTTP port; 0 disables it")
-    model: str = Field("demo", description='initial policy: "demo" (SmolLM2-135M-Instruct) or a folder')
+    model: str = Field("demo", description='initial policy and π_ref: "demo" (SmolLM2-135M-Instruct) or a folder')
+
+    def learner_config(self) -> LearnerConfig:
+        return LearnerConfig(**{name: getattr(self, PREFIX + name) for name in LearnerConfig.model_fields})
+
+
+LearnerSettings = create_model(
+    "LearnerSettings",
+    __base__=_LearnerSettingsBase,
+    __doc__="Settings of the learner service: the gRPC/Kafka basics plus every LearnerConfig field.",
+    **{PREFIX + name: (f.annotation, copy.deepcopy(f)) for name, f in LearnerConfig.model_fields.items()},
+)
 
 
 class LearnerService(Service):
     name = "learner"
     grpc_services = ("rlhf.v1.LearnerService",)
 
-    def __init__(self, settings: LearnerSettings):
+    def __init__(self, settings: _LearnerSettingsBase):
+        from rlhf.learner import Learner
+
         self.settings = settings
+        self.learner: Learner | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
-        learner_pb2_grpc.add_LearnerServiceServicer_to_server(learner_pb2_grpc.LearnerServiceServicer(), server)
+        learner_pb2_grpc.add_LearnerServiceServicer_to_server(LearnerServicer(self), server)
+
+    async def start(self) -> None:
+        from rlhf.learner import Learner
+        from rlhf.models import resolve_model
+
+        s = self.settings
+        model_dir = await asyncio.to_thread(resolve_model, s.model)
+        learner = Learner(s.learner_config(), model_dir, s.state_dir, s.kafka_bootstrap, s.topic_prefix)
+        await asyncio.to_thread(learner.start)  # weights loaded, checkpoint restored, consumer assigned
+        self.learner = learner
+        self._thread = threading.Thread(target=self._run, name="ppo-loop", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.learner.run(self._stop)
+        except Exception:
+            # A learner that cannot train must not keep reporting SERVING: drain and exit,
+            # and let the supervisor restart it from its last checkpoint.
+            log.exception("training loop failed; shutting down")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        if self.learner is not None:
+            self.learner.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

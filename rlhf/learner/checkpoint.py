@@ -1,0 +1,155 @@
+"""Crash-safe learner state: checkpoints written atomically, and the trained-rollout ledger.
+
+    <dir>/checkpoints/ckpt-00000012/   numbered in save order
+        policy.safetensors       LoRA adapter or full weights (PolicyWithValueHead.policy_state_dict)
+        value_head.safetensors
+        trainer.pt               optimizer, LR schedule, KL controller, shuffle RNG
+        meta.json                step, versions, lineage, consumed Kafka offsets, counters
+    <dir>/ledger.jsonl           one line per PPO step: the event ids it trained / dropped
+
+A checkpoint folder is filled under a temporary name, fsynced and renamed into place, so
+a `ckpt-*` folder is always complete: SIGKILL during a write leaves only a `.tmp-*`
+folder, which the next start deletes. The ledger is appended (and fsynced) *before* the
+checkpoint that covers its line, and cut back to the checkpoint's step on recovery, so
+after any crash it lists exactly the rollouts in the restored model's history.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rlhf.learner.policy import PolicyWithValueHead
+from rlhf.learner.trainer import PPOTrainer
+
+Offsets = dict[tuple[str, int], int]
+
+
+def offsets_to_json(offsets: Offsets) -> list[list[Any]]:
+    return [[topic, partition, offset] for (topic, partition), offset in sorted(offsets.items())]
+
+
+def offsets_from_json(rows: Iterable[list[Any]]) -> Offsets:
+    return {(str(topic), int(partition)): int(offset) for topic, partition, offset in rows}
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+class CheckpointStore:
+    def __init__(self, root: str | os.PathLike, keep: int = 2):
+        self.root = Path(root)
+        self.keep = max(1, keep)
+        self.root.mkdir(parents=True, exist_ok=True)
+        for leftover in self.root.glob(".tmp-*"):  # writes a crash interrupted
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def folders(self) -> list[Path]:
+        return sorted(self.root.glob("ckpt-[0-9]*"))
+
+    def latest(self) -> Path | None:
+        folders = self.folders()
+        return folders[-1] if folders else None
+
+    def save(self, step: int, policy: PolicyWithValueHead, trainer: PPOTrainer, meta: dict[str, Any]) -> Path:
+        folders = self.folders()
+        seq = int(folders[-1].name.split("-")[1]) + 1 if folders else 1
+        final = self.root / f"ckpt-{seq:08d}"
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-ckpt-{seq:08d}-", dir=self.root))
+        try:
+            files = {
+                "policy.safetensors": lambda p: save_file(_cpu(policy.policy_state_dict()), str(p)),
+                "value_head.safetensors": lambda p: save_file(_cpu(policy.value_head.state_dict()), str(p)),
+                "trainer.pt": lambda p: torch.save(trainer.state_dict(), p),
+                "meta.json": lambda p: p.write_text(json.dumps(meta | {"step": step}, indent=1)),
+            }
+            for name, write in files.items():
+                write(tmp / name)
+                _fsync_file(tmp / name)
+            fsync_dir(tmp)
+            os.replace(tmp, final)
+            fsync_dir(self.root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for old in self.folders()[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    @staticmethod
+    def load(folder: Path, policy: PolicyWithValueHead, trainer: PPOTrainer) -> dict[str, Any]:
+        device = policy.device
+        policy.load_policy_state_dict(load_file(str(folder / "policy.safetensors"), device=str(device)))
+        policy.value_head.load_state_dict(load_file(str(folder / "value_head.safetensors"), device=str(device)))
+        trainer.load_state_dict(torch.load(folder / "trainer.pt", map_location=device, weights_only=False))
+        return json.loads((folder / "meta.json").read_text())
+
+
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+
+class Ledger:
+    """Append-only JSON lines, one per PPO step: {"step", "trained": [...], "dropped_stale": [...], ...}."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, entry: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def entries(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a crash; never covered by a checkpoint
+                continue
+        return out
+
+    def truncate_after(self, step: int) -> int:
+        """Keep the entries of steps ≤ step (the restored checkpoint's); returns how many went."""
+        entries = self.entries()
+        keep = [e for e in entries if e["step"] <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(e) + "\n" for e in keep)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        fsync_dir(self.path.parent)
+        return len(entries) - len(keep)
