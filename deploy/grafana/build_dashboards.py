@@ -199,6 +199,13 @@ LOOP = Dashboard(
             (q("rlhf_learner_step_seconds_bucket", 0.95), "p95"),
         ], unit="s", width=8),
         Panel("Learner paused", [("rlhf_learner_paused", "paused")], kind="stat", width=4),
+        Panel("Log-prob mismatch rollout vs learner", [
+            ("rlhf_learner_logprob_mismatch_nats", "mean |Δ log π| per token"),
+        ], width=10, description="Staleness plus engine numerics (vLLM vs training forward); a jump means the engines disagree."),
+        Panel("Gradient norms", [
+            ("rlhf_learner_grad_norm", "policy (before clipping)"),
+            ("rlhf_rm_grad_norm", "reward model"),
+        ], width=10),
     ],
 )
 
@@ -245,6 +252,7 @@ SERVING = Dashboard(
         Panel("Micro-batching (reward, reference)", [
             (q("rlhf_batcher_batch_items_bucket", 0.5, "name"), "items per call {{name}}"),
             (q("rlhf_batcher_queue_seconds_bucket", 0.99, "name"), "p99 queue wait (s) {{name}}"),
+            (f"sum by (name) (rate(rlhf_batcher_failed_batches_total[{RI}]))", "failed batches/s {{name}}"),
         ], width=12),
         Row("gRPC services"),
         Panel("Ready (SERVING)", [
