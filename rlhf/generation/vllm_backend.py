@@ -1,0 +1,105 @@
+"""vLLM backend: the async engine (continuous batching), weights swapped in place through
+a worker extension, LoRA adapters through vLLM's own multi-LoRA support.
+
+A full update drains (the gate waits for in-flight requests), reloads the weights in the
+workers and clears the prefix cache, whose KV blocks were computed by the old weights. A
+LoRA update needs no drain: the adapter is pre-loaded, then new requests name it in their
+`LoRARequest` while requests already running finish on theirs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from rlhf.generation.backend import Backend
+from rlhf.generation.types import Delta, Sampling, WeightsRefused
+from rlhf.generation.weights import FULL, WeightUpdate
+
+log = logging.getLogger(__name__)
+
+EXTENSION = "rlhf.generation.vllm_worker.WeightSwapExtension"
+
+
+class VllmBackend(Backend):
+    name = "vllm"
+
+    def __init__(
+        self, model_dir: Path, max_model_len: int, max_batch: int, dtype: str = "auto",
+        enable_lora: bool = True, max_lora_rank: int = 16, enforce_eager: bool = True,
+        kv_cache_gib: float = 1.0, seed: int = 0,
+    ):
+        self.model_dir = Path(model_dir)
+        self.engine_kwargs = dict(
+            model=str(model_dir), max_model_len=max_model_len, max_num_seqs=max_batch, dtype=dtype,
+            seed=seed, enforce_eager=enforce_eager, worker_extension_cls=EXTENSION,
+            enable_lora=enable_lora,
+            # two adapters resident: the new version's and the one in-flight requests still use
+            **({"max_lora_rank": max_lora_rank, "max_loras": 2} if enable_lora else {}),
+        )
+        self.kv_cache_gib = kv_cache_gib
+        self._lora_ids = itertools.count(1)
+        self.engine = None
+
+    async def start(self) -> None:
+        # The engine runs in child processes. Spawn, not fork: this process already runs
+        # gRPC threads, which do not survive a fork (hence the __main__ guard in services).
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(self.kv_cache_gib))))
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_kwargs))
+
+    async def stop(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+    async def generate(self, prompt_ids: list[int], sampling: Sampling, request_id: str, handle: Any) -> AsyncIterator[Delta]:
+        from vllm import SamplingParams, TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens, stop=list(sampling.stop) or None, seed=sampling.seed,
+            logprobs=0,  # the sampled token's own log-prob, from the raw logits (logprobs_mode default)
+            output_kind=RequestOutputKind.DELTA, skip_special_tokens=True,
+        )
+        stream = self.engine.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params, request_id, lora_request=handle)
+        async for out in stream:
+            for c in out.outputs:
+                ids = list(c.token_ids)
+                lps = [float(c.logprobs[i][t].logprob) for i, t in enumerate(ids)] if ids else []
+                finish = c.finish_reason if c.finish_reason in ("stop", "length") else None
+                if c.finish_reason == "abort":
+                    raise RuntimeError(f"vLLM aborted request {request_id}")
+                if ids or c.text or finish:
+                    yield Delta(c.index, ids, lps, c.text, finish)
+
+    def drains(self, update: WeightUpdate) -> bool:
+        return update.fmt == FULL
+
+    async def prepare(self, update: WeightUpdate) -> Any:
+        if update.fmt == FULL:
+            return update
+        from vllm.lora.request import LoRARequest
+
+        # A fresh id per load: vLLM caches adapters by id, and a version may be re-sent.
+        request = LoRARequest(f"policy-v{update.version}", next(self._lora_ids), str(update.folder))
+        try:
+            await self.engine.add_lora(request)
+        except Exception as e:  # noqa: BLE001 - the engine's refusal is the caller's answer
+            raise WeightsRefused(f"vLLM refused the LoRA adapter: {e}") from e
+        return request
+
+    async def activate(self, prepared: Any) -> Any:
+        if isinstance(prepared, WeightUpdate):
+            await self.engine.collective_rpc("rlhf_load_weights", args=([str(p) for p in prepared.files],))
+            await self.engine.reset_prefix_cache()
+            return None
+        return prepared

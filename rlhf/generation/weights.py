@@ -1,0 +1,217 @@
+"""Checking a weight update before it is served, and receiving one over gRPC.
+
+A full update must have exactly the base model's tensor names and shapes (a tied lm_head may
+be left out); a LoRA adapter must target linear layers the model has, with A/B shapes that
+fit them and a rank the engine accepts. Anything else is refused with `WeightsRefused` before
+the serving weights are touched, so the old version keeps serving.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator
+
+import torch
+from safetensors import safe_open
+
+from rlhf.generation.types import WeightsRefused
+from rlhf.weightstore import FULL, LORA, WEIGHTS_FILE, CorruptWeights, WeightStore, sha256_file
+
+LORA_CONFIG_FILE = "adapter_config.json"
+_PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class LoraSpec:
+    rank: int
+    scale: float                          # lora_alpha / r (or / sqrt(r) with rsLoRA)
+    modules: list[str]                    # e.g. "model.layers.0.self_attn.q_proj"
+
+
+@dataclass
+class WeightUpdate:
+    """A version checked and ready to hand to a backend."""
+
+    version: int
+    fmt: str                              # FULL or LORA
+    files: list[Path]                     # safetensors files holding the tensors
+    folder: Path | None = None            # LoRA: adapter_config.json + adapter_model.safetensors
+    lora: LoraSpec | None = None
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of an HF model folder (one file or the shards of an index)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / s for s in shards]
+    single = model_dir / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"{model_dir} has no model.safetensors")
+    return [single]
+
+
+def tensor_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Name → shape of every tensor in `files`, read from the headers only."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        except Exception as e:  # noqa: BLE001 - any unreadable file is a refused update
+            raise WeightsRefused(f"{path.name} is not a readable safetensors file: {e}") from e
+    return shapes
+
+
+def check_full(files: list[Path], base: dict[str, tuple[int, ...]], tied: bool) -> None:
+    got = tensor_shapes(files)
+    optional = {"lm_head.weight"} if tied else set()
+    missing = sorted(set(base) - set(got) - optional)
+    unknown = sorted(set(got) - set(base) - optional)
+    if missing or unknown:
+        raise WeightsRefused(
+            f"tensor names do not match the model: missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
+            f"unknown {unknown[:5]}{'…' if len(unknown) > 5 else ''}"
+        )
+    for name, shape in got.items():
+        want = base.get(name, shape)
+        if shape != want:
+            raise WeightsRefused(f"tensor {name} has shape {list(shape)}, the model needs {list(want)}")
+
+
+def check_lora(folder: Path, base: dict[str, tuple[int, ...]], max_rank: int) -> LoraSpec:
+    cfg_path = folder / LORA_CONFIG_FILE
+    if not cfg_path.is_file():
+        raise WeightsRefused(f"LoRA adapter without {LORA_CONFIG_FILE}")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        rank, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise WeightsRefused(f"{LORA_CONFIG_FILE} is not a LoRA config (needs r, lora_alpha): {e}") from e
+    if not 1 <= rank <= max_rank:
+        raise WeightsRefused(f"LoRA rank r={rank} is outside 1..{max_rank} (the generator's max_lora_rank)")
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern") or cfg.get("modules_to_save"):
+        raise WeightsRefused("LoRA rank_pattern, alpha_pattern and modules_to_save are not supported")
+    shapes = tensor_shapes([folder / WEIGHTS_FILE[LORA]])
+    pairs: dict[str, dict[str, tuple[int, ...]]] = {}
+    for name, shape in shapes.items():
+        module, kind = _lora_key(name)
+        pairs.setdefault(module, {})[kind] = shape
+    if not pairs:
+        raise WeightsRefused("LoRA adapter holds no lora_A/lora_B tensors")
+    for module, ab in pairs.items():
+        weight = base.get(f"{module}.weight")
+        if weight is None or len(weight) != 2:
+            raise WeightsRefused(f"LoRA targets {module}, which is not a linear layer of the model")
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise WeightsRefused(f"LoRA module {module} needs both lora_A and lora_B")
+        out_f, in_f = weight
+        if ab["lora_A"] != (rank, in_f) or ab["lora_B"] != (out_f, rank):
+            raise WeightsRefused(
+                f"LoRA {module}: lora_A {list(ab['lora_A'])} / lora_B {list(ab['lora_B'])} do not fit "
+                f"a {out_f}x{in_f} layer at r={rank} (need [{rank}, {in_f}] / [{out_f}, {rank}])"
+            )
+    scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+    return LoraSpec(rank=rank, scale=scale, modules=sorted(pairs))
+
+
+def _lora_key(name: str) -> tuple[str, str]:
+    """"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" → (module, "lora_A")."""
+    parts = name.removeprefix(_PEFT_PREFIX).split(".")
+    if len(parts) < 3 or parts[-1] != "weight" or parts[-2] not in ("lora_A", "lora_B"):
+        raise WeightsRefused(f"unexpected tensor {name} in a LoRA adapter (only lora_A/lora_B weights)")
+    return ".".join(parts[:-2]), parts[-2]
+
+
+def lora_deltas(folder: Path, spec: LoraSpec) -> dict[str, torch.Tensor]:
+    """`{"<module>.weight": scale · B @ A}`: what merging the adapter adds to each base weight."""
+    with safe_open(str(folder / WEIGHTS_FILE[LORA]), framework="pt") as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    ab: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        module, kind = _lora_key(name)
+        ab.setdefault(module, {})[kind] = t.float()
+    # ΔW = (α/r) · B A, Hu et al. 2021 eq. 3
+    return {f"{m}.weight": spec.scale * (t["lora_B"] @ t["lora_A"]) for m, t in ab.items()}
+
+
+def verify_sha256(path: Path, *expected: str) -> str:
+    actual = sha256_file(path)
+    for want in expected:
+        if want and want.lower() != actual:
+            raise WeightsRefused(f"sha256 mismatch: the weights hash to {actual[:16]}…, expected {want[:16]}…")
+    return actual
+
+
+def store_version(store: WeightStore, version: int, uri: str = "", sha256: str = "") -> tuple[str, Path]:
+    """(format, folder) of a weight-store version, its bytes checked against the manifest's
+    sha256 and the caller's. `uri` (a version folder, optionally `file://`) overrides the store."""
+    if uri:
+        folder = Path(uri.removeprefix("file://")).expanduser()
+        if not (folder / "manifest.json").is_file():
+            raise WeightsRefused(f"{folder} is not a weight-store version folder (no manifest.json)")
+        store = WeightStore(folder.parent)
+        if store.folder(version) != folder:
+            raise WeightsRefused(f"uri {uri} does not hold version {version} (expected {store.folder(version).name})")
+    try:
+        record = store.get(version)
+    except CorruptWeights as e:
+        raise WeightsRefused(str(e)) from e
+    verify_sha256(record.weights_path, record.sha256, sha256)
+    return record.format, Path(record.path)
+
+
+async def receive_stream(
+    header_version: int, fmt: str, sha256: str, total_bytes: int, adapter_config_json: str,
+    data: AsyncIterator[bytes], work_dir: Path,
+) -> Path:
+    """Write streamed weight bytes into a fresh folder laid out like a weight-store version
+    and return it, after checking size and sha256 (the folder is removed on any failure)."""
+    if fmt == LORA and not adapter_config_json:
+        raise WeightsRefused("a LoRA update needs header.adapter_config_json")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"v{header_version:06d}-", dir=work_dir))
+    try:
+        h, n = hashlib.sha256(), 0
+        with open(folder / WEIGHTS_FILE[fmt], "wb") as f:
+            async for block in data:
+                h.update(block)
+                n += len(block)
+                if total_bytes and n > total_bytes:
+                    raise WeightsRefused(f"received more than header.total_bytes={total_bytes} bytes")
+                f.write(block)
+        if total_bytes and n != total_bytes:
+            raise WeightsRefused(f"received {n} bytes, header.total_bytes says {total_bytes}")
+        actual = h.hexdigest()
+        if not sha256 or actual != sha256.lower():
+            raise WeightsRefused(f"sha256 mismatch: the data hashes to {actual[:16]}…, header says {sha256[:16] or '(none)'}…")
+        if fmt == LORA:
+            try:
+                json.loads(adapter_config_json)
+            except ValueError as e:
+                raise WeightsRefused(f"header.adapter_config_json is not JSON: {e}") from e
+            (folder / LORA_CONFIG_FILE).write_text(adapter_config_json)
+        return folder
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def update_from_folder(version: int, fmt: str, folder: Path) -> WeightUpdate:
+    if fmt not in WEIGHTS_FILE:
+        raise WeightsRefused(f"unknown weight format {fmt!r}")
+    return WeightUpdate(version=version, fmt=fmt, files=[folder / WEIGHTS_FILE[fmt]], folder=folder)
+
+
+__all__ = [
+    "FULL", "LORA", "LoraSpec", "WeightUpdate", "check_full", "check_lora", "lora_deltas",
+    "receive_stream", "safetensors_files", "store_version", "tensor_shapes", "update_from_folder",
+    "verify_sha256",
+]
