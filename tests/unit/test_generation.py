@@ -1,0 +1,254 @@
+"""rlhf.generation without a server: validation, the version gate, weight checks, streamed
+receipt, text deltas with stop strings, and the transformers backend in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from contextlib import aclosing
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from rlhf.generation import Generator, Limits, Sampling, SampleOut, Served, VersionGate, WeightsRefused, make_backend
+from rlhf.generation.adapters import make_random_lora
+from rlhf.generation.params import sampling_from
+from rlhf.generation.text import TextTracker
+from rlhf.generation.types import InvalidRequest
+from rlhf.generation.weights import check_full, check_lora, receive_stream, store_version, tensor_shapes
+from rlhf.models import load_causal_lm, load_tokenizer, sequence_logprobs
+from rlhf.weightstore import WeightStore
+
+LIMITS = Limits(max_model_len=100, default_max_tokens=20, max_max_tokens=50, max_n=4)
+
+
+def sampling(**kw):
+    args = dict(n=0, temperature=None, top_p=None, max_tokens=0, stop=[], seed=None, prompt_len=10, limits=LIMITS)
+    return sampling_from(**(args | kw))
+
+
+# --- params -------------------------------------------------------------------------------
+
+
+def test_sampling_defaults():
+    assert sampling() == Sampling(n=1, temperature=1.0, top_p=1.0, max_tokens=20, stop=(), seed=None)
+    # the default never overflows the context: it shrinks to the room left
+    assert sampling(prompt_len=95).max_tokens == 5
+
+
+@pytest.mark.parametrize("kw,field,limit", [
+    (dict(n=5), "params.n", "4"),
+    (dict(temperature=-0.1), "params.temperature", "2"),
+    (dict(top_p=0.0), "params.top_p", "(0, 1]"),
+    (dict(max_tokens=51), "params.max_tokens", "50"),
+    (dict(max_tokens=40, prompt_len=70), "params.max_tokens", "at most 30"),
+    (dict(prompt_len=100), "prompt", "max_model_len is 100"),
+    (dict(stop=[""]), "params.stop", "64"),
+])
+def test_sampling_limits_name_field_and_limit(kw, field, limit):
+    with pytest.raises(InvalidRequest) as e:
+        sampling(**kw)
+    assert e.value.field == field and limit in str(e.value)
+
+
+# --- text ----------------------------------------------------------------------------------
+
+
+def test_text_tracker_cuts_at_stop_strings_and_never_takes_back(tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir)
+    ids = tok.encode("one two three. four", add_special_tokens=False)
+    tracker, parts = TextTracker(tok, stop=(". f",)), []
+    for t in ids:
+        parts.append(tracker.push(t))
+        if tracker.stopped:
+            break
+    parts.append(tracker.finish())
+    assert "".join(parts) == "one two three" and tracker.stopped
+    plain = TextTracker(tok)
+    assert "".join([plain.push(t) for t in ids] + [plain.finish()]) == "one two three. four"
+
+
+# --- version gate --------------------------------------------------------------------------
+
+
+def test_gate_drains_in_flight_and_holds_new_requests():
+    async def scenario():
+        gate, log = VersionGate(Served(0, "full")), []
+
+        async def request(name: str, hold: float):
+            async with gate.lease() as served:
+                log.append((name, "start", served.version))
+                await asyncio.sleep(hold)
+                log.append((name, "end", served.version))
+
+        async def swap():
+            async with gate.drained():
+                log.append(("swap", "start", gate.active))
+                gate.set(Served(1, "full"))
+
+        first = asyncio.create_task(request("a", 0.05))
+        await asyncio.sleep(0.01)
+        swapping = asyncio.create_task(swap())
+        await asyncio.sleep(0.01)
+        late = asyncio.create_task(request("b", 0.0))  # arrives while the swap waits for "a"
+        await asyncio.gather(first, swapping, late)
+        return log
+
+    assert asyncio.run(scenario()) == [
+        ("a", "start", 0), ("a", "end", 0), ("swap", "start", 0), ("b", "start", 1), ("b", "end", 1),
+    ]
+
+
+# --- weight checks -------------------------------------------------------------------------
+
+
+def test_check_full_names_missing_unknown_and_wrong_shapes(tiny_model_dir, tmp_path):
+    files = [tiny_model_dir / "model.safetensors"]
+    base = tensor_shapes(files)
+    check_full(files, base, tied=True)
+    state = load_file(str(files[0]))
+    name = "model.layers.0.mlp.up_proj.weight"
+    for label, edit, needle in [
+        ("missing", lambda s: s.pop(name), "missing ['model.layers.0.mlp.up_proj.weight']"),
+        ("unknown", lambda s: s.update({"extra.weight": torch.zeros(1)}), "unknown ['extra.weight']"),
+        ("shape", lambda s: s.update({name: torch.zeros(3, 3)}), f"tensor {name} has shape [3, 3]"),
+    ]:
+        bad = dict(state)
+        edit(bad)
+        save_file(bad, str(tmp_path / f"{label}.safetensors"))
+        with pytest.raises(WeightsRefused, match=needle.replace("[", r"\[").replace("]", r"\]")):
+            check_full([tmp_path / f"{label}.safetensors"], base, tied=True)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(WeightsRefused, match="not a readable safetensors"):
+        check_full([tmp_path / "junk.safetensors"], base, tied=True)
+
+
+def test_check_lora_rank_and_shapes(tiny_model_dir, tmp_path):
+    base = tensor_shapes([tiny_model_dir / "model.safetensors"])
+    make_random_lora(tiny_model_dir, tmp_path / "a", rank=8)
+    spec = check_lora(tmp_path / "a", base, max_rank=16)
+    assert spec.rank == 8 and spec.scale == 2.0 and "model.layers.0.self_attn.q_proj" in spec.modules
+    with pytest.raises(WeightsRefused, match="rank r=8 is outside 1..4"):
+        check_lora(tmp_path / "a", base, max_rank=4)
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(cfg | {"r": 4}))
+    with pytest.raises(WeightsRefused, match="do not fit"):
+        check_lora(tmp_path / "a", base, max_rank=16)
+
+
+def test_receive_stream_checks_size_and_sha(tmp_path):
+    data = b"x" * 1000
+
+    async def chunks():
+        for i in range(0, len(data), 300):
+            yield data[i:i + 300]
+
+    def receive(**kw):
+        args = dict(header_version=3, fmt="full", sha256=hashlib.sha256(data).hexdigest(), total_bytes=len(data),
+                    adapter_config_json="", data=chunks(), work_dir=tmp_path)
+        return asyncio.run(receive_stream(**(args | kw)))
+
+    folder = receive()
+    assert (folder / "model.safetensors").read_bytes() == data
+    with pytest.raises(WeightsRefused, match="sha256 mismatch"):
+        receive(sha256="ab" * 32)
+    with pytest.raises(WeightsRefused, match="total_bytes=999"):
+        receive(total_bytes=999)
+    with pytest.raises(WeightsRefused, match="adapter_config_json"):
+        receive(fmt="lora")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]  # refused folders are removed
+
+
+def test_store_version_checks_sha_and_uri(tiny_model_dir, tmp_path):
+    store = WeightStore(tmp_path / "w")
+    record = store.put(5, load_file(str(tiny_model_dir / "model.safetensors")))
+    assert store_version(store, 5) == ("full", Path(record.path))
+    assert store_version(WeightStore(tmp_path / "elsewhere"), 5, uri=record.path)[1] == Path(record.path)
+    with pytest.raises(WeightsRefused, match="sha256 mismatch"):
+        store_version(store, 5, sha256="00" * 32)
+    with pytest.raises(WeightsRefused, match="does not hold version 6"):
+        store_version(store, 6, uri=record.path)
+    with pytest.raises(WeightsRefused, match="not in the weight store"):
+        store_version(store, 7)
+
+
+# --- transformers backend, in-process ------------------------------------------------------
+
+
+def run_generator(model_dir: Path, tmp_path: Path, body):
+    async def main():
+        gen = Generator(make_backend("transformers", model_dir), model_dir, Limits(max_model_len=256),
+                        tmp_path / "weights", tmp_path / "work")
+        await gen.start()
+        try:
+            return await body(gen)
+        finally:
+            await gen.stop()
+
+    return asyncio.run(main())
+
+
+async def collect(gen: Generator, ids: list[int], s: Sampling) -> tuple[int, list[SampleOut]]:
+    outs, version = [SampleOut(i) for i in range(s.n)], -1
+    async with aclosing(gen.generate(ids, s, "t")) as stream:
+        async for version, d in stream:
+            outs[d.index].add(d)
+    return version, outs
+
+
+def test_seeded_sampling_repeats_and_samples_differ(tiny_model_dir, tmp_path):
+    async def body(gen):
+        ids = gen.chat_ids([{"role": "user", "content": "hi"}])
+        s = Sampling(n=3, temperature=1.0, top_p=0.8, max_tokens=12, seed=11)
+        _, a = await collect(gen, ids, s)
+        _, b = await collect(gen, ids, s)
+        return a, b
+
+    a, b = run_generator(tiny_model_dir, tmp_path, body)
+    assert [x.token_ids for x in a] == [x.token_ids for x in b]
+    assert len({tuple(x.token_ids) for x in a}) == 3
+
+
+def test_merged_lora_matches_peft_and_base_is_restored(tiny_model_dir, tmp_path):
+    """The transformers backend merges an adapter into the weights (W + α/r·BA); its log-probs
+    must equal peft's unmerged forward, and going back to version 0 must restore the base."""
+    from peft import PeftModel
+
+    tensors, cfg = make_random_lora(tiny_model_dir, tmp_path / "lora", rank=8, seed=1)
+    store = WeightStore(tmp_path / "weights")
+    store.put(1, tensors, fmt="lora", adapter_config=cfg)
+
+    async def body(gen):
+        ids = gen.chat_ids([{"role": "user", "content": "hi"}])
+        greedy = Sampling(temperature=0.0, max_tokens=16)
+        _, base = await collect(gen, ids, greedy)
+        await gen.load_version(1)
+        v1, lora = await collect(gen, ids, greedy)
+        await gen.load_version(0)
+        v0, again = await collect(gen, ids, greedy)
+        return ids, base[0], (v1, lora[0]), (v0, again[0])
+
+    ids, base, (v1, lora), (v0, again) = run_generator(tiny_model_dir, tmp_path, body)
+    peft_model = PeftModel.from_pretrained(load_causal_lm(tiny_model_dir), tmp_path / "lora").eval()
+    ref = sequence_logprobs(peft_model, ids, lora.token_ids)
+    assert v1 == 1 and (ref - torch.tensor(lora.logprobs)).abs().max() < 1e-4
+    assert lora.token_ids != base.token_ids
+    assert (v0, again.token_ids, again.logprobs) == (0, base.token_ids, base.logprobs)
+
+
+def test_closing_a_request_early_frees_its_lease(tiny_model_dir, tmp_path):
+    async def body(gen):
+        ids = gen.chat_ids([{"role": "user", "content": "hi"}])
+        async with aclosing(gen.generate(ids, Sampling(temperature=0.0, max_tokens=40), "early")) as stream:
+            async for _ in stream:
+                break
+        assert gen.gate.active == 0
+        # a swap does not wait for the abandoned request, and the next one runs normally
+        await asyncio.wait_for(gen.load_version(0), timeout=30)
+        return await collect(gen, ids, Sampling(temperature=0.0, max_tokens=5))
+
+    version, outs = run_generator(tiny_model_dir, tmp_path, body)
+    assert version == 0 and len(outs[0].token_ids) == 5
