@@ -117,6 +117,29 @@ def cmd_status(args) -> int:
     return 0 if ok else 1
 
 
+def cmd_health(args) -> int:
+    """Exit 0 when the address reports SERVING: what container health checks run."""
+    from rlhf.launcher import http_ready
+    from rlhf.serving.client import check_health
+
+    if args.http:
+        status = http_ready(f"http://{args.address}", timeout=args.timeout)
+    else:
+        status = check_health(args.address, service=args.service, timeout=args.timeout)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def cmd_topics(args) -> int:
+    from rlhf.bus.admin import ensure_topics
+    from rlhf.bus.topics import Topics
+
+    created = ensure_topics(args.kafka_bootstrap, Topics(args.topic_prefix).all(), partitions=args.partitions,
+                            replication_factor=args.replication_factor)
+    print(f"created {len(created)} topics" + (f": {', '.join(created)}" if created else " (all existed)"))
+    return 0
+
+
 def cmd_broker(args) -> int:
     from rlhf.broker import run_broker_forever
     from rlhf.bus.topics import Topics
@@ -186,6 +209,21 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="health, address and version of each service; exit 0 only if all SERVING")
     st.add_argument("--state-dir", default=None)
     st.set_defaults(fn=cmd_status)
+
+    he = sub.add_parser("health", help="exit 0 if a service reports SERVING (gRPC health, or --http /readyz)")
+    he.add_argument("address", help="HOST:PORT")
+    he.add_argument("--service", default="", help="gRPC service name to check (default: the whole server)")
+    he.add_argument("--http", action="store_true", help="an HTTP service (the gateway): GET /readyz")
+    he.add_argument("--timeout", type=float, default=3.0)
+    he.set_defaults(fn=cmd_health)
+
+    tp = sub.add_parser("topics", help="create the loop's topics (idempotent)")
+    tp.add_argument("--kafka-bootstrap", default=os.environ.get("RLHF_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
+    tp.add_argument("--topic-prefix", default=os.environ.get("RLHF_TOPIC_PREFIX", "rlhf"))
+    tp.add_argument("--partitions", type=int, default=1, help="partitions per topic (consumer replicas scale up to this)")
+    tp.add_argument("--replication-factor", type=int, default=1)
+    tp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the broker")
+    tp.set_defaults(fn=cmd_topics)
 
     br = sub.add_parser("broker", help="run the embedded Kafka-protocol broker (Tansu) in the foreground")
     br.add_argument("--host", default="127.0.0.1")

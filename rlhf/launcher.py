@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,16 +55,22 @@ def default_specs(host: str = "127.0.0.1", base_port: int = 50051, metrics_base:
     return specs
 
 
-def health(spec: ServiceSpec, timeout: float = 2.0) -> str:
-    if not spec.http:
-        return check_health(spec.address, timeout=timeout)
+def http_ready(url: str, timeout: float = 2.0) -> str:
+    """The gateway's readiness: GET {url}/readyz → "SERVING" / "NOT_SERVING" / "UNREACHABLE"."""
     try:
-        with urllib.request.urlopen(f"{spec.url}/readyz", timeout=timeout) as r:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=timeout) as r:
             return json.loads(r.read()).get("status", "UNKNOWN")
     except urllib.error.HTTPError as e:
-        return json.loads(e.read() or b"{}").get("status", f"HTTP {e.code}")
+        try:
+            return json.loads(e.read() or b"{}").get("status", f"HTTP {e.code}")
+        except ValueError:
+            return f"HTTP {e.code}"
     except OSError:
         return "UNREACHABLE"
+
+
+def health(spec: ServiceSpec, timeout: float = 2.0) -> str:
+    return http_ready(spec.url, timeout) if spec.http else check_health(spec.address, timeout=timeout)
 
 
 def _die_with_parent() -> None:

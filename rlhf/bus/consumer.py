@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
@@ -12,7 +13,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from rlhf.bus.admin import MissingTopicError, bootstrapping
 from rlhf.bus.codec import DecodeError, decode
-from rlhf.bus.metrics import CONSUMED, DEAD_LETTERED
+from rlhf.bus.metrics import CONSUMED, CONSUMER_LAG, DEAD_LETTERED
 from rlhf.bus.producer import EventProducer
 from rlhf.bus.topics import Topics
 
@@ -79,6 +80,7 @@ class EventConsumer(Generic[M]):
         self._dlq_producer = dlq_producer
         self._owns_dlq_producer = False
         self._positions: Offsets = {}  # next offset per partition, past everything handled
+        self._lag_exported_at = 0.0
         with bootstrapping(bootstrap, bootstrap_timeout_s):
             self._consumer = KafkaConsumer(
                 bootstrap_servers=bootstrap,
@@ -127,7 +129,21 @@ class EventConsumer(Generic[M]):
             self._positions.update(before)
             raise
         CONSUMED.labels(self.topic).inc(len(records))
+        self._export_lag()
         return records
+
+    #: seconds between lag exports; each costs an offsets round-trip to the broker
+    LAG_EXPORT_INTERVAL_S = 10.0
+
+    def _export_lag(self) -> None:
+        now = time.monotonic()
+        if now - self._lag_exported_at < self.LAG_EXPORT_INTERVAL_S or not self.assigned:
+            return
+        self._lag_exported_at = now
+        try:
+            CONSUMER_LAG.labels(self.topic, self.group_id).set(sum(self.lag().values()))
+        except Exception:  # noqa: BLE001 - a metric must never break consumption
+            pass
 
     def _decode_or_dead_letter(self, raw: ConsumerRecord) -> Record[M] | None:
         try:

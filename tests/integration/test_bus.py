@@ -240,8 +240,11 @@ def test_lag_counts_unread_events(broker, topics):
             producer.publish(topic, new_event(events_pb2.Interaction, conversation_id=f"c{i}"), f"c{i}")
     with EventConsumer(broker.bootstrap, topic, events_pb2.Interaction, group_id="g") as consumer:
         assert consumer.lag() == {(topic, 0): 3}
+        consumer.LAG_EXPORT_INTERVAL_S = 0.0
         poll_until(consumer, 3)
         assert consumer.lag() == {(topic, 0): 0}
+        exported = REGISTRY.get_sample_value("rlhf_kafka_consumer_lag_messages", {"topic": topic, "group": "g"})
+        assert exported == 0.0
 
 
 def test_ensure_topics_twice_is_fine(broker):

@@ -90,7 +90,7 @@ def test_compose_runs_every_service_with_health_checks(compose):
         assert float(env["RLHF_DRAIN_SECONDS"]) < _seconds(svc["stop_grace_period"]), name
         if service != "gateway":  # the gRPC health check reads the port the service binds
             assert int(env["RLHF_PORT"]) == GRPC_PORTS[service], name
-            assert "check_health" in " ".join(svc["healthcheck"]["test"]), name
+            assert "rlhf health 127.0.0.1:$$RLHF_PORT" in " ".join(svc["healthcheck"]["test"]), name
 
 
 def test_compose_sets_only_variables_the_services_read(compose):
@@ -372,17 +372,18 @@ def test_topic_creation_command_runs_against_a_broker(tmp_path):
     from kafka import KafkaAdminClient
     from tests.procs import free_port
 
-    compose_cmd = compose_config("cpu")["services"]["kafka-topics"]["entrypoint"]
+    compose_args = compose_config("cpu")["services"]["kafka-topics"]["command"]
     job = by_kind(render("cpu-demo"), "Job")["kafka-topics"]["spec"]["template"]["spec"]["containers"][0]
-    assert compose_cmd[:2] == job["command"][:2] == ["python", "-c"]
+    assert compose_args[0] == job["args"][0] == "topics"  # run by the image's `rlhf` entrypoint
     broker = EmbeddedBroker(port=free_port(), log_path=tmp_path / "broker.log")
     broker.start()
     try:
-        for i, code in enumerate([compose_cmd[2], job["command"][2]]):
+        for i, args in enumerate([compose_args, job["args"]]):
             prefix = f"deploytest{i}"
-            env = {"PATH": str(BIN), "RLHF_KAFKA_BOOTSTRAP": broker.bootstrap, "RLHF_TOPIC_PREFIX": prefix,
-                   "TOPIC_PARTITIONS": "1", "TOPIC_REPLICATION": "1"}
-            result = run(sys.executable, "-c", code, env=env)
+            # a single-node broker cannot hold 3 replicas: run the Job's arguments at factor 1
+            args = [a if prev != "--replication-factor" else "1" for prev, a in zip([None, *args], args)]
+            env = {"PATH": str(BIN), "RLHF_KAFKA_BOOTSTRAP": broker.bootstrap, "RLHF_TOPIC_PREFIX": prefix}
+            result = run(sys.executable, "-m", "rlhf.cli", *args, env=env)
             assert result.returncode == 0, result.stdout + result.stderr
             admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
             try:
