@@ -9,7 +9,10 @@ duplicates by the event's `event_id` (rlhf.bus.codec), which is also the row's k
 
 All writes go through one writer thread that commits queued jobs together (group
 commit): one fsync covers every request that arrived meanwhile, so durability costs one
-disk flush per batch, not per request.
+disk flush per batch, not per request. Each job says how durable its commit must be
+(SQLite's `synchronous`): FULL fsyncs the WAL before the job's future resolves and
+survives a power cut; NORMAL survives a crash of the process, not of the machine, and
+costs no fsync. A batch commits FULL if any of its jobs asks for FULL.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ Synchronous = Literal["FULL", "NORMAL"]
 
 def connect(path: Path, synchronous: Synchronous = "FULL") -> sqlite3.Connection:
     """A connection in WAL mode: readers never block the writer, and the writer commits with
-    one WAL append. FULL fsyncs each commit (survives power loss); NORMAL only a crash."""
+    one WAL append. FULL fsyncs each commit (survives power loss); NORMAL only a crash.
+    A FULL commit also makes every earlier NORMAL commit durable (one WAL, synced in order)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -86,23 +90,26 @@ class Outbox:
     """
 
     def __init__(self, path: Path, synchronous: Synchronous = "FULL", max_batch: int = 256):
+        """`synchronous`: the default durability of a job's commit (see the module doc)."""
         self.path = Path(path)
-        self.max_batch = max_batch
+        self.synchronous, self.max_batch = synchronous, max_batch
         self._conn = connect(self.path, synchronous)
         self._conn.executescript(_SCHEMA)
-        self._read = connect(self.path, synchronous)
+        self._mode = synchronous
+        self._read = connect(self.path)
         self._read_lock = threading.Lock()
-        self._jobs: queue.Queue[tuple[Job, concurrent.futures.Future] | None] = queue.Queue()
+        self._jobs: queue.Queue[tuple[Job, concurrent.futures.Future, Synchronous] | None] = queue.Queue()
         self._writer = threading.Thread(target=self._write_loop, name="outbox-writer", daemon=True)
         self._writer.start()
 
     # ---- writing -------------------------------------------------------------------
 
-    def submit(self, job: Job) -> concurrent.futures.Future:
+    def submit(self, job: Job, synchronous: Synchronous | None = None) -> concurrent.futures.Future:
         """Run `job(conn)` in the writer's next transaction; the future holds its result once
-        committed, or the exception it raised (its writes then rolled back, others' kept)."""
+        committed (`synchronous`, default the outbox's), or the exception it raised (its
+        writes then rolled back, the other jobs' kept)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._jobs.put((job, future))
+        self._jobs.put((job, future, synchronous or self.synchronous))
         return future
 
     @staticmethod
@@ -132,11 +139,15 @@ class Outbox:
                 batch.append(nxt)
             self._run_batch(batch)
 
-    def _run_batch(self, batch: list[tuple[Job, concurrent.futures.Future]]) -> None:
+    def _run_batch(self, batch: list[tuple[Job, concurrent.futures.Future, Synchronous]]) -> None:
         results: list[tuple[concurrent.futures.Future, bool, Any]] = []
+        mode: Synchronous = "FULL" if any(s == "FULL" for _, _, s in batch) else "NORMAL"
+        if mode != self._mode:  # only outside a transaction
+            self._conn.execute(f"PRAGMA synchronous={mode}")
+            self._mode = mode
         try:
             self._conn.execute("BEGIN IMMEDIATE")
-            for i, (job, future) in enumerate(batch):
+            for i, (job, future, _) in enumerate(batch):
                 if not future.set_running_or_notify_cancel():
                     continue
                 # a savepoint per job: one job's failure must not undo the others
@@ -155,7 +166,7 @@ class Outbox:
             log.exception("outbox transaction failed")
             if self._conn.in_transaction:
                 self._conn.execute("ROLLBACK")
-            for job, future in batch:
+            for _, future, _ in batch:
                 if future.running():
                     future.set_exception(e)
             return
@@ -179,18 +190,20 @@ class Outbox:
 
     def mark_sent(self, seqs: Sequence[int]) -> concurrent.futures.Future:
         now = time.time()
+        # NORMAL: losing a "sent" mark in a power cut only means a resend, which consumers drop
         return self.submit(
-            lambda c: c.executemany("UPDATE outbox SET sent = ? WHERE seq = ?", [(now, s) for s in seqs])
+            lambda c: c.executemany("UPDATE outbox SET sent = ? WHERE seq = ?", [(now, s) for s in seqs]), "NORMAL"
         )
 
     def mark_failed(self, seqs: Sequence[int]) -> concurrent.futures.Future:
         return self.submit(
-            lambda c: c.executemany("UPDATE outbox SET attempts = attempts + 1 WHERE seq = ?", [(s,) for s in seqs])
+            lambda c: c.executemany("UPDATE outbox SET attempts = attempts + 1 WHERE seq = ?", [(s,) for s in seqs]),
+            "NORMAL",
         )
 
     def prune(self, sent_before: float) -> concurrent.futures.Future:
         """Forget events acknowledged before `sent_before` (unix seconds)."""
-        return self.submit(lambda c: c.execute("DELETE FROM outbox WHERE sent < ?", (sent_before,)).rowcount)
+        return self.submit(lambda c: c.execute("DELETE FROM outbox WHERE sent < ?", (sent_before,)).rowcount, "NORMAL")
 
     def stats(self) -> tuple[int, float]:
         """(pending events, age in seconds of the oldest pending one, 0 when none)."""

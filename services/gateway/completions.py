@@ -95,10 +95,12 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     if req.stream:
         return await _stream(req, gw, greq, base, prompt, response_ids)
 
+    started = time.perf_counter()
     try:
         resp = await gw.generator.Generate(greq, timeout=gw.settings.generate_timeout_seconds)
     except grpc.RpcError as e:
         raise generator_error(e) from None
+    generate_ms = 1000 * (time.perf_counter() - started)
     gw.policy_version = resp.policy_version
     samples = sorted(resp.samples, key=lambda s: s.index)
     await gw.store.record_completion(
@@ -123,7 +125,10 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
         ],
         "usage": _usage(resp.usage.prompt_tokens, resp.usage.completion_tokens),
     }
-    return JSONResponse(body, headers=_headers(conversation_id, resp.policy_version))
+    # Server-Timing: what the generator took, so a client (or benchmarks/gateway.py) can
+    # tell the gateway's own share of the latency from the model's
+    headers = {**_headers(conversation_id, resp.policy_version), "server-timing": f"generate;dur={generate_ms:.2f}"}
+    return JSONResponse(body, headers=headers)
 
 
 def _headers(conversation_id: str, policy_version: int) -> dict[str, str]:

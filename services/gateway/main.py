@@ -50,8 +50,12 @@ async def serve(settings: GatewaySettings) -> int:
     app.state.ready = True
     log.info("serving", extra={"address": f"http://{settings.host}:{settings.http_port}"})
     await asyncio.wait({task, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+    # Drain: report NOT_SERVING first and keep answering while load balancers catch up,
+    # then stop accepting and give in-flight requests (streams too) drain_seconds.
     app.state.ready = False
-    log.info("draining", extra={"grace_seconds": settings.drain_seconds})
+    log.info("draining", extra={"unready_seconds": settings.unready_seconds, "grace_seconds": settings.drain_seconds})
+    if not task.done():
+        await asyncio.wait({task}, timeout=settings.unready_seconds)
     server.should_exit = True
     await task
     return 0

@@ -44,7 +44,10 @@ class GatewaySettings(CommonSettings):
     # --- durable outbox and relay to Kafka ---------------------------------------------
     outbox_path: Path | None = Field(None, description="SQLite outbox and served-response store; default <state_dir>/gateway/outbox.db")
     outbox_synchronous: Literal["FULL", "NORMAL"] = Field(
-        "FULL", description="SQLite synchronous mode: FULL survives power loss, NORMAL only a process crash"
+        "FULL", description="durability of a feedback commit: FULL fsyncs (survives a power cut), NORMAL survives a process crash"
+    )
+    interaction_synchronous: Literal["FULL", "NORMAL"] = Field(
+        "NORMAL", description="durability of a served response + its Interaction event: NORMAL saves an fsync per completion"
     )
     relay_interval_seconds: float = Field(0.2, description="how often the relay looks for pending events (it is also woken on each commit)")
     relay_batch: int = Field(500, description="most events the relay publishes per round")

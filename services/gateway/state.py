@@ -39,7 +39,8 @@ class Gateway:
             publish_timeout=settings.relay_publish_timeout_seconds,
             retention=settings.outbox_retention_seconds,
         )
-        self.store = GatewayStore(self.outbox, self.topics, on_commit=self.relay.wake)
+        self.store = GatewayStore(self.outbox, self.topics, on_commit=self.relay.wake,
+                                  completion_synchronous=settings.interaction_synchronous)
         self.channel = aio_channel(settings.generator_addr)
         self.generator = generation_pb2_grpc.GenerationServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from rlhf.bus import Topics, encode, new_event
-from rlhf.outbox import Outbox, connect
+from rlhf.outbox import Outbox, Synchronous, connect
 from rlhf.v1 import common_pb2, events_pb2
 from services.gateway.errors import ApiError
 from services.gateway.schemas import ComparisonIn, RatingIn
@@ -45,15 +45,27 @@ def _chat(messages: Messages) -> list[common_pb2.ChatMessage]:
 
 
 class GatewayStore:
-    def __init__(self, outbox: Outbox, topics: Topics, on_commit: Callable[[], None] = lambda: None):
+    """Feedback commits with the outbox's durability (FULL by default: a person's judgement
+    cannot be asked for again); served responses and their Interaction event with
+    `completion_synchronous` (NORMAL by default: they survive a gateway crash, and a
+    completion does not wait for an fsync)."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        topics: Topics,
+        on_commit: Callable[[], None] = lambda: None,
+        completion_synchronous: Synchronous = "NORMAL",
+    ):
         self.outbox, self.topics, self.on_commit = outbox, topics, on_commit
+        self.completion_synchronous = completion_synchronous
         outbox.submit(lambda c: [c.execute(s) for s in _SCHEMA]).result()
         # lookups run on the event loop: a primary-key read in WAL mode takes microseconds
         # and never waits for the writer
         self._read = connect(outbox.path)
 
-    async def _commit(self, job: Callable[[sqlite3.Connection], object]) -> object:
-        result = await asyncio.wrap_future(self.outbox.submit(job))
+    async def _commit(self, job: Callable[[sqlite3.Connection], object], synchronous: Synchronous | None = None) -> object:
+        result = await asyncio.wrap_future(self.outbox.submit(job, synchronous))
         self.on_commit()
         return result
 
@@ -82,7 +94,7 @@ class GatewayStore:
             )
             Outbox.put(conn, event.event_id, self.topics.interactions, conversation_id, payload)
 
-        await self._commit(job)
+        await self._commit(job, self.completion_synchronous)
         return event
 
     def lookup(self, response_id: str, field: str) -> Served:
@@ -134,7 +146,7 @@ class GatewayStore:
 
     async def prune_responses(self, older_than_s: float) -> int:
         cutoff = time.time() - older_than_s
-        return await self._commit(lambda c: c.execute("DELETE FROM responses WHERE created < ?", (cutoff,)).rowcount)  # type: ignore[return-value]
+        return await self._commit(lambda c: c.execute("DELETE FROM responses WHERE created < ?", (cutoff,)).rowcount, "NORMAL")  # type: ignore[return-value]
 
     def close(self) -> None:
         self._read.close()

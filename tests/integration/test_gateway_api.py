@@ -80,6 +80,17 @@ def test_openai_client_streaming(client, http):
     assert r.status_code == 202, r.text
 
 
+def test_a_stream_the_client_abandons_is_not_stored(http):
+    body = {"messages": HELLO, "max_tokens": 1000, "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        first = next(r.iter_lines())
+    response_id = first.split('"response_id":"')[1].split('"')[0]
+    # only finished answers can be rated; the gateway keeps serving
+    r = http.post("/v1/feedback", json={"kind": "rating", "response_id": response_id, "value": 1})
+    assert r.status_code == 404
+    assert http.get("/readyz").status_code == 200
+
+
 def test_models_lists_the_policy(client):
     models = client.models.list().data
     assert len(models) == 1 and isinstance(models[0].model_extra["policy_version"], int)
@@ -223,3 +234,7 @@ def test_api_keys_and_rate_limit(tmp_path, generator, broker, module_topics):
         assert ok.chat.completions.create(model="policy", messages=HELLO, max_tokens=2).choices
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{gw.url}/v1", api_key="bad", max_retries=0).models.list()
+
+        # SIGTERM: drains and exits 0
+        assert gw.stop() == 0, gw.log()
+        assert gw.status() == "UNREACHABLE"

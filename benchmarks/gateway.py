@@ -1,0 +1,181 @@
+"""What the gateway costs: latency it adds over a direct gRPC Generate, and feedback
+requests/s it sustains with every event committed (fsync) to the SQLite outbox.
+
+    .venv/bin/python benchmarks/gateway.py                 # tiny random model, 300 pairs
+    .venv/bin/python benchmarks/gateway.py --model demo --max-tokens 16
+
+Starts an embedded broker, the generator and the gateway as real processes (loopback).
+Latency: the same request (greedy, fixed prompt) alternately straight to the generator
+over gRPC and through the gateway over HTTP (keep-alive), so both see the same load;
+"added" is the gateway's percentile minus the direct one. The gateway's side includes
+parsing, the gRPC hop, storing the served response and the Interaction event (one
+group-committed SQLite transaction) and the JSON answer. Feedback: POST /v1/feedback
+from C concurrent clients, each answer 202 only after the outbox commit.
+Prints markdown tables (docs/gateway.md records them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rlhf.broker import EmbeddedBroker  # noqa: E402
+from rlhf.bus import Topics, ensure_topics  # noqa: E402
+from rlhf.launcher import ServiceSpec, Stack  # noqa: E402
+from rlhf.serving.client import sync_channel  # noqa: E402
+from rlhf.v1 import common_pb2, generation_pb2, generation_pb2_grpc  # noqa: E402
+
+PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def bench_latency(stub, http: httpx.Client, pairs: int, max_tokens: int, stream: bool) -> dict[str, list[float]]:
+    """Alternating direct / gateway calls; seconds to the full answer (or first token when stream)."""
+    req = generation_pb2.GenerateRequest(
+        messages=common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(**m) for m in PROMPT]),
+        params=generation_pb2.SamplingParams(n=1, temperature=0.0, max_tokens=max_tokens),
+    )
+    body = {"model": "policy", "messages": PROMPT, "temperature": 0, "max_tokens": max_tokens, "stream": stream}
+    out: dict[str, list[float]] = {"direct": [], "gateway": [], "overhead": []}
+    for i in range(pairs + 5):
+        t0 = time.perf_counter()
+        if stream:
+            messages = iter(stub.GenerateStream(req, timeout=60))
+            next(messages)
+            first = time.perf_counter()
+            for _ in messages:  # let it finish, so the next call starts on an idle generator
+                pass
+        else:
+            stub.Generate(req, timeout=60)
+        t1 = time.perf_counter()
+        if stream:
+            with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                t2 = None
+                for line in r.iter_lines():
+                    if t2 is None and '"content":"' in line and '"content":""' not in line:
+                        t2 = time.perf_counter()  # first token
+        else:
+            r = http.post("/v1/chat/completions", json=body)
+            t2 = time.perf_counter()
+            r.raise_for_status()
+            generate = float(r.headers["server-timing"].split("dur=")[1]) / 1000
+        if i >= 5:  # warm-up
+            out["direct"].append((first if stream else t1) - t0)
+            out["gateway"].append(t2 - t1)
+            if not stream:
+                out["overhead"].append(t2 - t1 - generate)
+    return out
+
+
+async def bench_feedback(url: str, response_id: str, total: int, concurrency: int) -> float:
+    """Feedback requests/s with `concurrency` clients in flight."""
+    sent = 0
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal sent
+        while sent < total:
+            sent += 1
+            r = await client.post("/v1/feedback", json={"kind": "rating", "response_id": response_id, "value": 1})
+            if r.status_code != 202:
+                raise RuntimeError(r.text)
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+        await client.post("/v1/feedback", json={"kind": "rating", "response_id": response_id, "value": 1})
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        return total / (time.perf_counter() - t0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny", help='"tiny" (random, built now), "demo", or a model folder')
+    ap.add_argument("--pairs", type=int, default=300, help="direct/gateway request pairs per latency row")
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--feedback", type=int, default=2000, help="feedback posts per concurrency level")
+    ap.add_argument("--concurrency", default="1,16", help="feedback client concurrency levels")
+    args = ap.parse_args()
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    work = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
+    model = args.model
+    if model == "tiny":
+        from rlhf.models import build_tiny_model
+
+        model = str(build_tiny_model(work / "tiny"))
+
+    broker = EmbeddedBroker(log_path=work / "broker.log").start()
+    topics = Topics("bench")
+    ensure_topics(broker.bootstrap, topics.all())
+    gen = ServiceSpec("generator", "services.generator", free_port(), 0)
+    gw = ServiceSpec("gateway", "services.gateway", free_port(), 0, http=True)
+    gen.env.update({"RLHF_PORT": str(gen.port), "RLHF_METRICS_PORT": "0", "RLHF_FOLLOW_POLICY_UPDATES": "false",
+                    "RLHF_BACKEND": "transformers", "RLHF_MODEL": model})
+    gw.env.update({"RLHF_HTTP_PORT": str(gw.port), "RLHF_GENERATOR_ADDR": gen.address})
+    env = {"RLHF_STATE_DIR": str(work / "state"), "RLHF_KAFKA_BOOTSTRAP": broker.bootstrap,
+           "RLHF_TOPIC_PREFIX": topics.prefix, "RLHF_LOG_LEVEL": "WARNING", "RLHF_HOST": "127.0.0.1"}
+    stack = Stack([gen, gw], env, work / "logs", drain_seconds=2)
+    try:
+        stack.start()
+        stack.wait_healthy(300, progress=lambda m: None)
+        stub = generation_pb2_grpc.GenerationServiceStub(sync_channel(gen.address))
+        rows, overhead = [], []
+        with httpx.Client(base_url=gw.url, timeout=60) as http:
+            for stream in (False, True):
+                lat = bench_latency(stub, http, args.pairs, args.max_tokens, stream)
+                d, g = lat["direct"], lat["gateway"]
+                rows.append(("stream, first token" if stream else "non-streaming",
+                             *(1000 * x for x in (pct(d, 50), pct(d, 99), pct(g, 50), pct(g, 99),
+                                                  pct(g, 50) - pct(d, 50), pct(g, 99) - pct(d, 99)))))
+                overhead += lat["overhead"]
+            rid = http.post("/v1/chat/completions", json={"messages": PROMPT, "max_tokens": 2}).json()["choices"][0]["response_id"]
+        fb = [(c, asyncio.run(bench_feedback(gw.url, rid, args.feedback, c))) for c in map(int, args.concurrency.split(","))]
+    finally:
+        stack.stop()
+        broker.stop()
+
+    print(f"\nmodel={Path(model).name} max_tokens={args.max_tokens} pairs={args.pairs} cpus={os.cpu_count()} "
+          f"load average {os.getloadavg()[0]:.1f}\n")
+    print("Alternating direct gRPC / gateway HTTP calls (ms):\n")
+    print("| request | direct p50 | direct p99 | gateway p50 | gateway p99 | added p50 | added p99 |")
+    print("|---|---|---|---|---|---|---|")
+    for name, *vals in rows:
+        print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
+    o = [1000 * x for x in overhead]
+    print("\nGateway's own time per non-streaming request: client-observed latency minus the Generate call the")
+    print("gateway timed itself (Server-Timing), i.e. HTTP, validation, SQLite commit, JSON (ms):\n")
+    print("| p50 | p90 | p99 | max |")
+    print("|---|---|---|---|")
+    print(f"| {pct(o, 50):.2f} | {pct(o, 90):.2f} | {pct(o, 99):.2f} | {max(o):.2f} |")
+    print("\n| feedback clients | requests/s (each 202 after its outbox commit, synchronous=FULL) |")
+    print("|---|---|")
+    for c, rps in fb:
+        print(f"| {c} | {rps:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
