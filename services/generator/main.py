@@ -35,6 +35,7 @@ class GeneratorSettings(GrpcServiceSettings):
     follow_policy_updates: bool = Field(True, description="load PROMOTED / ROLLED_BACK versions announced on Kafka")
     enable_lora: bool = Field(True, description="accept LoRA adapter versions (vLLM: reserves LoRA slots)")
     max_lora_rank: int = Field(16, description="largest LoRA rank accepted")
+    torch_threads: int = Field(0, description="transformers backend: torch intra-op threads; 0 keeps torch's default")
     vllm_enforce_eager: bool = Field(True, description="vLLM: skip graph capture / torch.compile (slow start on CPU)")
     vllm_kv_cache_gib: float = Field(1.0, description="vLLM on CPU: GiB reserved for the KV cache")
 
@@ -52,6 +53,10 @@ class GeneratorService(Service):
         from rlhf.models import resolve_model
 
         s = self.settings
+        if s.torch_threads:
+            import torch
+
+            torch.set_num_threads(s.torch_threads)
         model_dir = resolve_model(s.model)
         backend = make_backend(
             s.backend, model_dir, max_model_len=s.max_model_len, max_batch=s.max_batch, device=s.device, dtype=s.dtype,

@@ -1,0 +1,16 @@
+"""Prometheus metrics of the rollout worker."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+ROLLOUTS = Counter("rlhf_rollouts_total", "Rollout events published, by prompt source (live/prompt_set)", ["source"])
+RESPONSE_TOKENS = Counter("rlhf_rollout_response_tokens_total", "Response tokens in published rollouts")
+GROUPS_DROPPED = Counter("rlhf_rollout_groups_dropped_total", "Prompts whose samples were dropped, by stage", ["stage"])
+CALL_ERRORS = Counter("rlhf_rollout_call_errors_total", "Failed gRPC calls, by stage and status code", ["stage", "code"])
+STAGE_SECONDS = Histogram(
+    "rlhf_rollout_stage_seconds", "Time per stage of one prompt group (generate/score/reference)", ["stage"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+BACKPRESSURE = Gauge("rlhf_rollout_backpressure", "1 while the worker waits: max_policy_lag versions ahead of the learner")
+BUDGET_REMAINING = Gauge("rlhf_rollout_budget_remaining", "Rollouts still allowed before a newer policy version")
+PROGRESS_VERSION = Gauge("rlhf_rollout_policy_version", "Newest policy version seen served or announced")
+LIVE_PROMPTS = Counter("rlhf_rollout_live_prompts_total", "Live prompts read from rlhf.interactions")

@@ -1,0 +1,44 @@
+"""Where prompts come from: live traffic (rlhf.interactions) mixed with the bundled prompt set."""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    prompt_id: str
+    messages: list[dict]          # [{"role": ..., "content": ...}]
+    source: str                   # "live" or "prompt_set"
+
+
+class PromptMixer:
+    """Takes a live prompt with probability `live_fraction` when one is waiting, else the next
+    prompt-set prompt (the set is reshuffled on every pass). Live prompts are used once; the
+    oldest are dropped when more than `live_buffer` wait."""
+
+    def __init__(self, prompt_set: list[dict], live_fraction: float, live_buffer: int = 256, seed: int = 0):
+        if not prompt_set:
+            raise ValueError("the prompt set is empty")
+        if not 0.0 <= live_fraction <= 1.0:
+            raise ValueError(f"live_fraction must be in [0, 1], got {live_fraction}")
+        self.prompt_set = prompt_set
+        self.live_fraction = live_fraction
+        self.live: deque[PromptItem] = deque(maxlen=live_buffer)
+        self._rng = random.Random(seed)
+        self._order: list[int] = []
+
+    def add_live(self, conversation_id: str, messages: list[dict]) -> None:
+        if messages and messages[-1]["role"] == "user":
+            self.live.append(PromptItem(f"live:{conversation_id}", messages, "live"))
+
+    def next(self) -> PromptItem:
+        if self.live and self._rng.random() < self.live_fraction:
+            return self.live.popleft()
+        if not self._order:
+            self._order = list(range(len(self.prompt_set)))
+            self._rng.shuffle(self._order)
+        record = self.prompt_set[self._order.pop()]
+        return PromptItem(str(record["id"]), record["messages"], "prompt_set")

@@ -1,0 +1,118 @@
+"""The rollout worker from its real entrypoint, against the real broker and the real
+generator (transformers backend), reward and reference services, all on tiny models.
+
+Budget under test: rollouts_per_version=4, max_policy_lag=1 → 8 rollouts per version, then
+the worker holds back until a newer version is served or announced.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import urllib.request
+import uuid
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf.bus import EventConsumer, EventProducer, Topics, ensure_topics, new_event
+from rlhf.models import build_tiny_model, load_causal_lm, sequence_logprobs
+from rlhf.serving.client import sync_channel
+from rlhf.v1 import common_pb2, events_pb2, generation_pb2, generation_pb2_grpc
+from rlhf.weightstore import WeightStore
+from tests.procs import run_service
+
+pytestmark = pytest.mark.slow
+
+BUDGET = 8
+THREADS = {"RLHF_TORCH_THREADS": "1", "RLHF_REFERENCE_TORCH_THREADS": "1", "RLHF_REWARD_TORCH_THREADS": "1"}
+
+
+def metric(svc, name: str) -> float:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{svc.metrics_port}/metrics", timeout=5).read().decode()
+    for line in body.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return math.nan
+
+
+def wait_until(check, timeout: float = 120, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.3)
+
+
+def test_rollouts_are_consistent_and_the_worker_holds_back_at_max_policy_lag(tmp_path, broker, tiny_model_dir):
+    topics = Topics(f"test-rollout-{uuid.uuid4().hex[:8]}")
+    ensure_topics(broker.bootstrap, topics.all())
+    store = WeightStore(tmp_path / "weights")
+    other = build_tiny_model(tmp_path / "other", seed=1, initializer_range=0.2)
+    store.put(1, load_file(str(other / "model.safetensors")))
+    bus = {"RLHF_KAFKA_BOOTSTRAP": broker.bootstrap, "RLHF_TOPIC_PREFIX": topics.prefix, **THREADS}
+    live_question = "What is a live prompt?"
+    with EventProducer(broker.bootstrap) as producer:
+        producer.publish(topics.interactions, new_event(
+            events_pb2.Interaction, conversation_id="c1", prompt=[common_pb2.ChatMessage(role="user", content=live_question)]),
+            key="c1")
+
+    with run_service("reward", tmp_path, env={**bus, "RLHF_REWARD_BACKBONE": "tiny", "RLHF_REWARD_MAX_TOKENS": "64"}) as rm, \
+         run_service("reference", tmp_path, env={**bus, "RLHF_MODEL": str(tiny_model_dir)}) as ref, \
+         run_service("generator", tmp_path, env={**bus, "RLHF_MODEL": str(tiny_model_dir), "RLHF_BACKEND": "transformers",
+                                                  "RLHF_WEIGHT_STORE": str(store.root)}) as gen, \
+         run_service("rollout", tmp_path, env={
+             **bus, "RLHF_GENERATOR_ADDR": gen.address, "RLHF_REWARD_ADDR": rm.address, "RLHF_REFERENCE_ADDR": ref.address,
+             "RLHF_SAMPLES_PER_PROMPT": "2", "RLHF_ROLLOUT_MAX_TOKENS": "8", "RLHF_ROLLOUTS_PER_VERSION": "4",
+             "RLHF_MAX_POLICY_LAG": "1", "RLHF_LIVE_FRACTION": "1.0", "RLHF_ROLLOUT_CONCURRENCY": "2",
+             "RLHF_VERSION_POLL_S": "0.3"}) as worker, \
+         EventConsumer(broker.bootstrap, topics.rollouts, events_pb2.Rollout, group_id="test") as consumer, \
+         sync_channel(gen.address) as channel:
+        rollouts: list[events_pb2.Rollout] = []
+
+        def held_back_at(total: int) -> bool:
+            rollouts.extend(r.event for r in consumer.poll(timeout_ms=300))
+            return len(rollouts) >= total and metric(worker, "rlhf_rollout_backpressure") == 1.0
+
+        # 1. version 0: exactly one budget, then the worker waits
+        wait_until(lambda: held_back_at(BUDGET), what="first budget")
+        time.sleep(2)  # give an over-producing worker the chance to show it
+        rollouts.extend(r.event for r in consumer.poll(timeout_ms=1000))
+        assert len(rollouts) == BUDGET, worker.log()
+        assert metric(worker, "rlhf_rollout_budget_remaining") == 0
+
+        # 2. a newer version served: one more budget, all from version 1
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        stub.LoadVersion(generation_pb2.LoadVersionRequest(version=1), timeout=60)
+        wait_until(lambda: held_back_at(2 * BUDGET), what="second budget")
+
+        # 3. the learner announces a version (here: rejected by the drift gate): one more budget
+        with EventProducer(broker.bootstrap) as producer:
+            producer.publish(topics.policy_updates, new_event(
+                events_pb2.PolicyUpdate, version=2, action=events_pb2.POLICY_ACTION_REJECTED), key="policy")
+        wait_until(lambda: held_back_at(3 * BUDGET), what="third budget")
+        time.sleep(2)
+        rollouts.extend(r.event for r in consumer.poll(timeout_ms=1000))
+
+    assert len(rollouts) == 3 * BUDGET
+    assert [r.policy_version for r in rollouts] == [0] * BUDGET + [1] * (2 * BUDGET)
+    base = load_causal_lm(tiny_model_dir)
+    new = load_causal_lm(other)
+    groups: dict[str, list] = {}
+    for r in rollouts:
+        groups.setdefault(r.group_id, []).append(r)
+        n = len(r.response_token_ids)
+        assert 0 < n <= 8 and len(r.logprobs) == n and len(r.ref_logprobs) == n
+        assert r.finish_reason in ("stop", "length") and r.source in ("live", "prompt_set")
+        assert r.prompt_id and r.event_id and r.schema_version == 1 and r.response is not None
+        assert math.isfinite(r.score) and math.isfinite(r.raw_score) and r.rm_version >= 0
+        # the reference service's log-probs are π_ref's (the base model) ...
+        ref_lp = sequence_logprobs(base, list(r.prompt_token_ids), list(r.response_token_ids))
+        assert (ref_lp - torch.tensor(list(r.ref_logprobs))).abs().max() < 1e-4
+        # ... and the policy's are those of the version the rollout names
+        pol_lp = sequence_logprobs(base if r.policy_version == 0 else new, list(r.prompt_token_ids), list(r.response_token_ids))
+        assert (pol_lp - torch.tensor(list(r.logprobs))).abs().max() < 1e-4
+    assert all(len(g) == 2 and len({r.prompt_id for r in g}) == 1 for g in groups.values())
+    live = [r for r in rollouts if r.source == "live"]
+    assert len(live) == 2 and live[0].prompt[-1].content == live_question and live[0].prompt_id == "live:c1"
