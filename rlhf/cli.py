@@ -189,6 +189,31 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_simulate(args) -> int:
+    from rlhf.sim.simulate import main
+
+    return main(args)
+
+
+def cmd_eval(args) -> int:
+    from rlhf.sim.evaluate import main
+
+    return main(args)
+
+
+def cmd_experiment(args) -> int:
+    from rlhf.sim.experiment import main_kl_sweep
+
+    return main_kl_sweep(args)
+
+
+def _sim_arguments(command: str):
+    """A sub-command's flags, from rlhf.sim.cli_args (light: no torch at parse time)."""
+    from rlhf.sim import cli_args
+
+    return getattr(cli_args, f"{command}_arguments")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlhf", description="Online RLHF serving loop")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -244,6 +269,20 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("service", choices=SERVICES)
     sv.add_argument("args", nargs=argparse.REMAINDER)
     sv.set_defaults(fn=cmd_serve)
+
+    si = sub.add_parser("simulate", help="simulated users chat through the gateway and give oracle feedback")
+    _sim_arguments("simulate")(si)
+    si.set_defaults(fn=cmd_simulate)
+
+    ev = sub.add_parser("eval", help="win-rate vs the reference, KL, RM accuracy of the served policy (run folder, plots)")
+    _sim_arguments("eval")(ev)
+    ev.set_defaults(fn=cmd_eval)
+
+    ex = sub.add_parser("experiment", help="experiments that run in one process")
+    exsub = ex.add_subparsers(dest="experiment", required=True)
+    kl = exsub.add_parser("kl-sweep", help="β = 0 / moderate / large: reward hacking, the drift gate, rollback")
+    _sim_arguments("kl_sweep")(kl)
+    kl.set_defaults(fn=cmd_experiment)
 
     cf = sub.add_parser("config", help="list every setting (environment variable, default, description)")
     cf.set_defaults(fn=cmd_config)

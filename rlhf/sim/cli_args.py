@@ -1,0 +1,41 @@
+"""Flags of `rlhf simulate`, `rlhf eval` and `rlhf experiment kl-sweep`. Nothing heavy is
+imported here: the parser is built on every `rlhf` call."""
+
+from __future__ import annotations
+
+import argparse
+
+from rlhf.sim.sweep_config import add_arguments as kl_sweep_arguments
+
+__all__ = ["eval_arguments", "kl_sweep_arguments", "simulate_arguments"]
+
+
+def simulate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--oracle", required=True, help="module:function (prompt, response) -> float, or a built-in name")
+    p.add_argument("--feedback", type=int, required=True, help="return once this many feedback events were accepted")
+    p.add_argument("--mode", choices=("pairwise", "thumbs", "mixed"), default="pairwise",
+                   help="pairwise: two answers, the better one chosen; thumbs: one answer rated; mixed: alternate")
+    p.add_argument("--prompts", default=None, help="prompt file (.txt or .jsonl); default: the training prompt set")
+    p.add_argument("--concurrency", type=int, default=2, help="simulated users at once")
+    p.add_argument("--threshold", type=float, default=None, help="thumbs up above this oracle score (default: running median)")
+    p.add_argument("--max-tokens", type=int, default=None, help="answer length cap per chat")
+    p.add_argument("--gateway", default=None, help="gateway URL (default: from up.json, else http://127.0.0.1:8000)")
+    p.add_argument("--api-key", default=None, help="gateway API key, if it asks for one")
+    p.add_argument("--state-dir", default=None, help="state folder of `rlhf up` (for up.json)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--oracle", required=True, help="module:function (prompt, response) -> float, or a built-in name")
+    p.add_argument("--prompts", default=None, help="held-out prompt file (.txt or .jsonl); default: the held-out split")
+    p.add_argument("--n", type=int, default=None, help="number of prompts (default: all of the held-out set)")
+    p.add_argument("--samples", type=int, default=4, help="answers per prompt on each side")
+    p.add_argument("--max-tokens", type=int, default=64, help="answer length cap, both sides")
+    p.add_argument("--run-dir", default=None, help="run folder to append to (default: $RLHF_HOME/runs/eval)")
+    p.add_argument("--rounds", type=int, default=1, help="evaluate this many times ...")
+    p.add_argument("--every", type=float, default=60.0, help="... this many seconds apart")
+    p.add_argument("--reference-model", default=None, help="reference model folder (default: what the reference service serves)")
+    p.add_argument("--state-dir", default=None, help="state folder of `rlhf up` (for up.json)")
+    for name in ("generator", "reference", "reward"):
+        p.add_argument(f"--{name}", default=None, help=f"{name} gRPC address (default: from up.json)")
+    p.add_argument("--seed", type=int, default=0)

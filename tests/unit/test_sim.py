@@ -1,0 +1,172 @@
+"""rlhf.sim's pure parts: oracles, win-rate arithmetic, run folders, prompt sets, the CLI."""
+
+import json
+import math
+
+import pytest
+
+from rlhf.sim import oracles
+from rlhf.sim.evaluate import rm_agreement
+from rlhf.sim.prompts import load_prompts
+from rlhf.sim.runlog import RunFolder, line_plot, table
+from rlhf.sim.simulate import Thumbs
+from rlhf.sim.sweep_report import regime
+from rlhf.sim.winrate import sequence_kl, win_rate, win_rate_interval
+
+
+# --- oracles ------------------------------------------------------------------------------
+
+
+def test_prefers_concise_orders_by_length_and_hates_empty():
+    short, long = "Paris.", "The capital of France is the lovely city of Paris, of course."
+    assert oracles.prefers_concise("q", short) > oracles.prefers_concise("q", long)
+    assert oracles.prefers_concise("q", "") < oracles.prefers_concise("q", long)
+
+
+def test_prefers_question_ending():
+    assert oracles.prefers_question_ending("q", "Paris. Anything else?") > oracles.prefers_question_ending("q", "Paris.")
+    # two question endings still compare: the shorter wins
+    assert oracles.prefers_question_ending("q", "Tea?") > oracles.prefers_question_ending("q", "Would you like some tea?")
+    assert oracles.prefers_question_ending("q", 'She asked "why?"') > 0.9
+
+
+def test_prefers_keyword_counts_whole_words():
+    assert oracles.prefers_keyword("q", "yes please") > oracles.prefers_keyword("q", "yes")
+    assert oracles.prefers_keyword("q", "pleased to help") < 0.5  # not the word itself
+
+
+def test_gold_oracle_and_biased_rater_disagree_about_length():
+    concise = "Please read a book."
+    rambling = " ".join(["please"] + ["word"] * 30)
+    # the gold oracle prefers the concise answer, the verbose raters the rambling one
+    assert oracles.keyword_concise("q", concise) > oracles.keyword_concise("q", rambling)
+    assert oracles.verbose_rater("q", rambling) > oracles.verbose_rater("q", concise)
+    # on answers of equal length they agree: the keyword wins for both
+    assert oracles.keyword_concise("q", "please read") > oracles.keyword_concise("q", "just read")
+    assert oracles.verbose_rater("q", "please read") > oracles.verbose_rater("q", "just read")
+
+
+def test_load_oracle_builtin_and_module_function():
+    assert oracles.load_oracle("prefers_concise") is oracles.prefers_concise
+    assert oracles.load_oracle("rlhf.sim.oracles:prefers_keyword") is oracles.prefers_keyword
+    fn = oracles.load_oracle("os.path:join")  # any importable callable works
+    assert callable(fn)
+
+
+@pytest.mark.parametrize("spec", ["no_such_oracle", "rlhf.sim.oracles:missing", "no.such.module:f", "rlhf.sim.oracles:KEYWORD"])
+def test_load_oracle_errors_name_the_spec(spec):
+    with pytest.raises(ValueError, match=spec.split(":")[0].split(".")[0]):
+        oracles.load_oracle(spec)
+
+
+# --- win-rate and KL ----------------------------------------------------------------------
+
+
+def test_win_rate_counts_ties_half():
+    assert win_rate([1, 1, 1, 1], [0, 0, 0, 0]) == 1.0
+    assert win_rate([0, 0], [1, 1]) == 0.0
+    assert win_rate([1, 0, 2, 2], [0, 1, 2, 3]) == pytest.approx((1 + 0 + 0.5 + 0) / 4)
+    assert win_rate([5.0], [5.0]) == 0.5
+
+
+def test_win_rate_cycles_the_shorter_side():
+    assert win_rate([1.0], [0.0, 2.0]) == 0.5
+    with pytest.raises(ValueError):
+        win_rate([], [1.0])
+
+
+def test_wilson_interval_contains_the_rate_and_narrows():
+    low, high = win_rate_interval(0.7, 50)
+    assert low < 0.7 < high
+    low2, high2 = win_rate_interval(0.7, 5000)
+    assert high2 - low2 < high - low
+    assert win_rate_interval(1.0, 10)[1] == pytest.approx(1.0)
+    assert win_rate_interval(0.5, 0) == (0.0, 1.0)
+
+
+def test_sequence_kl_is_the_sum_of_log_ratios():
+    assert sequence_kl([-1.0, -2.0], [-1.5, -2.5]) == pytest.approx(1.0)
+    assert sequence_kl([], []) == 0.0
+    with pytest.raises(ValueError, match="reference"):
+        sequence_kl([-1.0], [])
+
+
+def test_rm_agreement_skips_oracle_ties():
+    # pair 1: RM and oracle agree; pair 2: disagree; pair 3: oracle tie, skipped
+    assert rm_agreement([1.0, 0.0, 3.0], [0.0, 1.0, 0.0], [2.0, 2.0, 1.0], [1.0, 1.0, 1.0]) == 0.5
+    assert math.isnan(rm_agreement([1.0], [0.0], [1.0], [1.0]))
+
+
+def test_thumbs_threshold_and_running_median():
+    fixed = Thumbs(threshold=0.5)
+    assert fixed(0.9) == 1 and fixed(0.1) == -1
+    median = Thumbs()
+    votes = [median(s) for s in [0.0, 1.0, 2.0, 3.0, 0.5, 2.5]]
+    assert votes[1:] == [1, 1, 1, -1, 1]  # each score against the median of those before it
+
+
+# --- run folders, tables, plots --------------------------------------------------------------
+
+
+def test_run_folder_appends_json_lines_across_instances(tmp_path):
+    run = RunFolder(tmp_path / "run")
+    run.append("eval", {"policy_version": 1, "win_rate": 0.5})
+    RunFolder(tmp_path / "run").append("eval", {"policy_version": 2, "win_rate": 0.75})
+    (tmp_path / "run" / "eval.jsonl").open("a").write('{"cut short')  # a crash mid-line
+    rows = run.read("eval")
+    assert [r["policy_version"] for r in rows] == [1, 2]
+    assert run.read("missing") == []
+    run.write_json("config.json", {"oracle": "prefers_concise"})
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == {"oracle": "prefers_concise"}
+
+
+def test_table_plain_and_markdown():
+    rows = [{"policy_version": 3, "win_rate": 0.71234}, {"policy_version": 4}]
+    plain = table(rows, ["policy_version", "win_rate"])
+    assert "0.712" in plain and plain.splitlines()[0].startswith("policy_version")
+    md = table(rows, ["policy_version", "win_rate"], markdown=True)
+    assert md.splitlines()[1] == "|---|---|" and "| 4 |  |" in md
+    assert table([]) == "(no rows)"
+
+
+def test_line_plot_writes_a_png(tmp_path):
+    path = line_plot(tmp_path / "p.png", "t", [1, 2, 3], [("a", [1.0, 2.0, 3.0])],
+                     panels=[("b", [("c", [0.0, 1.0, 0.5])])], markers=[(2, "gate refused")])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_regime_names_the_three_behaviours():
+    assert regime({"rm_score": 0.0, "oracle": 0.2}, {"rm_score": 2.0, "oracle": -1.0}).startswith("reward hacking")
+    assert regime({"rm_score": 0.0, "oracle": 0.2}, {"rm_score": 0.8, "oracle": 0.6}).startswith("aligned")
+    assert regime({"rm_score": 0.0, "oracle": 0.2}, {"rm_score": 0.1, "oracle": 0.25}) == "barely moves"
+
+
+# --- prompts and the CLI -----------------------------------------------------------------------
+
+
+def test_prompt_sets_are_disjoint_and_files_load(tmp_path):
+    train, heldout = load_prompts("train"), load_prompts("heldout")
+    assert train and heldout and not set(train) & set(heldout)
+    txt = tmp_path / "p.txt"
+    txt.write_text("# comment\nWhat is tea?\n\nWhy?\n")
+    assert load_prompts("heldout", txt) == ["What is tea?", "Why?"]
+    jl = tmp_path / "p.jsonl"
+    jl.write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps({"messages": [{"role": "user", "content": "b"}]}) + "\n")
+    assert load_prompts("train", jl) == ["a", "b"]
+    with pytest.raises(ValueError):
+        load_prompts("other")
+
+
+def test_cli_has_the_loop_commands():
+    from rlhf.cli import build_parser
+
+    p = build_parser()
+    args = p.parse_args(["simulate", "--oracle", "prefers_concise", "--feedback", "10"])
+    assert args.feedback == 10 and args.mode == "pairwise"
+    args = p.parse_args(["eval", "--oracle", "rlhf.sim.oracles:prefers_concise", "--n", "8"])
+    assert args.n == 8 and args.samples == 4
+    args = p.parse_args(["experiment", "kl-sweep", "--steps", "3", "--betas", "0,0.1"])
+    from rlhf.sim.sweep_config import config_from_args
+
+    cfg = config_from_args(args)
+    assert cfg.steps == 3 and cfg.betas == [0.0, 0.1]
