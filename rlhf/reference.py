@@ -23,14 +23,16 @@ PADDED = "padded"
 
 
 class ReferenceModel:
-    def __init__(self, path: str | Path, batching: str = EXACT, max_batch_tokens: int = 8192):
+    def __init__(self, path: str | Path, batching: str = EXACT, max_batch_tokens: int = 8192,
+                 device: str | torch.device = "cpu"):
         """`max_batch_tokens`: padded tokens per forward pass (bounds activation memory)."""
         if batching not in (EXACT, PADDED):
             raise ValueError(f"batching must be {EXACT!r} or {PADDED!r}, got {batching!r}")
         self.path = Path(path)
         self.batching = batching
         self.max_batch_tokens = max_batch_tokens
-        self.model = load_causal_lm(self.path).eval()
+        self.device = torch.device(device)
+        self.model = load_causal_lm(self.path, device=self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         tokenizer = load_tokenizer(self.path)

@@ -143,10 +143,18 @@ class RewardModel(nn.Module):
         return torch.cat(out).cpu() if out else torch.zeros(0)
 
 
-def load_reward_model(spec: BackboneSpec, max_tokens: int = 256, head_seed: int = 0) -> RewardModel:
-    """A fresh RM (pretrained backbone, seeded head) in eval mode, fp32 on CPU."""
+def resolve_device(name: str) -> torch.device:
+    """"auto" → cuda when a GPU is visible, else cpu; anything else as torch spells it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_reward_model(spec: BackboneSpec, max_tokens: int = 256, head_seed: int = 0,
+                      device: str | torch.device = "cpu") -> RewardModel:
+    """A fresh RM (pretrained backbone, seeded head) in eval mode, fp32, on `device`."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(spec.path, local_files_only=True)
     backbone = transformers.AutoModel.from_pretrained(spec.path, local_files_only=True, dtype=torch.float32)
     limit = getattr(backbone.config, "max_position_embeddings", max_tokens)
     model = RewardModel(backbone, tokenizer, spec.family, min(max_tokens, limit), head_seed)
-    return model.eval()
+    return model.to(device).eval()

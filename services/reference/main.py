@@ -31,6 +31,8 @@ class ReferenceSettings(GrpcServiceSettings):
     reference_max_batch_items: int = Field(64, description="items coalesced from concurrent calls into one model call")
     reference_max_batch_tokens: int = Field(8192, description="padded tokens per forward pass")
     reference_max_wait_ms: float = Field(2.0, description="how long a lone call waits for others to batch with")
+    reference_device: str = Field("auto", description='"auto" (cuda if present), "cpu" or "cuda[:n]"')
+    reference_torch_threads: int = Field(0, description="torch intra-op threads; 0 keeps torch's default (all cores)")
 
 
 class ReferenceServicer(reference_pb2_grpc.ReferenceServiceServicer):
@@ -75,16 +77,22 @@ class ReferenceService(Service):
     async def start(self) -> None:
         from rlhf.models import resolve_model
         from rlhf.reference import ReferenceModel
+        from rlhf.reward.model import resolve_device
 
         s = self.settings
+        if s.reference_torch_threads > 0:
+            import torch
+
+            torch.set_num_threads(s.reference_torch_threads)
         path = await asyncio.to_thread(resolve_model, s.model)
-        model = await asyncio.to_thread(ReferenceModel, path, s.reference_batching, s.reference_max_batch_tokens)
+        model = await asyncio.to_thread(ReferenceModel, path, s.reference_batching, s.reference_max_batch_tokens,
+                                        resolve_device(s.reference_device))
         if model.max_model_len:
             self.max_tokens = min(self.max_tokens, model.max_model_len)
         self.model_name = s.model if s.model == "demo" else str(path)
         self.model = model
         log.info("reference model loaded", extra={"model": str(path), "max_tokens": self.max_tokens,
-                                                  "batching": s.reference_batching})
+                                                  "batching": s.reference_batching, "device": str(model.device)})
 
     async def stop(self) -> None:
         await self.batcher.close()

@@ -49,6 +49,8 @@ class RewardSettings(GrpcServiceSettings):
     reward_max_poll_records: int = Field(256, description="feedback events per poll")
     reward_group_id: str = Field("reward", description="Kafka consumer group of the feedback consumer")
     reward_seed: int = Field(0, description="seed of the RM head initialisation and replay sampling")
+    reward_device: str = Field("auto", description='"auto" (cuda if present), "cpu" or "cuda[:n]"')
+    reward_torch_threads: int = Field(0, description="torch intra-op threads; 0 keeps torch's default (all cores)")
 
 
 class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
@@ -108,15 +110,21 @@ class RewardService(Service):
         """Weights loaded (checkpoint or fresh) and the feedback consumer assigned: then SERVING."""
         from rlhf.bus import EventConsumer, EventProducer, Topics, ensure_topics
         from rlhf.reward import OnlineRewardTrainer, TrainerConfig, load_reward_model, resolve_backbone
+        from rlhf.reward.model import resolve_device
         from rlhf.reward.checkpoint import RewardCheckpoints
         from rlhf.reward.online import LoopConfig, OnlineRewardLoop
         from rlhf.v1 import events_pb2
 
         s = self.settings
+        if s.reward_torch_threads > 0:
+            import torch
+
+            torch.set_num_threads(s.reward_torch_threads)
         topics = Topics(s.topic_prefix)
         ensure_topics(s.kafka_bootstrap, [topics.feedback, Topics.dlq(topics.feedback), topics.reward_updates])
         spec = resolve_backbone(s.reward_backbone, policy_model=s.model)
-        base = load_reward_model(spec, max_tokens=s.reward_max_tokens, head_seed=s.reward_seed)
+        base = load_reward_model(spec, max_tokens=s.reward_max_tokens, head_seed=s.reward_seed,
+                                 device=resolve_device(s.reward_device))
         cfg = TrainerConfig(
             lr=s.reward_lr, batch_size=s.reward_train_batch_size, replay_ratio=s.reward_replay_ratio,
             replay_capacity=s.reward_replay_size, max_grad_norm=s.reward_max_grad_norm,

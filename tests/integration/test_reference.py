@@ -48,7 +48,8 @@ def test_padded_batching_matches_to_float_rounding(tiny_model_dir, direct):
 
 @pytest.fixture(scope="module")
 def reference_service(tiny_model_dir, tmp_path_factory):
-    env = {"RLHF_MODEL": str(tiny_model_dir), "RLHF_REFERENCE_MAX_ITEMS": "16", "RLHF_REFERENCE_MAX_TOKENS": "64"}
+    env = {"RLHF_MODEL": str(tiny_model_dir), "RLHF_REFERENCE_MAX_ITEMS": "16", "RLHF_REFERENCE_MAX_TOKENS": "64",
+           "RLHF_REFERENCE_TORCH_THREADS": "1"}
     with run_service("reference", tmp_path_factory.mktemp("reference"), env=env) as svc:
         yield svc
 

@@ -29,6 +29,7 @@ TINY = {
     "RLHF_REWARD_LR": "1e-3",
     "RLHF_REWARD_TRAIN_BATCH_SIZE": "16",
     "RLHF_REWARD_POLL_TIMEOUT_MS": "200",
+    "RLHF_REWARD_TORCH_THREADS": "1",  # 2 shared cores: more threads thrash
 }
 
 
