@@ -9,6 +9,7 @@ the response is stored: before the non-streaming body is sent, before `[DONE]` i
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from typing import AsyncIterator
@@ -24,6 +25,7 @@ from services.gateway.schemas import ChatCompletionRequest
 from services.gateway.state import Gateway
 
 router = APIRouter()
+log = logging.getLogger("gateway")
 
 # What a caller sees for each generator failure: retryable ones as 503/504.
 _GRPC_TO_HTTP = {
@@ -180,7 +182,12 @@ async def _stream(req, gw: Gateway, greq, base: dict, prompt, response_ids: list
             return
         finally:
             call.cancel()
-        await gw.store.record_completion(base["conversation_id"], prompt, list(zip(response_ids, texts)), version)
+        try:
+            await gw.store.record_completion(base["conversation_id"], prompt, list(zip(response_ids, texts)), version)
+        except Exception:  # noqa: BLE001 - the answer went out; say it cannot be rated
+            log.exception("storing a streamed answer failed")
+            yield _sse(error_body(500, "the answer was not stored; feedback on it will be refused"))
+            return
         INTERACTIONS.inc()
         COMPLETION_TOKENS.inc(usage.completion_tokens)
         if include_usage:
