@@ -25,7 +25,7 @@ def default_backend() -> str:
 def make_backend(
     name: str, model_dir: Path, *, max_model_len: int = 2048, max_batch: int = 32, device: str = "auto",
     dtype: str = "float32", enable_lora: bool = True, max_lora_rank: int = 16, vllm_enforce_eager: bool = True,
-    vllm_kv_cache_gib: float = 1.0,
+    vllm_kv_cache_gib: float = 1.0, batch_wait_ms: float = 5.0,
 ) -> Backend:
     """The backend `name` ("auto", "transformers" or "vllm"); nothing is loaded until `start()`."""
     name = default_backend() if name == "auto" else name
@@ -42,7 +42,8 @@ def make_backend(
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        return TransformersBackend(model_dir, max_batch=max_batch, device=device, dtype=dtype)
+        return TransformersBackend(model_dir, max_batch=max_batch, device=device, dtype=dtype,
+                                   batch_wait_ms=batch_wait_ms)
     raise ValueError(f"backend must be auto, transformers or vllm, got {name!r}")
 
 

@@ -36,6 +36,9 @@ class Backend(ABC):
         """Everything that can happen while the old version still serves (read files,
         pre-load an adapter). Raises `WeightsRefused` if the engine rejects the update."""
 
+    async def discard(self, prepared: Any) -> None:
+        """Drop a prepared update that will not be activated (its sha256 did not match)."""
+
     @abstractmethod
     async def activate(self, prepared: Any) -> Any:
         """Make the prepared update what new requests use; returns the lease handle. Called

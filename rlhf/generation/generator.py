@@ -26,7 +26,7 @@ from rlhf.generation.params import Limits, check_messages, check_prompt_ids
 from rlhf.generation.types import Delta, Sampling, WeightsRefused
 from rlhf.generation.weights import (
     FULL, LORA, WeightUpdate, check_full, check_lora, receive_stream, safetensors_files, store_version,
-    tensor_shapes, update_from_folder,
+    tensor_shapes, update_from_folder, verify_sha256,
 )
 from rlhf.models import chat_prompt_ids, load_tokenizer
 from rlhf.weightstore import WeightStore
@@ -109,10 +109,10 @@ class Generator:
         `fmt`, when given, must match the version's manifest."""
         if version == 0 and not uri and not self.store.folder(0).exists():
             return await self._swap(WeightUpdate(0, FULL, self.base_files))
-        stored, folder = await asyncio.to_thread(store_version, self.store, version, uri, sha256)
-        if fmt and fmt != stored:
-            raise WeightsRefused(f"format: version {version} is stored as {stored!r}, the request says {fmt!r}")
-        return await self._swap(update_from_folder(version, stored, folder))
+        update = await asyncio.to_thread(store_version, self.store, version, uri, sha256)
+        if fmt and fmt != update.fmt:
+            raise WeightsRefused(f"format: version {version} is stored as {update.fmt!r}, the request says {fmt!r}")
+        return await self._swap(update)
 
     async def receive(
         self, version: int, fmt: str, sha256: str, total_bytes: int, adapter_config_json: str,
@@ -141,7 +141,16 @@ class Generator:
                     update.lora = await asyncio.to_thread(check_lora, update.folder, self.base_shapes, self.max_lora_rank)
                 else:
                     raise WeightsRefused(f"unknown weight format {update.fmt!r}")
-                prepared = await self.backend.prepare(update)
+                # hash the bytes while the backend reads them; nothing serves before both end
+                verify = asyncio.to_thread(verify_sha256, update.files[0], *update.sha256) if update.sha256 else None
+                results = await asyncio.gather(self.backend.prepare(update), verify or asyncio.sleep(0),
+                                               return_exceptions=True)
+                errors = [r for r in results if isinstance(r, BaseException)]
+                if errors:
+                    if not isinstance(results[0], BaseException):
+                        await self.backend.discard(results[0])
+                    raise errors[-1]
+                prepared = results[0]
                 if self.backend.drains(update):
                     async with self.gate.drained():
                         handle = await self.backend.activate(prepared)

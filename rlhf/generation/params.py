@@ -39,7 +39,7 @@ def check_prompt_ids(ids: list[int], limits: Limits) -> None:
 
 def sampling_from(
     *, n: int, temperature: float | None, top_p: float | None, max_tokens: int, stop: list[str],
-    seed: int | None, prompt_len: int, limits: Limits,
+    seed: int | None, prompt_len: int, limits: Limits, ignore_eos: bool = False,
 ) -> Sampling:
     """Fill defaults (0 / unset = default) and check every limit, including the context."""
     n = n or 1
@@ -71,4 +71,5 @@ def sampling_from(
             f"{max_tokens} new tokens after a {prompt_len}-token prompt exceed max_model_len={limits.max_model_len}; "
             f"at most {room}",
         )
-    return Sampling(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=tuple(stop), seed=seed)
+    return Sampling(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=tuple(stop), seed=seed,
+                    ignore_eos=ignore_eos)

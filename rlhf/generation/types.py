@@ -29,6 +29,7 @@ class Sampling:
     max_tokens: int = 64
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False        # sample past EOS until max_tokens (benchmarks)
 
     @property
     def greedy(self) -> bool:

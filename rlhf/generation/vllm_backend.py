@@ -1,8 +1,9 @@
 """vLLM backend: the async engine (continuous batching), weights swapped in place through
 a worker extension, LoRA adapters through vLLM's own multi-LoRA support.
 
-A full update drains (the gate waits for in-flight requests), reloads the weights in the
-workers and clears the prefix cache, whose KV blocks were computed by the old weights. A
+A full update is read into memory by the workers while the old weights serve (and its
+sha256 is checked), then drains (the gate waits for in-flight requests), is loaded in place
+and clears the prefix cache, whose KV blocks were computed by the old weights. A
 LoRA update needs no drain: the adapter is pre-loaded, then new requests name it in their
 `LoRARequest` while requests already running finish on theirs.
 """
@@ -68,7 +69,7 @@ class VllmBackend(Backend):
             n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
             max_tokens=sampling.max_tokens, stop=list(sampling.stop) or None, seed=sampling.seed,
             logprobs=0,  # the sampled token's own log-prob, from the raw logits (logprobs_mode default)
-            output_kind=RequestOutputKind.DELTA, skip_special_tokens=True,
+            output_kind=RequestOutputKind.DELTA, skip_special_tokens=True, ignore_eos=sampling.ignore_eos,
         )
         stream = self.engine.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params, request_id, lora_request=handle)
         async for out in stream:
@@ -86,6 +87,7 @@ class VllmBackend(Backend):
 
     async def prepare(self, update: WeightUpdate) -> Any:
         if update.fmt == FULL:
+            await self.engine.collective_rpc("rlhf_stage_weights", args=([str(p) for p in update.files],))
             return update
         from vllm.lora.request import LoRARequest
 
@@ -97,9 +99,16 @@ class VllmBackend(Backend):
             raise WeightsRefused(f"vLLM refused the LoRA adapter: {e}") from e
         return request
 
+    async def discard(self, prepared: Any) -> None:
+        if isinstance(prepared, WeightUpdate):
+            await self.engine.collective_rpc("rlhf_drop_staged")
+        else:
+            await self.engine.remove_lora(prepared.lora_int_id)
+
     async def activate(self, prepared: Any) -> Any:
         if isinstance(prepared, WeightUpdate):
-            await self.engine.collective_rpc("rlhf_load_weights", args=([str(p) for p in prepared.files],))
+            await self.engine.collective_rpc("rlhf_commit_staged")
+            # cached KV blocks were computed by the old weights
             await self.engine.reset_prefix_cache()
             return None
         return prepared

@@ -1,7 +1,7 @@
 """vLLM worker extension: replaces the weights of a running engine in place.
 
 vLLM imports this class into each worker process (`LLM(worker_extension_cls=...)`) and the
-engine reaches it with `collective_rpc("rlhf_load_weights", args=(paths,))`. The worker
+engine reaches it with `collective_rpc("rlhf_stage_weights", args=(paths,))` etc. The worker
 reads the safetensors files itself, so no tensor crosses a process boundary. On CPU,
 `model.load_weights` after start-up fails because vLLM has repacked some weights; the model
 runner's `reload_weights` (what vLLM's own RL hooks use) handles that (DESIGN.md).
@@ -12,23 +12,31 @@ from __future__ import annotations
 
 
 class WeightSwapExtension:
-    def rlhf_load_weights(self, paths: list[str]) -> int:
-        """Load every tensor of the safetensors `paths`; returns how many were loaded."""
-        from safetensors import safe_open
+    """Two steps, so the expensive part runs while the old weights still serve: `stage`
+    reads the tensors into memory beside the model, `commit` loads them into it (called
+    with no request in flight), `drop` forgets a staged update that was refused."""
 
-        count = 0
+    def rlhf_stage_weights(self, paths: list[str]) -> int:
+        """Read every tensor of the safetensors `paths`; returns how many."""
+        from safetensors.torch import load
 
-        def tensors():
-            nonlocal count
-            for path in paths:
-                with safe_open(path, framework="pt") as f:
-                    for name in f.keys():
-                        count += 1
-                        yield name, f.get_tensor(name)
+        staged: list = []
+        for path in paths:
+            with open(path, "rb") as f:
+                staged.extend(load(f.read()).items())
+        self._rlhf_staged = staged
+        return len(staged)
 
-        self.model_runner.reload_weights(weights_iterator=tensors())
+    def rlhf_commit_staged(self) -> int:
+        staged, self._rlhf_staged = getattr(self, "_rlhf_staged", None), None
+        if not staged:
+            raise RuntimeError("no staged weights to commit")
+        self.model_runner.reload_weights(weights_iterator=iter(staged))
         self._retie_lm_head()
-        return count
+        return len(staged)
+
+    def rlhf_drop_staged(self) -> None:
+        self._rlhf_staged = None
 
     def _retie_lm_head(self) -> None:
         """Make a tied lm_head compute with the reloaded embedding.

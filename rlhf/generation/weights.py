@@ -43,6 +43,7 @@ class WeightUpdate:
     files: list[Path]                     # safetensors files holding the tensors
     folder: Path | None = None            # LoRA: adapter_config.json + adapter_model.safetensors
     lora: LoraSpec | None = None
+    sha256: tuple[str, ...] = ()          # digests files[0] must match (checked during prepare)
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
@@ -150,9 +151,10 @@ def verify_sha256(path: Path, *expected: str) -> str:
     return actual
 
 
-def store_version(store: WeightStore, version: int, uri: str = "", sha256: str = "") -> tuple[str, Path]:
-    """(format, folder) of a weight-store version, its bytes checked against the manifest's
-    sha256 and the caller's. `uri` (a version folder, optionally `file://`) overrides the store."""
+def store_version(store: WeightStore, version: int, uri: str = "", sha256: str = "") -> WeightUpdate:
+    """A weight-store version, to be checked against the manifest's sha256 and the caller's
+    (`Generator` hashes while the backend reads). `uri` (a version folder, optionally
+    `file://`) overrides the store."""
     if uri:
         folder = Path(uri.removeprefix("file://")).expanduser()
         if not (folder / "manifest.json").is_file():
@@ -164,8 +166,11 @@ def store_version(store: WeightStore, version: int, uri: str = "", sha256: str =
         record = store.get(version)
     except CorruptWeights as e:
         raise WeightsRefused(str(e)) from e
-    verify_sha256(record.weights_path, record.sha256, sha256)
-    return record.format, Path(record.path)
+    update = update_from_folder(version, record.format, Path(record.path))
+    update.sha256 = tuple(s for s in (record.sha256, sha256) if s)
+    if not update.sha256:
+        raise WeightsRefused(f"version {version} has no sha256 in its manifest")
+    return update
 
 
 async def receive_stream(

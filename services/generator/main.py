@@ -35,6 +35,7 @@ class GeneratorSettings(GrpcServiceSettings):
     follow_policy_updates: bool = Field(True, description="load PROMOTED / ROLLED_BACK versions announced on Kafka")
     enable_lora: bool = Field(True, description="accept LoRA adapter versions (vLLM: reserves LoRA slots)")
     max_lora_rank: int = Field(16, description="largest LoRA rank accepted")
+    batch_wait_ms: float = Field(5.0, description="transformers backend: an idle engine waits this long to batch requests sent together")
     torch_threads: int = Field(0, description="transformers backend: torch intra-op threads; 0 keeps torch's default")
     vllm_enforce_eager: bool = Field(True, description="vLLM: skip graph capture / torch.compile (slow start on CPU)")
     vllm_kv_cache_gib: float = Field(1.0, description="vLLM on CPU: GiB reserved for the KV cache")
@@ -61,7 +62,7 @@ class GeneratorService(Service):
         backend = make_backend(
             s.backend, model_dir, max_model_len=s.max_model_len, max_batch=s.max_batch, device=s.device, dtype=s.dtype,
             enable_lora=s.enable_lora, max_lora_rank=s.max_lora_rank, vllm_enforce_eager=s.vllm_enforce_eager,
-            vllm_kv_cache_gib=s.vllm_kv_cache_gib,
+            vllm_kv_cache_gib=s.vllm_kv_cache_gib, batch_wait_ms=s.batch_wait_ms,
         )
         limits = Limits(max_model_len=s.max_model_len, default_max_tokens=s.default_max_tokens,
                         max_max_tokens=s.max_max_tokens, max_n=min(s.max_n, s.max_batch))

@@ -18,7 +18,7 @@ from rlhf.generation.adapters import make_random_lora
 from rlhf.generation.params import sampling_from
 from rlhf.generation.text import TextTracker
 from rlhf.generation.types import InvalidRequest
-from rlhf.generation.weights import check_full, check_lora, receive_stream, store_version, tensor_shapes
+from rlhf.generation.weights import check_full, check_lora, receive_stream, store_version, tensor_shapes, verify_sha256
 from rlhf.models import load_causal_lm, load_tokenizer, sequence_logprobs
 from rlhf.weightstore import WeightStore
 
@@ -162,17 +162,37 @@ def test_receive_stream_checks_size_and_sha(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]  # refused folders are removed
 
 
-def test_store_version_checks_sha_and_uri(tiny_model_dir, tmp_path):
+def test_store_version_names_the_digests_to_check_and_the_uri(tiny_model_dir, tmp_path):
     store = WeightStore(tmp_path / "w")
     record = store.put(5, load_file(str(tiny_model_dir / "model.safetensors")))
-    assert store_version(store, 5) == ("full", Path(record.path))
-    assert store_version(WeightStore(tmp_path / "elsewhere"), 5, uri=record.path)[1] == Path(record.path)
+    update = store_version(store, 5, sha256="AB" * 32)
+    assert (update.version, update.fmt, update.folder) == (5, "full", Path(record.path))
+    assert update.sha256 == (record.sha256, "AB" * 32)
+    assert store_version(WeightStore(tmp_path / "elsewhere"), 5, uri=record.path).folder == Path(record.path)
+    verify_sha256(update.files[0], record.sha256)
     with pytest.raises(WeightsRefused, match="sha256 mismatch"):
-        store_version(store, 5, sha256="00" * 32)
+        verify_sha256(update.files[0], *update.sha256)
     with pytest.raises(WeightsRefused, match="does not hold version 6"):
         store_version(store, 6, uri=record.path)
     with pytest.raises(WeightsRefused, match="not in the weight store"):
         store_version(store, 7)
+
+
+def test_a_corrupt_store_version_is_refused_and_version_0_keeps_serving(tiny_model_dir, tmp_path):
+    store = WeightStore(tmp_path / "weights")
+    record = store.put(3, load_file(str(tiny_model_dir / "model.safetensors")))
+    with open(record.weights_path, "r+b") as f:  # flip one byte after the manifest was written
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+
+    async def body(gen):
+        with pytest.raises(WeightsRefused, match="sha256 mismatch"):
+            await gen.load_version(3)
+        return gen.version
+
+    assert run_generator(tiny_model_dir, tmp_path, body) == 0
 
 
 # --- transformers backend, in-process ------------------------------------------------------

@@ -1,0 +1,273 @@
+"""Generation throughput through our gRPC service vs the raw engine, and weight-swap latency.
+
+    .venv/bin/python benchmarks/generation.py                      # both backends, demo model (SmolLM2-135M)
+    .venv/bin/python benchmarks/generation.py --backends transformers --rounds 3
+    .venv/bin/python benchmarks/generation.py --model tiny --rounds 1  # a smoke run in a minute
+
+Throughput: the same 16 chat prompts (from the bundled prompt set) × exactly 64 new tokens
+(ignore_eos), sampled at temperature 1 with per-token log-probs. "Raw" is the engine the
+service wraps, driven in this process: HF `model.generate` on the left-padded batch
+(top_k=0, min_new_tokens=64) or vLLM `LLM.generate` (same engine arguments as the service,
+logprobs=0 as the service asks). "Service" is the generator from its real entrypoint, sent
+the 16 prompts as 16 concurrent `Generate` calls from an asyncio client; the time runs from
+the first call to the last answer. Raw and service rounds alternate, so both see the same
+machine load; each figure is the median of the rounds.
+
+Swap latency: the service swaps a weight-store version in (LoadVersion: sha256 check,
+name/shape check, load into the engine), or receives it over gRPC (UpdateWeights: stream,
+sha256, checks, load), measured at the client; "raw load" reads the same file into tensors
+in this process (`safetensors.torch.load(path.read_bytes())`: every byte read, as a swap
+must; `load_file` alone only maps the file and reads nothing yet). A LoRA adapter: rank 8 on q/v (random, peft layout).
+
+Prints markdown tables; docs/generation.md records them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+N_PROMPTS, NEW_TOKENS = 16, 64
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prompt_ids(model_dir: Path) -> list[list[int]]:
+    from rlhf.models import chat_prompt_ids, load_tokenizer
+    from rlhf.rollout import TRAIN, load_prompts
+
+    tok = load_tokenizer(model_dir)
+    return [chat_prompt_ids(tok, r["messages"]) for r in load_prompts(TRAIN)[:N_PROMPTS]]
+
+
+# --- raw engines ----------------------------------------------------------------------
+
+
+class RawHF:
+    name = "HF generate"
+
+    def __init__(self, model_dir: Path):
+        import torch
+
+        from rlhf.models import load_causal_lm, load_tokenizer
+
+        self.torch = torch
+        self.model = load_causal_lm(model_dir)
+        self.pad = load_tokenizer(model_dir).pad_token_id
+
+    def run(self, prompts: list[list[int]]) -> int:
+        torch = self.torch
+        width = max(map(len, prompts))
+        ids = torch.full((len(prompts), width), self.pad)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+        with torch.no_grad():
+            out = self.model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                      do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=self.pad)
+        return int((out.shape[1] - width) * len(prompts))
+
+
+class RawVllm:
+    name = "vLLM LLM.generate"
+
+    def __init__(self, model_dir: Path, engine_kwargs: dict):
+        import vllm
+
+        self.vllm = vllm
+        self.llm = vllm.LLM(**engine_kwargs)
+
+    def run(self, prompts: list[list[int]]) -> int:
+        vllm = self.vllm
+        params = vllm.SamplingParams(temperature=1.0, top_p=1.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
+        outs = self.llm.generate([vllm.TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) for o in outs)
+
+
+# --- the service ----------------------------------------------------------------------
+
+
+class Service:
+    def __init__(self, backend: str, model_dir: Path, work: Path, extra_env: dict[str, str]):
+        from rlhf.launcher import ServiceSpec, Stack
+
+        self.spec = ServiceSpec(f"generator-{backend}", "services.generator", free_port(), 0)
+        env = {"RLHF_MODEL": str(model_dir), "RLHF_BACKEND": backend, "RLHF_FOLLOW_POLICY_UPDATES": "false",
+               "RLHF_PORT": str(self.spec.port), "RLHF_METRICS_PORT": "0", "RLHF_STATE_DIR": str(work / backend),
+               "RLHF_WEIGHT_STORE": str(work / "weights"), "RLHF_LOG_FORMAT": "text", "RLHF_DRAIN_SECONDS": "1",
+               **extra_env}
+        self.stack = Stack([self.spec], env, work / "logs", drain_seconds=1)
+
+    def __enter__(self):
+        self.stack.start()
+        t0 = time.perf_counter()
+        self.stack.wait_healthy(900, progress=lambda _m: None)
+        self.start_s = time.perf_counter() - t0
+        return self
+
+    def __exit__(self, *exc):
+        self.stack.stop()
+
+    def run(self, prompts: list[list[int]]) -> int:
+        return asyncio.run(self._run(prompts))
+
+    async def _run(self, prompts: list[list[int]]) -> int:
+        from rlhf.serving.client import aio_channel
+        from rlhf.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+
+        async with aio_channel(self.spec.address) as channel:
+            stub = generation_pb2_grpc.GenerationServiceStub(channel)
+            params = generation_pb2.SamplingParams(temperature=1.0, top_p=1.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+            calls = [stub.Generate(generation_pb2.GenerateRequest(prompt_token_ids=common_pb2.TokenIds(ids=p),
+                                                                  params=params), timeout=600) for p in prompts]
+            return sum(r.usage.completion_tokens for r in await asyncio.gather(*calls))
+
+    def stub(self):
+        from rlhf.serving.client import sync_channel
+        from rlhf.v1 import generation_pb2_grpc
+
+        return generation_pb2_grpc.GenerationServiceStub(sync_channel(self.spec.address, max_message_mb=1024))
+
+
+def timed(fn, *args) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    n = fn(*args)
+    return time.perf_counter() - t0, n
+
+
+def throughput(raw, service: Service, prompts: list[list[int]], rounds: int) -> dict:
+    raw.run(prompts[:2]), service.run(prompts[:2])  # warm-up: first-call costs are not throughput
+    r, s = [], []
+    for _ in range(rounds):
+        dt, n = timed(raw.run, prompts)
+        r.append(n / dt)
+        dt, n = timed(service.run, prompts)
+        s.append(n / dt)
+        assert n == N_PROMPTS * NEW_TOKENS, n
+    return {"raw": statistics.median(r), "service": statistics.median(s)}
+
+
+def swap_latency(service: Service, store, versions: dict, rounds: int) -> dict:
+    """Median client-side seconds of each kind of swap, and of the raw load of the same file."""
+    from safetensors.torch import load
+
+    from rlhf.v1 import common_pb2, generation_pb2
+
+    stub = service.stub()
+    full = store.get(versions["full"])
+    lora = store.get(versions["lora"])
+    data = full.weights_path.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    chunk = 4 << 20
+
+    def stream(version: int):
+        yield generation_pb2.WeightChunk(header=generation_pb2.WeightHeader(
+            version=version, format=common_pb2.WEIGHT_FORMAT_FULL, sha256=sha, total_bytes=len(data)))
+        for i in range(0, len(data), chunk):
+            yield generation_pb2.WeightChunk(data=data[i:i + chunk])
+
+    def load(version: int) -> float:
+        t0 = time.perf_counter()
+        stub.LoadVersion(generation_pb2.LoadVersionRequest(version=version), timeout=600)
+        return time.perf_counter() - t0
+
+    out = {k: [] for k in ("lora", "full", "stream", "raw_full", "raw_lora")}
+    load(0)
+    for i in range(rounds):
+        out["lora"].append(load(versions["lora"]))
+        load(0)
+        out["full"].append(load(versions["full"]))
+        load(0)
+        t0 = time.perf_counter()
+        stub.UpdateWeights(stream(1000 + i), timeout=600)
+        out["stream"].append(time.perf_counter() - t0)
+        load(0)
+        out["raw_full"].append(timed(lambda: load(full.weights_path.read_bytes()))[0])
+        out["raw_lora"].append(timed(lambda: load(lora.weights_path.read_bytes()))[0])
+    return {k: statistics.median(v) for k, v in out.items()} | {"full_mb": len(data) / 1e6,
+                                                                  "lora_mb": lora.weights_path.stat().st_size / 1e6}
+
+
+# --- main -----------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="demo", help='"demo" (SmolLM2-135M-Instruct), "tiny", or a folder')
+    ap.add_argument("--backends", default="transformers,vllm")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--vllm-enforce-eager", default="true", choices=["true", "false"])
+    args = ap.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import torch
+    from safetensors.torch import load_file
+
+    from rlhf.generation.adapters import make_random_lora
+    from rlhf.models import build_tiny_model, resolve_model
+    from rlhf.weightstore import WeightStore
+
+    work = Path(tempfile.mkdtemp(prefix="bench-generation-"))
+    model_dir = build_tiny_model(work / "tiny") if args.model == "tiny" else resolve_model(args.model)
+    prompts = prompt_ids(model_dir)
+    # swap targets: a full version (the same weights, perturbed) and a LoRA adapter
+    store = WeightStore(work / "weights")
+    base = load_file(str(model_dir / "model.safetensors"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        store.put(1, {k: v + 1e-3 * torch.randn_like(v) for k, v in base.items()})
+    del base
+    tensors, cfg = make_random_lora(model_dir, work / "lora", rank=8, seed=0)
+    store.put(2, tensors, fmt="lora", adapter_config=cfg)
+
+    print(f"model {model_dir} · {N_PROMPTS} prompts × {NEW_TOKENS} new tokens · median of {args.rounds} rounds · "
+          f"torch threads {torch.get_num_threads()}\n")
+    rows, swaps = [], []
+    for backend in args.backends.split(","):
+        env = {"RLHF_VLLM_ENFORCE_EAGER": args.vllm_enforce_eager, "RLHF_MAX_MODEL_LEN": "2048", "RLHF_MAX_BATCH": "32"}
+        with Service(backend, model_dir, work, env) as service:
+            if backend == "vllm":
+                raw = RawVllm(model_dir, dict(
+                    model=str(model_dir), max_model_len=2048, max_num_seqs=32, dtype="float32", seed=0,
+                    enforce_eager=args.vllm_enforce_eager == "true", enable_lora=True, max_lora_rank=16, max_loras=2))
+            else:
+                raw = RawHF(model_dir)
+            tp = throughput(raw, service, prompts, args.rounds)
+            rows.append((backend, raw.name, tp, service.start_s))
+            swaps.append((backend, swap_latency(service, store, {"full": 1, "lora": 2}, args.rounds)))
+            del raw
+
+    print("| backend | raw engine | raw tok/s | service tok/s | service / raw | service start (s) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for backend, name, tp, start in rows:
+        print(f"| {backend} | {name} | {tp['raw']:.0f} | {tp['service']:.0f} | {tp['service'] / tp['raw']:.2f} | {start:.0f} |")
+    print()
+    print("| backend | LoRA swap (s) | full swap, store (s) | full swap, gRPC stream (s) | raw load full (s) | full swap / raw | raw load LoRA (s) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for backend, s in swaps:
+        print(f"| {backend} | {s['lora']:.3f} | {s['full']:.2f} | {s['stream']:.2f} | {s['raw_full']:.2f} | "
+              f"{s['full'] / s['raw_full']:.1f} | {s['raw_lora']:.4f} |")
+    print(f"\nfull weights {swaps[0][1]['full_mb']:.0f} MB, LoRA adapter {swaps[0][1]['lora_mb']:.1f} MB")
+    print(json.dumps({"throughput": rows, "swaps": swaps}, default=str))
+
+
+if __name__ == "__main__":
+    main()
