@@ -91,7 +91,8 @@ class World:
         cfg = self.cfg
         t0 = time.perf_counter()
         rng = random.Random(cfg.seed)
-        n = cfg.rm_pairs + 128  # 128 held out to measure the RM
+        n_heldout = min(128, max(8, cfg.rm_pairs // 4))  # pairs held out to measure the RM
+        n = cfg.rm_pairs + n_heldout
         prompts = [rng.choice(self.train_prompts) for _ in range(n)]
         a = sample(self.reference, self.tokenizer, prompts, cfg.max_new_tokens, seed=cfg.seed + 1)
         b = sample(self.reference, self.tokenizer, prompts, cfg.max_new_tokens, seed=cfg.seed + 2)
@@ -102,17 +103,17 @@ class World:
                 continue  # the raters see no difference: no comparison to give
             chosen, rejected = (x, y) if rx > ry else (y, x)
             pairs.append(Example(PAIR, (("user", p),), chosen=chosen.text, rejected=rejected.text))
-        train, heldout = pairs[:-128], pairs[-128:]
+        train, heldout = pairs[:-n_heldout], pairs[-n_heldout:]
         self.log(f"[rm] {len(pairs)} rater comparisons from {n} answer pairs of π_ref ({len(train)} train, {len(heldout)} held out)")
         torch.manual_seed(cfg.seed)
         model = load_reward_model(resolve_backbone(cfg.rm_backbone, policy_model=str(self.model_dir)), max_tokens=128)
         model.to(self.device)
-        trainer = OnlineRewardTrainer(model, TrainerConfig(lr=3e-4 if cfg.rm_backbone == "tiny" else 3e-5, batch_size=32,
+        trainer = OnlineRewardTrainer(model, TrainerConfig(lr=cfg.rm_lr, batch_size=32,
                                                            replay_ratio=0.0, seed=cfg.seed))
         for epoch in range(cfg.rm_epochs):
             order = train[:]
             random.Random(cfg.seed + epoch).shuffle(order)
-            steps = trainer.train(order)
+            steps = list(trainer.train(order))
             self.log(f"[rm] epoch {epoch + 1}/{cfg.rm_epochs}: loss {steps[-1]['loss']:.3f}, "
                      f"progressive accuracy {sum(s['validation_accuracy'] for s in steps) / len(steps):.3f}")
         model.eval()
@@ -253,7 +254,8 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, log: Callable[[str], None] 
         pngs[f"{beta:g}"] = plot_beta(out, beta, cfg.kl_budget, out.path(f"kl-sweep-beta-{beta:g}.png"))
     pngs["all"] = plot_summary(out, cfg.betas, out.path("kl-sweep-summary.png"))
     wall = time.perf_counter() - wall
-    out.path("kl-sweep.md").write_text(report(out, cfg, world.rm_stats, summaries, pngs, wall))
+    device = torch.cuda.get_device_name(world.device) if world.device.type == "cuda" else "CPU"
+    out.path("kl-sweep.md").write_text(report(out, cfg, world.rm_stats, summaries, pngs, wall, device))
     result = {"out": str(out.root), "wall_seconds": wall, **world.rm_stats, "runs": summaries}
     out.write_json("summary.json", result)
     return result

@@ -9,18 +9,19 @@ from dataclasses import dataclass, field
 @dataclass
 class SweepConfig:
     betas: list[float] = field(default_factory=lambda: [0.0, 0.1, 1.0])  # fixed KL coefficients, one run each
-    steps: int = 60                  # PPO steps per β
+    steps: int = 120                 # PPO steps per β
     model: str = "toy"               # "toy", "demo" (SmolLM2-135M-Instruct) or a model folder
     oracle: str = "keyword_concise"  # gold oracle: true quality, plotted and used for win-rates
     rater: str = "verbose_rater"     # who labels the RM's comparisons (the gold oracle + a bias)
     rm_backbone: str = "tiny"        # reward-model backbone: "tiny", "minilm", "policy" or a folder
     rm_pairs: int = 768              # rater comparisons the RM learns from
     rm_epochs: int = 3               # passes over them
+    rm_lr: float = 3e-4              # reward-model learning rate (AdamW)
     batch_size: int = 16             # rollouts per PPO step
     ppo_epochs: int = 2              # K
     lr: float = 3e-4                 # PPO learning rate
     max_new_tokens: int = 48         # answer length cap, tokens
-    kl_budget: float = 4.0           # drift gate: KL(π‖π_ref) per answer on held-out prompts, nats
+    kl_budget: float = 6.0           # drift gate: KL(π‖π_ref) per answer on held-out prompts, nats
     gate_every: int = 5              # a version (and a gate check) every N steps
     heldout_prompts: int = 16        # held-out prompts for the drift gate and the win-rate
     eval_samples: int = 4            # held-out answers per prompt for the win-rate at each version
@@ -38,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rater", default=d.rater, help="who labels the RM's comparisons, module:function or built-in")
     p.add_argument("--rm-backbone", default=d.rm_backbone, help='"tiny", "minilm", "policy" or a folder')
     p.add_argument("--rm-pairs", type=int, default=d.rm_pairs, help="rater comparisons the RM learns from")
+    p.add_argument("--rm-epochs", type=int, default=d.rm_epochs, help="passes over the comparisons")
+    p.add_argument("--rm-lr", type=float, default=d.rm_lr, help="reward-model learning rate")
+    p.add_argument("--ppo-epochs", type=int, default=d.ppo_epochs, help="PPO epochs per batch (K)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="rollouts per PPO step")
     p.add_argument("--lr", type=float, default=d.lr, help="PPO learning rate")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="answer length cap")
@@ -52,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args) -> SweepConfig:
     return SweepConfig(
         betas=[float(b) for b in args.betas.split(",") if b.strip()], steps=args.steps, model=args.model,
-        oracle=args.oracle, rater=args.rater, rm_backbone=args.rm_backbone, rm_pairs=args.rm_pairs,
+        oracle=args.oracle, rater=args.rater, rm_backbone=args.rm_backbone, rm_pairs=args.rm_pairs, rm_epochs=args.rm_epochs, rm_lr=args.rm_lr, ppo_epochs=args.ppo_epochs,
         batch_size=args.batch_size, lr=args.lr, max_new_tokens=args.max_new_tokens, kl_budget=args.kl_budget,
         gate_every=args.gate_every, seed=args.seed, threads=args.threads, device=args.device,
     )

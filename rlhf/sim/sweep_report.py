@@ -32,7 +32,8 @@ def plot_beta(out: RunFolder, beta: float, kl_budget: float, png: Path) -> Path:
     ax = axes[0]
     ax.plot(x, [r["rm_score"] for r in rows], label="RM score r_φ", linewidth=1.6)
     ax.plot(x, [r["neg_beta_kl"] for r in rows], label="−β·KL", linewidth=1.6)
-    ax.plot(x, [r["total_reward"] for r in rows], label="total reward r_φ − β·KL", linewidth=1.6)
+    ax.plot(x, [r["total_reward"] for r in rows], "--", label="total reward r_φ − β·KL" + (" (= RM score at β=0)" if beta == 0 else ""),
+            linewidth=1.6)
     ax.set_title(f"β = {beta:g}: RM score, −β·KL and total reward (per answer)", fontsize=10)
     ax = axes[1]
     ax.plot(x, [r["oracle"] for r in rows], label="gold oracle, training answers", linewidth=1.6, color="tab:green")
@@ -90,7 +91,8 @@ def regime(first: dict, last: dict) -> str:
     return "mixed"
 
 
-def report(out: RunFolder, cfg: SweepConfig, world_stats: dict, summaries: list[dict], pngs: dict, wall: float) -> str:
+def report(out: RunFolder, cfg: SweepConfig, world_stats: dict, summaries: list[dict], pngs: dict, wall: float,
+           device: str = "cpu") -> str:
     rows = out.read("steps")
     k = max(1, cfg.steps // 10)  # average the first and last k steps: single batches are noisy
     table_rows = []
@@ -112,8 +114,8 @@ def report(out: RunFolder, cfg: SweepConfig, world_stats: dict, summaries: list[
     lines = [
         "# kl-sweep: the β figure, reproduced",
         "",
-        f"`rlhf experiment kl-sweep --steps {cfg.steps} --model {cfg.model}` — {wall / 60:.1f} min on this machine "
-        f"({cfg.threads} CPU thread{'s' if cfg.threads > 1 else ''}). Same library code as the services (rlhf.reward's "
+        f"`rlhf experiment kl-sweep --steps {cfg.steps} --model {cfg.model} --seed {cfg.seed}` — {wall / 60:.1f} min "
+        f"on {device}, {cfg.threads} CPU thread{'s' if cfg.threads > 1 else ''}. Same library code as the services (rlhf.reward's "
         "RewardModel and OnlineRewardTrainer, rlhf.learner's PPOTrainer and DriftGate, rlhf.ppo), run in one "
         "process rather than three stacks.",
         "",
@@ -141,3 +143,14 @@ def report(out: RunFolder, cfg: SweepConfig, world_stats: dict, summaries: list[
             )
     lines += ["", *[f"![β = {b}]({p.name})" for b, p in pngs.items()], ""]
     return "\n".join(lines)
+
+
+def replot(out_dir: str | Path) -> list[Path]:
+    """Re-draw a sweep folder's figures from its JSON lines (also a run cut short)."""
+    import json
+
+    out = RunFolder(out_dir)
+    cfg = json.loads(out.path("config.json").read_text())
+    betas = [b for b in cfg["betas"] if any(r["beta"] == b for r in out.read("steps"))]
+    paths = [plot_beta(out, b, cfg["kl_budget"], out.path(f"kl-sweep-beta-{b:g}.png")) for b in betas]
+    return paths + [plot_summary(out, betas, out.path("kl-sweep-summary.png"))]
