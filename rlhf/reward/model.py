@@ -87,8 +87,10 @@ class RewardModel(nn.Module):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def clone(self) -> "RewardModel":
-        """An independent copy of the weights (sharing the tokenizer), for serving."""
-        return copy.deepcopy(self, memo={id(self.tokenizer): self.tokenizer})
+        """An independent copy, for serving while this one trains. The tokenizer is copied
+        too: a fast tokenizer sets its truncation/padding state on every call and refuses
+        ("Already borrowed") to be used by two threads at once."""
+        return copy.deepcopy(self)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
         """input_ids, attention_mask  # (B, L), right-padded → scores  # (B,)"""

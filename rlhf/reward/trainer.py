@@ -59,13 +59,10 @@ class OnlineRewardTrainer:
         self.converter = FeedbackConverter()
         self.normalizer = ScoreNormalizer(window=cfg.norm_window, clip=cfg.norm_clip)
         self.correct: deque[int] = deque(maxlen=cfg.accuracy_window)  # 1 = validated right
+        self.online_accuracy = 0.0  # mean of `correct`, kept as a float other threads can read
         self.step = 0
         self.examples_seen = 0  # new examples trained on (pairs + pointwise)
         self.pairs_seen = 0
-
-    @property
-    def online_accuracy(self) -> float:
-        return sum(self.correct) / len(self.correct) if self.correct else 0.0
 
     def ingest(self, events: Iterable[Any]) -> Ingested:
         """Feedback events → new examples, dropping event ids seen before."""
@@ -96,6 +93,7 @@ class OnlineRewardTrainer:
             raw = self._scores(new)  # (n_texts,)
         right = self._correct(new, raw)
         self.correct.extend(right)
+        self.online_accuracy = sum(self.correct) / len(self.correct)
         # 2. the normaliser follows the scores the current weights give
         self.normalizer.update(raw)
         # 3. replay: older examples keep the RM from forgetting them
@@ -191,6 +189,7 @@ class OnlineRewardTrainer:
         self.normalizer = ScoreNormalizer.from_state(state["normalizer"])
         self.normalizer.window, self.normalizer.clip = self.cfg.norm_window, self.cfg.norm_clip
         self.correct = deque(state["correct"], maxlen=self.cfg.accuracy_window)
+        self.online_accuracy = sum(self.correct) / len(self.correct) if self.correct else 0.0
         self.dedup = EventDedup(self.cfg.dedup_capacity, state["dedup"])
         self.converter.load_state(state["converter"])
         self.buffer.load_state(state["buffer"])

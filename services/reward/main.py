@@ -160,10 +160,11 @@ class RewardService(Service):
         self.snapshot = snapshot  # one reference assignment: a batch sees the old or the new version whole
 
     def _score(self, items: list[tuple]) -> list[tuple[float, float, int]]:
-        snap = self.snapshot
-        raw, norm = snap.score([p for p, _ in items], [r for _, r in items], self.settings.reward_score_batch_size)
+        """On the batcher's thread: one snapshot (version) for the whole batch."""
         from rlhf.reward.metrics import SCORED
 
+        snap = self.snapshot
+        raw, norm = snap.score([p for p, _ in items], [r for _, r in items], self.settings.reward_score_batch_size)
         SCORED.inc(len(items))
         return [(float(a), float(b), snap.version) for a, b in zip(raw.tolist(), norm.tolist())]
 
