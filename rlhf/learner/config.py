@@ -72,7 +72,7 @@ class PPOConfig(BaseModel):
     warmup_steps: int = Field(0, description="optimizer steps of linear warm-up from 0")
     decay_steps: int = Field(1000, description="optimizer steps over which linear/cosine decay to min_lr_ratio")
     min_lr_ratio: float = Field(0.1, description="floor of the decay, as a fraction of lr")
-    seed: int = Field(0, description="seed of the minibatch shuffles and the value head's init")
+    seed: int = Field(0, description="seed of the minibatch shuffles and of LoRA's initial A matrices")
 
 
 class LearnerConfig(PPOConfig):

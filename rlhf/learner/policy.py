@@ -24,18 +24,17 @@ LORA = "lora"
 
 
 class PolicyWithValueHead(nn.Module):
-    def __init__(self, lm: nn.Module, finetune: str, base_model: str, seed: int = 0):
+    def __init__(self, lm: nn.Module, finetune: str, base_model: str):
         super().__init__()
         self.lm = lm  # transformers causal LM, or a peft PeftModel around one
         self.finetune = finetune
         self.base_model = base_model  # the folder π_ref was loaded from
         hidden = self.causal_lm.config.hidden_size
         self.value_head = nn.Linear(hidden, 1)  # (…, H) → (…, 1) V(s_t)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            # OpenRLHF's critic init: N(0, 1/(H+1)); a small head keeps early values ≈ 0.
-            nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1) ** 0.5)
-            nn.init.zeros_(self.value_head.bias)
+        # V starts at 0 everywhere: a random head would add noise of the size of |h| to
+        # every advantage (whitening then drowns the score) until the critic catches up.
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
         self._reference: nn.Module | None = None
 
     @property
@@ -165,20 +164,21 @@ def build_policy(model_dir: str | Path, cfg: PPOConfig, device: str | torch.devi
     if cfg.finetune == LORA:
         from peft import LoraConfig, get_peft_model
 
-        lm = get_peft_model(
-            lm,
-            LoraConfig(
-                r=cfg.lora_r,
-                lora_alpha=cfg.lora_alpha,
-                lora_dropout=cfg.lora_dropout,
-                target_modules=list(cfg.lora_target_modules),
-                task_type="CAUSAL_LM",
-            ),
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=list(cfg.lora_target_modules),
+            task_type="CAUSAL_LM",
         )
+        cuda = [lm.device] if lm.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):  # lora_A's random init: same seed, same adapter
+            torch.manual_seed(cfg.seed)
+            lm = get_peft_model(lm, lora)
     else:
         lm.requires_grad_(True)
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy = PolicyWithValueHead(lm, cfg.finetune, str(model_dir), seed=cfg.seed).to(device)
+    policy = PolicyWithValueHead(lm, cfg.finetune, str(model_dir)).to(device)
     # PPO compares log-probs of two passes over the same tokens: no dropout anywhere.
     return policy.eval()
