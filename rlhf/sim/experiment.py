@@ -73,7 +73,8 @@ class World:
             from rlhf.models import rlhf_home
             from rlhf.sim.toy import build_toy_policy
 
-            return build_toy_policy(rlhf_home() / "models" / f"toy-sft-seed{cfg.seed}", self.train_prompts + self.heldout_prompts,
+            folder = rlhf_home() / "models" / f"toy-sft-seed{cfg.seed}-steps{cfg.sft_steps}"
+            return build_toy_policy(folder, self.train_prompts + self.heldout_prompts, steps=cfg.sft_steps,
                                     seed=cfg.seed, progress=self.log, device=self.device)
         from rlhf.models import resolve_model
 

@@ -11,6 +11,7 @@ class SweepConfig:
     betas: list[float] = field(default_factory=lambda: [0.0, 0.1, 1.0])  # fixed KL coefficients, one run each
     steps: int = 120                 # PPO steps per β
     model: str = "toy"               # "toy", "demo" (SmolLM2-135M-Instruct) or a model folder
+    sft_steps: int = 200             # toy model only: supervised steps of stage 1
     oracle: str = "keyword_concise"  # gold oracle: true quality, plotted and used for win-rates
     rater: str = "verbose_rater"     # who labels the RM's comparisons (the gold oracle + a bias)
     rm_backbone: str = "tiny"        # reward-model backbone: "tiny", "minilm", "policy" or a folder

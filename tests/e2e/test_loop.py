@@ -1,0 +1,194 @@
+"""The whole loop in real processes, tiny models: `rlhf up --tiny` with fast settings, then
+
+  feedback (rlhf simulate through the gateway) → RM update (reward service) → rollouts
+  scored by the new RM → PPO step (learner) → drift gate → new version loaded by the
+  generator → a chat answer through the gateway reports the new version;
+  `rlhf eval` reports it too; LearnerService.Rollback brings an earlier version back and
+  the next chat answer reports that one.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from rlhf.bus import EventConsumer, Topics
+from rlhf.serving.client import sync_channel
+from rlhf.v1 import events_pb2, generation_pb2, generation_pb2_grpc, learner_pb2, learner_pb2_grpc, reward_pb2, reward_pb2_grpc
+from tests.procs import ROOT, free_port
+
+pytestmark = pytest.mark.slow
+
+# Everything small and every cadence 1, so one feedback batch makes an RM version and one
+# batch of rollouts makes a policy version. Passed through `rlhf up`'s environment.
+FAST = {
+    "RLHF_REWARD_TRAIN_BATCH_SIZE": "4",
+    "RLHF_REWARD_PUBLISH_EVERY_STEPS": "1",
+    "RLHF_LEARNER_BATCH_SIZE": "4",
+    "RLHF_LEARNER_MINIBATCH_SIZE": "4",
+    "RLHF_LEARNER_MICRO_BATCH_SIZE": "4",
+    "RLHF_LEARNER_PPO_EPOCHS": "1",
+    "RLHF_LEARNER_PUBLISH_EVERY": "1",
+    "RLHF_LEARNER_DRIFT_KL_BUDGET": "1000",
+    "RLHF_LEARNER_DRIFT_MAX_NEW_TOKENS": "8",
+    "RLHF_LEARNER_DRIFT_SAMPLES_PER_PROMPT": "1",
+    "RLHF_LEARNER_TORCH_THREADS": "1",
+    "RLHF_SAMPLES_PER_PROMPT": "2",
+    "RLHF_ROLLOUT_MAX_TOKENS": "8",
+    "RLHF_ROLLOUTS_PER_VERSION": "4",
+    "RLHF_ROLLOUT_CONCURRENCY": "1",
+    "RLHF_DEFAULT_MAX_TOKENS": "12",
+    "RLHF_TORCH_THREADS": "1",
+    "RLHF_REWARD_TORCH_THREADS": "1",
+    "RLHF_REFERENCE_TORCH_THREADS": "1",
+}
+
+
+def _until(what: str, fn, timeout: float, every: float = 1.0):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(every)
+    raise AssertionError(f"{what}: not within {timeout:.0f}s (last: {last!r})")
+
+
+def _wait_for_line(proc, needle: str, timeout: float, seen: list[str]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                break
+            continue
+        seen.append(line)
+        if needle in line:
+            return
+    raise AssertionError(f"{needle!r} not seen in {timeout}s:\n{''.join(seen)}")
+
+
+def _cli(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rlhf.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def stack(tmp_path):
+    base = 20000 + free_port() % 20000
+    metrics = 41000 + free_port() % 10000
+    state = tmp_path / "state"
+    env = {**os.environ, **FAST, "RLHF_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
+    args = ["--tiny", "--state-dir", str(state), "--broker-port", str(free_port()), "--http-port", str(free_port()),
+            "--base-port", str(base), "--metrics-base-port", str(metrics), "--timeout", "400"]
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf.cli", "up", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen: list[str] = []
+    try:
+        _wait_for_line(proc, "all services SERVING", 500, seen)
+        up = json.loads((state / "up.json").read_text())
+        yield {"env": env, "state": state, "up": up, "urls": {s["name"]: (f"http://127.0.0.1:{s['port']}" if s["http"]
+                                                                         else f"127.0.0.1:{s['port']}") for s in up["services"]},
+               "logs": state / "logs"}
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _chat_version(gateway: str) -> int:
+    r = httpx.post(f"{gateway}/v1/chat/completions", timeout=120,
+                   json={"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["choices"][0]["response_id"]
+    assert r.headers["x-policy-version"] == str(body["policy_version"])
+    return int(body["policy_version"])
+
+
+def test_feedback_to_new_version_in_chat_then_rollback(stack, tmp_path):
+    env, urls = stack["env"], stack["urls"]
+    gateway = urls["gateway"]
+    learner_ch, gen_ch, reward_ch = sync_channel(urls["learner"]), sync_channel(urls["generator"]), sync_channel(urls["reward"])
+    learner = learner_pb2_grpc.LearnerServiceStub(learner_ch)
+    generator = generation_pb2_grpc.GenerationServiceStub(gen_ch)
+    reward = reward_pb2_grpc.RewardServiceStub(reward_ch)
+    try:
+        # 0. before any feedback: the reward model is version 0
+        assert reward.GetInfo(reward_pb2.RewardInfoRequest(), timeout=30).rm_version == 0
+
+        # 1. simulated users give feedback through the real gateway
+        sim = _cli(env, "simulate", "--oracle", "prefers_concise", "--feedback", "8", "--mode", "mixed",
+                   "--gateway", gateway, "--max-tokens", "12", "--concurrency", "2")
+        assert sim.returncode == 0, sim.stdout + sim.stderr
+        counts = _last_json(sim.stdout)
+        assert counts["feedback_accepted"] == 8 and counts["errors"] == 0
+        assert "[simulate] 8/8 feedback" in sim.stdout  # progress lines
+
+        # 2. the reward service trained on it and published a new RM version
+        info = _until("RM version after feedback",
+                      lambda: (i := reward.GetInfo(reward_pb2.RewardInfoRequest(), timeout=30)).rm_version >= 1 and i, 180)
+        assert info.train_step >= 1
+
+        # 3. rollouts scored by the new RM reach the learner, PPO steps publish promoted versions
+        def promoted():
+            versions = learner.ListVersions(learner_pb2.ListVersionsRequest(), timeout=30).versions
+            return [v for v in versions if v.promoted]
+
+        good = _until("two promoted policy versions", lambda: len(promoted()) >= 2 and promoted(), 400, every=2)
+        status = learner.GetStatus(learner_pb2.GetStatusRequest(), timeout=30)
+        assert status.step >= 2 and status.rollouts_trained >= 8
+        assert "kl" in status.last_stats and "score_mean" in status.last_stats
+        with EventConsumer(stack["up"]["kafka_bootstrap"], Topics("rlhf").rollouts, events_pb2.Rollout, group_id="e2e-reader") as c:
+            rollouts = _until("rollouts on Kafka", lambda: [r.event for r in c.poll(timeout_ms=2000)] or None, 60)
+            seen = list(rollouts)
+            deadline = time.monotonic() + 120
+            while not any(r.rm_version >= 1 and r.policy_version >= 1 for r in seen) and time.monotonic() < deadline:
+                seen += [r.event for r in c.poll(timeout_ms=2000)]
+        assert any(r.rm_version >= 1 for r in seen), "no rollout was scored by the trained RM"
+        assert any(r.policy_version >= 1 for r in seen), "no rollout came from a trained policy"
+
+        # 4. the generator swapped a new version in; a chat answer through the gateway reports it
+        version = _until("a chat answer from a trained version", lambda: (v := _chat_version(gateway)) >= 1 and v, 180, every=2)
+        assert version in {v.version for v in promoted()}
+
+        # 5. rlhf eval sees the served version (its last stdout line is one JSON object)
+        ev = _cli(env, "eval", "--oracle", "prefers_concise", "--n", "2", "--samples", "2", "--max-tokens", "8",
+                  "--state-dir", str(stack["state"]), "--run-dir", str(tmp_path / "eval"))
+        assert ev.returncode == 0, ev.stdout + ev.stderr
+        record = _last_json(ev.stdout)
+        assert record["policy_version"] >= 1 and record["n_prompts"] == 2
+        assert 0.0 <= record["win_rate"] <= 1.0 and record["kl_to_reference"] == pytest.approx(record["kl_to_reference"])
+        assert (tmp_path / "eval" / "eval.jsonl").exists() and (tmp_path / "eval" / "eval.png").exists()
+
+        # 6. Rollback (learner paused so no newer version races it): the served version follows
+        learner.Pause(learner_pb2.PauseRequest(), timeout=30)
+        target = good[0].version
+        info = learner.Rollback(learner_pb2.RollbackRequest(version=target), timeout=120)
+        assert info.version == target
+        _until("generator serving the rolled-back version",
+               lambda: generator.GetInfo(generation_pb2.GetInfoRequest(), timeout=30).policy_version == target, 120)
+        assert _chat_version(gateway) == target
+        assert learner.GetStatus(learner_pb2.GetStatusRequest(), timeout=30).serving_version == target
+    except BaseException:
+        for name in ("reward", "learner", "rollout", "generator"):
+            log = stack["logs"] / f"{name}.log"
+            if log.exists():
+                print(f"--- {name}.log (tail)\n" + "\n".join(log.read_text(errors="replace").splitlines()[-25:]))
+        raise
+    finally:
+        for ch in (learner_ch, gen_ch, reward_ch):
+            ch.close()
