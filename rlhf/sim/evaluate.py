@@ -172,7 +172,9 @@ def plot_eval(run: RunFolder) -> Path | None:
     x = [(r["time"] - t0) / 60 for r in rows]
     return line_plot(
         run.path("eval.png"), "win-rate vs the reference (oracle)", x,
-        [("win-rate", [r["win_rate"] for r in rows]), ("0.5 = no better", [0.5] * len(rows))],
+        [("win-rate", [r["win_rate"] for r in rows]), ("95% interval, low", [r["win_rate_low"] for r in rows]),
+         ("95% interval, high", [r["win_rate_high"] for r in rows])],
+        hlines=[(0.5, "0.5 = as good as the reference")],
         xlabel="minutes since the first eval",
         panels=[
             ("KL(π‖π_ref) per answer, nats", [("KL to reference", [r["kl_to_reference"] for r in rows])]),

@@ -89,9 +89,11 @@ def line_plot(
     xlabel: str = "step",
     panels: Iterable[tuple[str, Iterable[tuple[str, Sequence[float]]]]] = (),
     markers: Iterable[tuple[float, str]] = (),
+    hlines: Iterable[tuple[float, str]] = (),
 ) -> Path:
     """One PNG: the main axes with `series`, then one extra axes per panel (name, series);
-    `markers` draw vertical dotted lines labelled at the top (e.g. gate refusals)."""
+    `markers` draw vertical dotted lines labelled at the top (e.g. gate refusals), `hlines`
+    dashed horizontal reference lines on the main axes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,13 +104,18 @@ def line_plot(
     groups = [(title, series)] + panels
     for ax, (name, group) in zip(axes[:, 0], groups):
         for label, ys in group:
-            ax.plot(x[: len(ys)], ys, label=label, linewidth=1.6)
+            few = len(ys) <= 30  # a few points (eval rounds) need markers to be seen at all
+            ax.plot(x[: len(ys)], ys, label=label, linewidth=1.6, marker="o" if few else None, markersize=4)
         ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
         for mx, mlabel in markers:
             ax.axvline(mx, color="grey", linestyle=":", linewidth=1)
         ax.axhline(0, color="black", linewidth=0.5, alpha=0.4)
+    for y, label in hlines:
+        axes[0, 0].axhline(y, color="grey", linestyle="--", linewidth=1, label=label)
+    if hlines:
+        axes[0, 0].legend(fontsize=8, loc="best")
     marks = list(markers)
     if marks:
         ax0 = axes[0, 0]

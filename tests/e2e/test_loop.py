@@ -158,16 +158,20 @@ def test_feedback_to_new_version_in_chat_then_rollback(stack, tmp_path):
             deadline = time.monotonic() + 120
             while not any(r.rm_version >= 1 and r.policy_version >= 1 for r in seen) and time.monotonic() < deadline:
                 seen += [r.event for r in c.poll(timeout_ms=2000)]
-        assert any(r.rm_version >= 1 for r in seen), "no rollout was scored by the trained RM"
-        assert any(r.policy_version >= 1 for r in seen), "no rollout came from a trained policy"
+        scored = [r for r in seen if r.rm_version >= 1 and r.policy_version >= 1]
+        assert scored, "no rollout from a trained policy was scored by the trained RM"
+        after = min(r.policy_version for r in scored)
 
-        # 4. the generator swapped a new version in; a chat answer through the gateway reports it
-        version = _until("a chat answer from a trained version", lambda: (v := _chat_version(gateway)) >= 1 and v, 180, every=2)
+        # 4. PPO steps after those rollouts made newer versions, the generator swapped one in,
+        #    and a chat answer through the gateway reports it
+        version = _until("a chat answer from a version trained after the RM update",
+                         lambda: (v := _chat_version(gateway)) > after and v, 240, every=2)
         assert version in {v.version for v in promoted()}
 
         # 5. rlhf eval sees the served version (its last stdout line is one JSON object)
         ev = _cli(env, "eval", "--oracle", "prefers_concise", "--n", "2", "--samples", "2", "--max-tokens", "8",
                   "--state-dir", str(stack["state"]), "--run-dir", str(tmp_path / "eval"))
+        print(sim.stdout[-1500:], ev.stdout[-3000:], sep="\n")  # what a user sees, in the CI log
         assert ev.returncode == 0, ev.stdout + ev.stderr
         record = _last_json(ev.stdout)
         assert record["policy_version"] >= 1 and record["n_prompts"] == 2
