@@ -84,11 +84,13 @@ def _last_json(out: str) -> dict:
 
 
 @pytest.fixture
-def stack(tmp_path):
+def stack(tmp_path, request):
+    """`rlhf up --tiny` with FAST settings (and the test's overrides, via indirect params)."""
     base = 20000 + free_port() % 20000
     metrics = 41000 + free_port() % 10000
     state = tmp_path / "state"
-    env = {**os.environ, **FAST, "RLHF_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
+    overrides = getattr(request, "param", {})
+    env = {**os.environ, **FAST, **overrides, "RLHF_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
     args = ["--tiny", "--state-dir", str(state), "--broker-port", str(free_port()), "--http-port", str(free_port()),
             "--base-port", str(base), "--metrics-base-port", str(metrics), "--timeout", "400"]
     proc = subprocess.Popen([sys.executable, "-m", "rlhf.cli", "up", *args], cwd=ROOT, env=env,
@@ -196,3 +198,27 @@ def test_feedback_to_new_version_in_chat_then_rollback(stack, tmp_path):
     finally:
         for ch in (learner_ch, gen_ch, reward_ch):
             ch.close()
+
+
+@pytest.mark.parametrize("stack", [{"RLHF_LEARNER_DRIFT_KL_BUDGET": "1e-7", "RLHF_LEARNER_LR": "1e-3"}], indirect=True)
+def test_drift_gate_refuses_and_the_served_version_stays(stack):
+    """A budget no trained version meets: the learner keeps training, every version is
+    refused with its reason, and chat answers keep coming from the reference (v0)."""
+    env, urls = stack["env"], stack["urls"]
+    with sync_channel(urls["learner"]) as ch:
+        learner = learner_pb2_grpc.LearnerServiceStub(ch)
+        sim = _cli(env, "simulate", "--oracle", "prefers_concise", "--feedback", "4", "--gateway", urls["gateway"],
+                   "--max-tokens", "12")
+        assert sim.returncode == 0, sim.stdout + sim.stderr
+
+        def refused():
+            versions = learner.ListVersions(learner_pb2.ListVersionsRequest(), timeout=30).versions
+            trained = [v for v in versions if v.version > 0]  # v0: the initial policy, promoted as is
+            return len(trained) >= 2 and trained
+
+        versions = _until("two trained versions through the drift gate", refused, 400, every=2)
+        assert all(not v.promoted for v in versions), [(v.version, v.promoted, v.kl_to_reference, v.reason) for v in versions]
+        assert all("exceeds budget" in v.reason and v.kl_to_reference > 1e-7 for v in versions)
+        status = learner.GetStatus(learner_pb2.GetStatusRequest(), timeout=30)
+        assert status.serving_version == 0 and status.step >= 2
+        assert _chat_version(urls["gateway"]) == 0
