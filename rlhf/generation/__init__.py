@@ -1,12 +1,14 @@
 """Generation: one interface over the transformers and vLLM engines, per-token log-probs,
-and weight swaps that never fail an in-flight request (see docs/generation.md)."""
+and weight swaps that never fail an in-flight request (see docs/generation.md).
+
+Importing this package loads neither gRPC nor Kafka: the servicer (`rlhf.generation.servicer`)
+and the PolicyUpdate follower (`rlhf.generation.follower`) are imported by the service."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from rlhf.generation.backend import Backend
-from rlhf.generation.follower import PolicyFollower
 from rlhf.generation.gate import Served, VersionGate
 from rlhf.generation.generator import Generator
 from rlhf.generation.params import Limits
@@ -48,6 +50,6 @@ def make_backend(
 
 
 __all__ = [
-    "Backend", "CPU_DEFAULT_BACKEND", "Delta", "Generator", "InvalidRequest", "Limits", "PolicyFollower", "Sampling",
+    "Backend", "CPU_DEFAULT_BACKEND", "Delta", "Generator", "InvalidRequest", "Limits", "Sampling",
     "SampleOut", "Served", "VersionGate", "WeightsRefused", "default_backend", "make_backend",
 ]

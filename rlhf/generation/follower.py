@@ -17,15 +17,16 @@ from prometheus_client import Counter
 
 from rlhf.bus import EventConsumer, Topics, ensure_topics
 from rlhf.generation.generator import Generator
-from rlhf.generation.servicer import FORMATS
+from rlhf.generation.weights import FULL, LORA
 from rlhf.generation.types import WeightsRefused
-from rlhf.v1 import events_pb2
+from rlhf.v1 import common_pb2, events_pb2
 
 log = logging.getLogger(__name__)
 
 POLICY_EVENTS = Counter("rlhf_generator_policy_events_total", "PolicyUpdate events seen, by action and outcome", ["action", "outcome"])
 
 PROMOTED, ROLLED_BACK = events_pb2.POLICY_ACTION_PROMOTED, events_pb2.POLICY_ACTION_ROLLED_BACK
+_FORMATS = {common_pb2.WEIGHT_FORMAT_FULL: FULL, common_pb2.WEIGHT_FORMAT_LORA: LORA}
 
 
 class PolicyFollower:
@@ -65,7 +66,7 @@ class PolicyFollower:
     async def _load(self, ev: events_pb2.PolicyUpdate, replay: bool = False) -> None:
         action = events_pb2.PolicyAction.Name(ev.action)
         try:
-            await self.gen.load_version(ev.version, ev.uri, ev.sha256, FORMATS.get(ev.format, ""))
+            await self.gen.load_version(ev.version, ev.uri, ev.sha256, _FORMATS.get(ev.format, ""))
         except WeightsRefused as e:
             POLICY_EVENTS.labels(action, "refused").inc()
             log.error("policy update refused", extra={"version": ev.version, "reason": str(e)})

@@ -2,7 +2,8 @@
 
 Versions: the weights the service starts with are version 0; every later version comes from
 the weight store (`load_version`) or a gRPC stream (`receive`). A LoRA version is an adapter
-on the base weights loaded at that moment (the initial model, or the last full version).
+on the initial weights, the model the learner trains its adapter against: loading one after
+a full version first restores the initial weights (in the same drained swap).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Generator:
         self.max_lora_rank = max_lora_rank
         self.gate = VersionGate(Served(0, FULL))
         self._swap_lock = asyncio.Lock()
+        self._full_version = 0  # the full weights loaded now (under any LoRA adapter)
         self._received: list[Path] = []
 
     async def start(self) -> None:
@@ -151,10 +153,18 @@ class Generator:
                         await self.backend.discard(results[0])
                     raise errors[-1]
                 prepared = results[0]
-                if self.backend.drains(update):
+                restore = None
+                if update.fmt == LORA and self._full_version != 0:
+                    restore = await self.backend.prepare(WeightUpdate(0, FULL, self.base_files))
+                if restore is not None or self.backend.drains(update):
                     async with self.gate.drained():
+                        if restore is not None:
+                            await self.backend.activate(restore)
+                            self._full_version = 0
                         handle = await self.backend.activate(prepared)
                         self.gate.set(Served(update.version, update.fmt, handle))
+                        if update.fmt == FULL:
+                            self._full_version = update.version
                 else:
                     handle = await self.backend.activate(prepared)
                     self.gate.set(Served(update.version, update.fmt, handle))

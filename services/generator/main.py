@@ -11,7 +11,8 @@ from typing import Literal, Sequence
 import grpc
 from pydantic import Field
 
-from rlhf.generation import Generator, Limits, PolicyFollower, make_backend
+from rlhf.generation import Generator, Limits, make_backend
+from rlhf.generation.follower import PolicyFollower
 from rlhf.generation.servicer import GenerationServicer
 from rlhf.serving import GrpcServiceSettings, Service, load_settings, run_service
 from rlhf.v1 import generation_pb2_grpc

@@ -190,7 +190,10 @@ def test_update_weights_changes_greedy_output_and_version(stack):
 
 
 def test_lora_version_from_the_weight_store(stack):
+    """A LoRA version is an adapter on the initial weights (what the learner trains it
+    against), even when a full version serves when it arrives."""
     put_lora(stack, 21)
+    assert push_full(stack, 20, stack.models["other"]).version == 20
     before = greedy(stack)
     resp = stack.stub.LoadVersion(generation_pb2.LoadVersionRequest(version=21), timeout=120)
     assert resp.version == 21

@@ -19,7 +19,7 @@ from rlhf.generation.params import sampling_from
 from rlhf.generation.text import TextTracker
 from rlhf.generation.types import InvalidRequest
 from rlhf.generation.weights import check_full, check_lora, receive_stream, store_version, tensor_shapes, verify_sha256
-from rlhf.models import load_causal_lm, load_tokenizer, sequence_logprobs
+from rlhf.models import build_tiny_model, load_causal_lm, load_tokenizer, sequence_logprobs
 from rlhf.weightstore import WeightStore
 
 LIMITS = Limits(max_model_len=100, default_max_tokens=20, max_max_tokens=50, max_n=4)
@@ -234,17 +234,21 @@ def test_seeded_sampling_repeats_and_samples_differ(tiny_model_dir, tmp_path):
 
 def test_merged_lora_matches_peft_and_base_is_restored(tiny_model_dir, tmp_path):
     """The transformers backend merges an adapter into the weights (W + α/r·BA); its log-probs
-    must equal peft's unmerged forward, and going back to version 0 must restore the base."""
+    must equal peft's unmerged forward on the initial weights, also when a full version
+    served before it, and going back to version 0 must restore the base."""
     from peft import PeftModel
 
     tensors, cfg = make_random_lora(tiny_model_dir, tmp_path / "lora", rank=8, seed=1)
     store = WeightStore(tmp_path / "weights")
     store.put(1, tensors, fmt="lora", adapter_config=cfg)
+    other = build_tiny_model(tmp_path / "other", seed=1, initializer_range=0.2)
+    store.put(2, load_file(str(other / "model.safetensors")))
 
     async def body(gen):
         ids = gen.chat_ids([{"role": "user", "content": "hi"}])
         greedy = Sampling(temperature=0.0, max_tokens=16)
         _, base = await collect(gen, ids, greedy)
+        await gen.load_version(2)
         await gen.load_version(1)
         v1, lora = await collect(gen, ids, greedy)
         await gen.load_version(0)
