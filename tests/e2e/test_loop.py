@@ -4,7 +4,8 @@
   scored by the new RM → PPO step (learner) → drift gate → new version loaded by the
   generator → a chat answer through the gateway reports the new version;
   `rlhf eval` reports it too; LearnerService.Rollback brings an earlier version back and
-  the next chat answer reports that one.
+  the next chat answer reports that one. A second test: a drift budget nothing meets, every
+  trained version refused, the served version stays 0.
 """
 
 import json
