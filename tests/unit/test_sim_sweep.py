@@ -47,3 +47,15 @@ def test_kl_sweep_runs_every_stage(tmp_path, monkeypatch):
     assert "| β |" in report and "Rollback to v0" in report
     assert result["runs"][0]["refused"] == 2 and "rm_accuracy_rater" in result
     assert any(line.startswith("[rm]") for line in logs)
+
+
+def test_kl_sweep_with_a_model_folder_trains_lora(tmp_path, monkeypatch, tiny_model_dir):
+    """Any model folder (here the tiny random Llama) goes the way `--model demo` does:
+    LoRA fine-tuning, π_ref = the adapter switched off, versions stored as adapters."""
+    monkeypatch.setenv("RLHF_HOME", str(tmp_path / "home"))
+    cfg = SweepConfig(betas=[0.1], steps=2, model=str(tiny_model_dir), rm_pairs=16, rm_epochs=1, batch_size=4,
+                      max_new_tokens=6, gate_every=1, heldout_prompts=2, eval_samples=1, kl_budget=1e6, device="cpu")
+    result = run_sweep(cfg, tmp_path / "out", log=lambda m: None)
+    versions = WeightStore(tmp_path / "out" / "weights-beta-0.1").versions()
+    assert [v.format for v in versions] == ["lora", "lora"] and all(v.meta["promoted"] for v in versions)
+    assert result["runs"][0]["served_version"] == 2 and "rollback" not in result["runs"][0]
