@@ -179,6 +179,7 @@ class Learner:
         if cut:
             log.info("ledger cut back to the checkpoint", extra={"entries_removed": cut})
         if self.state.pending_publish is not None:
+            log.info("finishing an interrupted publication", extra={"version": self.state.pending_publish})
             self._publish(self.state.pending_publish)
         self._export_gauges()
 
