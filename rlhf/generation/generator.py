@@ -52,6 +52,7 @@ class Generator:
         self.gate = VersionGate(Served(0, FULL))
         self._swap_lock = asyncio.Lock()
         self._full_version = 0  # the full weights loaded now (under any LoRA adapter)
+        self.ready = False
         self._received: list[Path] = []
 
     async def start(self) -> None:
@@ -62,6 +63,7 @@ class Generator:
         self.tied = bool(config.get("tie_word_embeddings", False))
         self.limits = dataclasses.replace(self.limits, vocab_size=int(config.get("vocab_size", len(self.tokenizer))))
         await self.backend.start()
+        self.ready = True
         POLICY_VERSION.set(0)
         log.info("model loaded", extra={"model": str(self.model_dir), "backend": self.backend.name})
 

@@ -26,6 +26,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self.gen = generator
         self.backend_name = backend_name
 
+    async def _check_ready(self, context) -> None:
+        if not self.gen.ready:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the policy model is still loading")
+
     def _prepare(self, request: generation_pb2.GenerateRequest) -> tuple[str, list[int], Sampling]:
         which = request.WhichOneof("prompt")
         if which == "messages":
@@ -44,6 +48,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         return request.request_id or uuid.uuid4().hex, ids, sampling
 
     async def Generate(self, request, context):
+        await self._check_ready(context)
         try:
             rid, ids, sampling = self._prepare(request)
         except InvalidRequest as e:
@@ -61,6 +66,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         )
 
     async def GenerateStream(self, request, context) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
+        await self._check_ready(context)
         try:
             rid, ids, sampling = self._prepare(request)
         except InvalidRequest as e:
@@ -79,6 +85,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 yield msg
 
     async def UpdateWeights(self, request_iterator, context):
+        await self._check_ready(context)
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("chunk") != "header":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "chunk: the first WeightChunk must carry the header")
@@ -100,6 +107,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         return generation_pb2.UpdateWeightsResponse(version=self.gen.version, seconds=seconds)
 
     async def LoadVersion(self, request, context):
+        await self._check_ready(context)
         try:
             seconds = await self.gen.load_version(request.version, request.uri, request.sha256, FORMATS.get(request.format, ""))
         except WeightsRefused as e:
@@ -107,6 +115,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         return generation_pb2.UpdateWeightsResponse(version=self.gen.version, seconds=seconds)
 
     async def GetInfo(self, request, context):
+        await self._check_ready(context)
         return generation_pb2.GeneratorInfo(
             model=self.gen.model_name, backend=self.backend_name, policy_version=self.gen.version,
             max_model_len=self.gen.limits.max_model_len, weight_format=FORMAT_ENUM[self.gen.fmt],
