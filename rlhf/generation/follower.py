@@ -54,9 +54,15 @@ class PolicyFollower:
             await self._load(last, replay=True)
 
     async def run(self) -> None:
-        """Follow new events until cancelled."""
+        """Follow new events until cancelled; a broker outage is logged and waited out."""
         while True:
-            for r in await asyncio.to_thread(self.consumer.poll, 1000):
+            try:
+                records = await asyncio.to_thread(self.consumer.poll, 1000)
+            except Exception:
+                log.exception("polling policy updates failed; retrying")
+                await asyncio.sleep(1.0)
+                continue
+            for r in records:
                 ev = r.event
                 if ev.action == ROLLED_BACK or (ev.action == PROMOTED and ev.version > self.gen.version):
                     await self._load(ev)

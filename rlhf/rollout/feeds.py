@@ -41,16 +41,23 @@ class BusFeeds:
 
     async def run(self, loop: RolloutLoop, prompts: PromptMixer) -> None:
         while not loop.stopping.is_set():
-            for r in await asyncio.to_thread(self.updates.poll, 200):
-                loop.observe(r.event.version)
-            if self.interactions is not None:
-                records = await asyncio.to_thread(self.interactions.poll, 200)
-                for r in records:
-                    ev = r.event
-                    prompts.add_live(ev.conversation_id, [{"role": m.role, "content": m.content} for m in ev.prompt])
-                if records:
-                    metrics.LIVE_PROMPTS.inc(len(records))
-                    await asyncio.to_thread(self.interactions.commit)
+            try:
+                await self._poll(loop, prompts)
+            except Exception:
+                log.exception("polling Kafka failed; retrying")
+                await asyncio.sleep(1.0)
+
+    async def _poll(self, loop: RolloutLoop, prompts: PromptMixer) -> None:
+        for r in await asyncio.to_thread(self.updates.poll, 200):
+            loop.observe(r.event.version)
+        if self.interactions is None:
+            return
+        records = await asyncio.to_thread(self.interactions.poll, 200)
+        for r in records:
+            prompts.add_live(r.event.conversation_id, [{"role": m.role, "content": m.content} for m in r.event.prompt])
+        if records:
+            metrics.LIVE_PROMPTS.inc(len(records))
+            await asyncio.to_thread(self.interactions.commit)
 
     def close(self) -> None:
         for c in (self.updates, self.interactions):
