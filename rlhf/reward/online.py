@@ -105,7 +105,8 @@ class OnlineRewardLoop:
             offsets = {(t, p): o for t, p, o in state["offsets"]}
         consumer = self.make_consumer()
         # Resume exactly after what the checkpoint trained on. The group's committed
-        # offsets are never ahead of it (they are committed after the checkpoint).
+        # offsets are never ahead of it (they are committed after the checkpoint), except
+        # past duplicates, which the restored de-dup set drops again.
         mine = {tp: o for tp, o in offsets.items() if tp[0] == consumer.topic}
         if mine:
             consumer.seek(mine)
@@ -135,13 +136,14 @@ class OnlineRewardLoop:
                     self.restore()
                 except Exception:
                     log.exception("restore failed; retrying")
+        if self.trainer is None or self.consumer is None:
+            return  # never restored: nothing to save
         try:
             self.flush()
         except Exception:
             log.exception("final checkpoint failed; the next start replays from the last one")
         finally:
-            if self.consumer is not None:
-                self.consumer.close()
+            self.consumer.close()
 
     def iterate(self) -> None:
         # 1. poll
