@@ -150,9 +150,10 @@ def simulate(
                 last_report = now
                 d = stats.as_dict()
                 rate = stats.accepted / max(now - started, 1e-9)
-                mean = d["oracle_mean_recent"]
-                progress(f"[simulate] {stats.accepted}/{feedback} feedback, {stats.chats} chats, "
-                         f"policy v{d['latest_policy_version']}, oracle mean {mean:+.3f}, {rate:.2f} events/s")
+                mean = "-" if d["oracle_mean_recent"] is None else f"{d['oracle_mean_recent']:+.3f}"
+                version = "-" if d["latest_policy_version"] is None else f"v{d['latest_policy_version']}"
+                progress(f"[simulate] {stats.accepted}/{feedback} feedback, {stats.chats} chats, {stats.errors} errors, "
+                         f"policy {version}, oracle mean {mean}, {rate:.2f} events/s")
     return stats
 
 

@@ -112,6 +112,14 @@ def stack(tmp_path, request):
                 proc.kill()
 
 
+def _print_logs(stack) -> None:
+    """The services' last log lines, for a failure report."""
+    for name in ("gateway", "reward", "learner", "rollout", "generator"):
+        log = stack["logs"] / f"{name}.log"
+        if log.exists():
+            print(f"--- {name}.log (tail)\n" + "\n".join(log.read_text(errors="replace").splitlines()[-25:]))
+
+
 def _chat_version(gateway: str) -> int:
     r = httpx.post(f"{gateway}/v1/chat/completions", timeout=120,
                    json={"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8})
@@ -191,10 +199,7 @@ def test_feedback_to_new_version_in_chat_then_rollback(stack, tmp_path):
         assert _chat_version(gateway) == target
         assert learner.GetStatus(learner_pb2.GetStatusRequest(), timeout=30).serving_version == target
     except BaseException:
-        for name in ("reward", "learner", "rollout", "generator"):
-            log = stack["logs"] / f"{name}.log"
-            if log.exists():
-                print(f"--- {name}.log (tail)\n" + "\n".join(log.read_text(errors="replace").splitlines()[-25:]))
+        _print_logs(stack)
         raise
     finally:
         for ch in (learner_ch, gen_ch, reward_ch):
@@ -205,21 +210,28 @@ def test_feedback_to_new_version_in_chat_then_rollback(stack, tmp_path):
 def test_drift_gate_refuses_and_the_served_version_stays(stack):
     """A budget no trained version meets: the learner keeps training, every version is
     refused with its reason, and chat answers keep coming from the reference (v0)."""
+    with sync_channel(stack["urls"]["learner"]) as ch:
+        try:
+            _drift_gate_checks(stack, learner_pb2_grpc.LearnerServiceStub(ch))
+        except BaseException:
+            _print_logs(stack)
+            raise
+
+
+def _drift_gate_checks(stack, learner) -> None:
     env, urls = stack["env"], stack["urls"]
-    with sync_channel(urls["learner"]) as ch:
-        learner = learner_pb2_grpc.LearnerServiceStub(ch)
-        sim = _cli(env, "simulate", "--oracle", "prefers_concise", "--feedback", "4", "--gateway", urls["gateway"],
-                   "--max-tokens", "12")
-        assert sim.returncode == 0, sim.stdout + sim.stderr
+    sim = _cli(env, "simulate", "--oracle", "prefers_concise", "--feedback", "4", "--gateway", urls["gateway"],
+               "--max-tokens", "12")
+    assert sim.returncode == 0, sim.stdout + sim.stderr
 
-        def refused():
-            versions = learner.ListVersions(learner_pb2.ListVersionsRequest(), timeout=30).versions
-            trained = [v for v in versions if v.version > 0]  # v0: the initial policy, promoted as is
-            return len(trained) >= 2 and trained
+    def refused():
+        versions = learner.ListVersions(learner_pb2.ListVersionsRequest(), timeout=30).versions
+        trained = [v for v in versions if v.version > 0]  # v0: the initial policy, promoted as is
+        return len(trained) >= 2 and trained
 
-        versions = _until("two trained versions through the drift gate", refused, 400, every=2)
-        assert all(not v.promoted for v in versions), [(v.version, v.promoted, v.kl_to_reference, v.reason) for v in versions]
-        assert all("exceeds budget" in v.reason and v.kl_to_reference > 1e-7 for v in versions)
-        status = learner.GetStatus(learner_pb2.GetStatusRequest(), timeout=30)
-        assert status.serving_version == 0 and status.step >= 2
-        assert _chat_version(urls["gateway"]) == 0
+    versions = _until("two trained versions through the drift gate", refused, 400, every=2)
+    assert all(not v.promoted for v in versions), [(v.version, v.promoted, v.kl_to_reference, v.reason) for v in versions]
+    assert all("exceeds budget" in v.reason and v.kl_to_reference > 1e-7 for v in versions)
+    status = learner.GetStatus(learner_pb2.GetStatusRequest(), timeout=30)
+    assert status.serving_version == 0 and status.step >= 2
+    assert _chat_version(urls["gateway"]) == 0
