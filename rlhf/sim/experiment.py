@@ -15,7 +15,9 @@ the processes on a 2-core machine; every piece of math here is the services' own
                 checks every version on held-out prompts; versions go to a WeightStore
                 with the learner's verdict fields; a refused version is not served, and at
                 the end the run rolls back to the last promoted version as the learner's
-                Rollback does (weights from the store, optimizer state reset)
+                Rollback does (weights from the store, optimizer state reset). Training
+                goes on from a refused version (the learner's on_reject="continue"): the
+                default "revert" would hide the hacking the figure is about
 
 Outputs in --out: kl-sweep-beta-<β>.png (RM score, −β·KL, total reward; gold oracle;
 KL and the gate), kl-sweep-summary.png, kl-sweep.md, steps.jsonl, gate.jsonl.
