@@ -166,7 +166,7 @@ def throughput(raw, service: Service, prompts: list[list[int]], rounds: int) -> 
 
 def swap_latency(service: Service, store, versions: dict, rounds: int) -> dict:
     """Median client-side seconds of each kind of swap, and of the raw load of the same file."""
-    from safetensors.torch import load
+    from safetensors.torch import load as read_tensors
 
     from rlhf.v1 import common_pb2, generation_pb2
 
@@ -199,8 +199,8 @@ def swap_latency(service: Service, store, versions: dict, rounds: int) -> dict:
         stub.UpdateWeights(stream(1000 + i), timeout=600)
         out["stream"].append(time.perf_counter() - t0)
         load(0)
-        out["raw_full"].append(timed(lambda: load(full.weights_path.read_bytes()))[0])
-        out["raw_lora"].append(timed(lambda: load(lora.weights_path.read_bytes()))[0])
+        out["raw_full"].append(timed(lambda: read_tensors(full.weights_path.read_bytes()))[0])
+        out["raw_lora"].append(timed(lambda: read_tensors(lora.weights_path.read_bytes()))[0])
     return {k: statistics.median(v) for k, v in out.items()} | {"full_mb": len(data) / 1e6,
                                                                   "lora_mb": lora.weights_path.stat().st_size / 1e6}
 
@@ -240,7 +240,7 @@ def main() -> None:
 
     print(f"model {model_dir} · {N_PROMPTS} prompts × {NEW_TOKENS} new tokens · median of {args.rounds} rounds · "
           f"torch threads {torch.get_num_threads()}\n")
-    rows, swaps = [], []
+    results = []
     for backend in args.backends.split(","):
         env = {"RLHF_VLLM_ENFORCE_EAGER": args.vllm_enforce_eager, "RLHF_MAX_MODEL_LEN": "2048", "RLHF_MAX_BATCH": "32"}
         with Service(backend, model_dir, work, env) as service:
@@ -251,22 +251,25 @@ def main() -> None:
             else:
                 raw = RawHF(model_dir)
             tp = throughput(raw, service, prompts, args.rounds)
-            rows.append((backend, raw.name, tp, service.start_s))
-            swaps.append((backend, swap_latency(service, store, {"full": 1, "lora": 2}, args.rounds)))
+            print(f"{backend}: raw {raw.name} {tp['raw']:.1f} tok/s, service {tp['service']:.1f} tok/s, "
+                  f"service start {service.start_s:.0f} s", flush=True)
+            sw = swap_latency(service, store, {"full": 1, "lora": 2}, args.rounds)
+            print(f"{backend}: swaps {json.dumps({k: round(v, 4) for k, v in sw.items()})}", flush=True)
+            results.append((backend, raw.name, tp, service.start_s, sw))
             del raw
 
-    print("| backend | raw engine | raw tok/s | service tok/s | service / raw | service start (s) |")
+    print("\n| backend | raw engine | raw tok/s | service tok/s | service / raw | service start (s) |")
     print("|---|---|---:|---:|---:|---:|")
-    for backend, name, tp, start in rows:
-        print(f"| {backend} | {name} | {tp['raw']:.0f} | {tp['service']:.0f} | {tp['service'] / tp['raw']:.2f} | {start:.0f} |")
+    for backend, name, tp, start, _ in results:
+        print(f"| {backend} | {name} | {tp['raw']:.1f} | {tp['service']:.1f} | {tp['service'] / tp['raw']:.2f} | {start:.0f} |")
     print()
-    print("| backend | LoRA swap (s) | full swap, store (s) | full swap, gRPC stream (s) | raw load full (s) | full swap / raw | raw load LoRA (s) |")
+    print("| backend | LoRA swap (s) | full swap, store (s) | full swap, gRPC stream (s) | raw read full (s) | full swap / raw | raw read LoRA (s) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for backend, s in swaps:
+    for backend, _, _, _, s in results:
         print(f"| {backend} | {s['lora']:.3f} | {s['full']:.2f} | {s['stream']:.2f} | {s['raw_full']:.2f} | "
               f"{s['full'] / s['raw_full']:.1f} | {s['raw_lora']:.4f} |")
-    print(f"\nfull weights {swaps[0][1]['full_mb']:.0f} MB, LoRA adapter {swaps[0][1]['lora_mb']:.1f} MB")
-    print(json.dumps({"throughput": rows, "swaps": swaps}, default=str))
+    sw = results[0][4]
+    print(f"\nfull weights {sw['full_mb']:.0f} MB, LoRA adapter {sw['lora_mb']:.1f} MB")
 
 
 if __name__ == "__main__":
