@@ -33,13 +33,15 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SMOLLM2_135M = dict(  # SmolLM2-135M's architecture (weights random: throughput does not care)
+SMOLLM2_135M = dict(  # SmolLM2-135M's architecture; weights random (throughput does not care)
     hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-    num_key_value_heads=3, head_dim=64,
+    num_key_value_heads=3, head_dim=64, max_position_embeddings=8192, rms_norm_eps=1e-5,
+    rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, tie_word_embeddings=True,
 )
 
 
@@ -99,18 +101,25 @@ def process_peak_bytes(device: str) -> int:
 def prepare_model(kind: str, out: Path) -> Path:
     """A model folder with the real SmolLM2 tokenizer: the tiny test model, or SmolLM2-135M's
     shape with random weights (nothing downloaded)."""
+    import torch
+    import transformers
+
+    from rlhf.models import load_tokenizer, smollm2_tokenizer_dir
     from rlhf.models.tiny import build_tiny_model
 
     if kind == "tiny":
         return build_tiny_model(out)
-    if kind == "smollm2-135m":
-        cfg = SMOLLM2_135M
-        return build_tiny_model(
-            out, num_layers=cfg["num_hidden_layers"], hidden_size=cfg["hidden_size"],
-            num_heads=cfg["num_attention_heads"], num_kv_heads=cfg["num_key_value_heads"],
-            intermediate_size=cfg["intermediate_size"],
-        )
-    return Path(kind)
+    if kind != "smollm2-135m":
+        return Path(kind)
+    tok = load_tokenizer(smollm2_tokenizer_dir())
+    config = transformers.LlamaConfig(
+        vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, architectures=["LlamaForCausalLM"], **SMOLLM2_135M,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
 
 
 def random_prompts(n: int, length: int, vocab: int, avoid: set[int], seed: int = 0) -> list[list[int]]:
@@ -150,7 +159,7 @@ def run_ours(args) -> dict:
         rollouts = sample_rollouts(policy.causal_lm, policy.causal_lm, prompts, lambda r: float(len(r) % 2),
                                    policy_version=0, max_new_tokens=args.response_len,
                                    min_new_tokens=args.response_len, pad_id=tok.pad_token_id, eos_id=None,
-                                   seed=update)
+                                   seed=update, make_event=SimpleNamespace)
         batch = collate(rollouts, tok.pad_token_id)
         memory = PeakMemory(device)
         memory.start()

@@ -6,13 +6,15 @@
   trainer     PPOTrainer.step: one PPO update on a batch, returns its stats
   checkpoint  atomic checkpoints and the trained-rollout ledger
   drift       DriftGate: KL(π_new‖π_ref) on held-out prompts
+  intake      LearnerState (checkpointed bookkeeping), RolloutIntake (batches, drops, offsets)
   versions    weight-store records ↔ protos, loading a published version
   loop        Learner: the Kafka-driven loop and its control plane
   metrics     Prometheus metrics
 """
 
 from rlhf.learner.config import LearnerConfig, PPOConfig
-from rlhf.learner.loop import Learner, LearnerError, LearnerState
+from rlhf.learner.intake import LearnerState
+from rlhf.learner.loop import Learner, LearnerError
 from rlhf.learner.policy import PolicyWithValueHead, build_policy
 from rlhf.learner.trainer import PPOTrainer
 

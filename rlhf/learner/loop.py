@@ -18,23 +18,21 @@ rollout is in the restored model's history exactly once, whatever moment the kil
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import logging
 import queue
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from rlhf.learner import metrics
-from rlhf.learner.batch import collate, invalid_reason
-from rlhf.learner.checkpoint import CheckpointStore, Ledger, Offsets, offsets_from_json, offsets_to_json
+from rlhf.learner.batch import collate
+from rlhf.learner.checkpoint import CheckpointStore, Ledger, offsets_to_json
 from rlhf.learner.config import LearnerConfig
 from rlhf.learner.drift import DEFAULT_HELDOUT_PROMPTS, DriftGate
+from rlhf.learner.intake import LearnerState, RolloutIntake
 from rlhf.learner.policy import build_policy
 from rlhf.learner.trainer import PPOTrainer
 from rlhf.learner.versions import version_info, weight_format_proto
@@ -42,49 +40,12 @@ from rlhf.weightstore import CorruptWeights, VersionRecord, WeightStore
 
 log = logging.getLogger(__name__)
 
-LINEAGE_KEPT = 64  # versions of ancestry remembered; a lag past this is stale anyway
-
-
 class LearnerError(Exception):
     """A control-plane request that cannot be done; `code` is the gRPC status name."""
 
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
-
-
-@dataclass
-class LearnerState:
-    """What a checkpoint's meta.json holds besides tensors."""
-
-    step: int = 0                      # PPO steps done
-    version: int = 0                   # latest version number given out (0: the initial policy)
-    lineage: list[int] = field(default_factory=lambda: [0])  # versions the current weights descend from
-    steps_since_version: int = 0       # PPO steps since lineage[-1]
-    serving_version: int = 0           # latest promoted or rolled-back-to version
-    pending_publish: int | None = None  # a version checkpointed but maybe not yet gated/announced
-    offsets: Offsets = field(default_factory=dict)  # next Kafka offset to read, per (topic, partition)
-    rollouts_trained: int = 0
-    rollouts_dropped_stale: int = 0
-    rollouts_invalid: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["offsets"] = offsets_to_json(self.offsets)
-        return out
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> LearnerState:
-        known = {f.name for f in dataclasses.fields(cls)}
-        state = cls(**{k: v for k, v in data.items() if k in known and k != "offsets"})
-        state.offsets = offsets_from_json(data.get("offsets", []))
-        return state
-
-    def lag(self, policy_version: int) -> int | None:
-        """Versions between a rollout's policy and the current weights; None if not an ancestor."""
-        if policy_version not in self.lineage:
-            return None
-        return len(self.lineage) - 1 - self.lineage.index(policy_version)
 
 
 class Learner:
@@ -109,9 +70,7 @@ class Learner:
         self.paused = threading.Event()
         self._lock = threading.Lock()  # guards state/last_stats reads from the gRPC threads
         self._commands: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future]] = queue.Queue()
-        self._buffer: deque = deque()  # fresh Records, poll order
-        self._handled: Offsets = {}  # per partition: offset after the last record handled
-        self._dropped: dict[str, list[str]] = {"dropped_stale": [], "invalid": []}
+        self.intake: RolloutIntake | None = None  # made by _recover, around the restored state
         self._loop_thread: threading.Thread | None = None
         self.consumer = self.producer = None
 
@@ -174,7 +133,7 @@ class Learner:
                 self._store_version(0, parent=0, meta={"step": 0, "promoted": True, "kl_to_reference": 0.0,
                                                        "kl_budget": self.cfg.drift_kl_budget,
                                                        "reason": "initial policy"})
-        self._handled = dict(self.state.offsets)
+        self.intake = RolloutIntake(self.state, self.cfg.batch_size, self.cfg.max_policy_lag)
         cut = self.ledger.truncate_after(self.state.step)
         if cut:
             log.info("ledger cut back to the checkpoint", extra={"entries_removed": cut})
@@ -194,72 +153,15 @@ class Learner:
                 if self.paused.is_set():
                     stop.wait(0.1)
                     continue
-                if len(self._buffer) < self.cfg.max_buffered_rollouts:
-                    wait_ms = 0 if len(self._buffer) >= self.cfg.batch_size else 200
-                    self._receive(self.consumer.poll(timeout_ms=wait_ms, max_records=self.cfg.batch_size * 4))
-                records = self._take_batch()
+                if len(self.intake) < self.cfg.max_buffered_rollouts:
+                    wait_ms = 0 if len(self.intake) >= self.cfg.batch_size else 200
+                    self.intake.add(self.consumer.poll(timeout_ms=wait_ms, max_records=self.cfg.batch_size * 4))
+                records = self.intake.take_batch()
                 if records:
                     self._train(records)
         finally:
             self._loop_thread = None
             self._run_commands()  # fail nobody waiting: run what is queued
-
-    def _receive(self, records: list) -> None:
-        for rec in records:
-            reason = invalid_reason(rec.event)
-            if reason is not None:
-                log.warning("invalid rollout dropped", extra={"event_id": rec.event.event_id, "reason": reason})
-                self._drop(rec, "invalid")
-            elif self._is_stale(rec):
-                self._drop(rec, "dropped_stale")
-            else:
-                self._buffer.append(rec)
-
-    def _is_stale(self, rec) -> bool:
-        lag = self.state.lag(rec.event.policy_version)
-        return lag is None or lag > self.cfg.max_policy_lag
-
-    def _drop(self, rec, kind: str) -> None:
-        self._dropped[kind].append(rec.event.event_id)
-        self._mark_handled(rec)
-        if kind == "invalid":
-            self.state.rollouts_invalid += 1
-            metrics.ROLLOUTS_INVALID.inc()
-        else:
-            self.state.rollouts_dropped_stale += 1
-            metrics.ROLLOUTS_DROPPED_STALE.inc()
-
-    def _mark_handled(self, rec) -> None:
-        key = (rec.topic, rec.partition)
-        self._handled[key] = max(self._handled.get(key, 0), rec.offset + 1)
-
-    def _take_batch(self) -> list | None:
-        """The oldest batch_size buffered rollouts still fresh, or None while too few."""
-        while self._buffer and self._is_stale(self._buffer[0]):  # went stale while waiting
-            self._drop(self._buffer.popleft(), "dropped_stale")
-        if len(self._buffer) < self.cfg.batch_size:
-            return None
-        taken = []
-        while len(taken) < self.cfg.batch_size and self._buffer:
-            rec = self._buffer.popleft()
-            if self._is_stale(rec):
-                self._drop(rec, "dropped_stale")
-            else:
-                taken.append(rec)
-        if len(taken) < self.cfg.batch_size:  # some went stale: wait for more
-            for rec in reversed(taken):
-                self._buffer.appendleft(rec)
-            return None
-        return taken
-
-    def _safe_offsets(self) -> Offsets:
-        """Per partition, the offset below which every record is handled: a restart that
-        seeks here re-reads only what no checkpointed step has seen."""
-        safe = dict(self._handled)
-        for rec in self._buffer:
-            key = (rec.topic, rec.partition)
-            safe[key] = min(safe.get(key, rec.offset), rec.offset)
-        return safe
 
     def _train(self, records: list) -> None:
         cfg, state = self.cfg, self.state
@@ -269,8 +171,6 @@ class Learner:
         stats = self.trainer.step(collate(events, self.pad_id))
         stats["staleness_mean"] = sum(lags) / len(lags)
         stats["staleness_max"] = float(max(lags))
-        for rec in records:
-            self._mark_handled(rec)
 
         # 2. bookkeeping: step, maybe a new version
         with self._lock:
@@ -278,11 +178,8 @@ class Learner:
             state.rollouts_trained += len(records)
             state.steps_since_version += 1
             if state.steps_since_version >= cfg.publish_every:
-                state.version += 1
-                state.lineage = (state.lineage + [state.version])[-LINEAGE_KEPT:]
-                state.steps_since_version = 0
-                state.pending_publish = state.version
-            state.offsets = self._safe_offsets()
+                state.pending_publish = state.new_version()
+            state.offsets = self.intake.safe_offsets()
             self.last_stats = stats
         metrics.ROLLOUTS_TRAINED.inc(len(records))
         metrics.observe_step(stats)
@@ -292,10 +189,9 @@ class Learner:
             "step": state.step,
             "version": state.lineage[-1],
             "trained": [e.event_id for e in events],
-            **self._dropped,
+            **self.intake.pop_dropped(),
             "offsets": offsets_to_json(state.offsets),
         })
-        self._dropped = {"dropped_stale": [], "invalid": []}
         if state.step % cfg.checkpoint_every == 0 or state.pending_publish is not None:
             self._checkpoint()
         log.info("ppo step", extra={"step": state.step, "version": state.lineage[-1],
@@ -383,9 +279,7 @@ class Learner:
         _, tensors = self.store.load(version)
         self.policy.load_policy_state_dict({k: v.to(self.policy.device) for k, v in tensors.items()})
         self.trainer.reset_optimizer()
-        state = self.state
-        state.lineage = state.lineage[: state.lineage.index(version) + 1] if version in state.lineage else [version]
-        state.steps_since_version = 0
+        self.state.switch_to(version)
 
     # --- control plane (any thread) ----------------------------------------------------
 

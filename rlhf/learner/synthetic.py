@@ -7,6 +7,7 @@ Reference services.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -44,17 +45,21 @@ def sample_rollouts(
     eos_id: int | None = None,
     temperature: float = 1.0,
     seed: int | None = None,
-    new_event: Callable | None = None,
+    make_event: Callable[..., Any] | None = None,
 ) -> list:
     """One Rollout event per prompt, sampled from policy_lm (left-padded batch generate).
 
     Log-probs are recomputed with one plain forward of each model, the way the generator
-    and reference services report them. `new_event` defaults to rlhf.bus.new_event.
+    and reference services report them. `make_event(**fields)` builds each rollout; the
+    default is an rlhf.v1.Rollout from rlhf.bus.new_event.
     """
-    from rlhf.v1 import events_pb2
-
-    if new_event is None:
+    if make_event is None:
         from rlhf.bus import new_event
+        from rlhf.v1 import events_pb2
+
+        def make_event(**fields):
+            return new_event(events_pb2.Rollout, **fields)
+
     device = next(policy_lm.parameters()).device
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -77,8 +82,8 @@ def sample_rollouts(
         responses.append(row)
     finish = ["stop" if eos_id is not None and r[-1:] == [eos_id] else "length" for r in responses]
     rollouts = [
-        new_event(
-            events_pb2.Rollout, prompt_id=f"p{i}", prompt_token_ids=list(p), response_token_ids=r,
+        make_event(
+            prompt_id=f"p{i}", prompt_token_ids=list(p), response_token_ids=r,
             logprobs=[0.0] * len(r), ref_logprobs=[0.0] * len(r), score=reward(r), raw_score=reward(r),
             policy_version=policy_version, finish_reason=f, source="prompt_set",
         )

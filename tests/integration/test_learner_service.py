@@ -160,8 +160,8 @@ def test_drift_gate_rejects_a_version_over_budget(broker, topics, tiny_model_dir
     rejections = REGISTRY.get_sample_value("rlhf_learner_drift_gate_rejections_total") or 0.0
     try:
         v0_weights = {k: v.clone() for k, v in learner.policy.policy_state_dict().items()}
-        learner._receive([_record(topics.rollouts, e, i) for i, e in enumerate(sampler(4, version=0, seed=4))])
-        learner._train(learner._take_batch())
+        learner.intake.add([_record(topics.rollouts, e, i) for i, e in enumerate(sampler(4, version=0, seed=4))])
+        learner._train(learner.intake.take_batch())
 
         v1 = next(v for v in learner.versions() if v.version == 1)
         assert not v1.promoted and "exceeds budget" in v1.reason and v1.kl_to_reference > 0
