@@ -19,7 +19,7 @@ from typing import Sequence
 import grpc
 from pydantic import Field, create_model
 
-from rlhf.learner import LearnerConfig
+from rlhf.learner import Learner, LearnerConfig
 from rlhf.serving import GrpcServiceSettings, Service, load_settings, run_service
 from rlhf.v1 import learner_pb2_grpc
 from services.learner.servicer import LearnerServicer
@@ -51,8 +51,6 @@ class LearnerService(Service):
     grpc_services = ("rlhf.v1.LearnerService",)
 
     def __init__(self, settings: _LearnerSettingsBase):
-        from rlhf.learner import Learner
-
         self.settings = settings
         self.learner: Learner | None = None
         self._stop = threading.Event()
@@ -62,7 +60,6 @@ class LearnerService(Service):
         learner_pb2_grpc.add_LearnerServiceServicer_to_server(LearnerServicer(self), server)
 
     async def start(self) -> None:
-        from rlhf.learner import Learner
         from rlhf.models import resolve_model
 
         s = self.settings
