@@ -111,3 +111,18 @@ def run_service(name: str, tmp_path: Path, env: dict[str, str] | None = None, ti
         yield svc
     finally:
         svc.stop()
+
+
+def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float, seen: list[str]) -> None:
+    """Read proc's text stdout until a line contains needle; every line read goes to seen."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                break
+            continue
+        seen.append(line)
+        if needle in line:
+            return
+    raise AssertionError(f"{needle!r} not seen in {timeout}s:\n{''.join(seen)}")

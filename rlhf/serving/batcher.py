@@ -146,3 +146,20 @@ class MicroBatcher(Generic[T, R]):
             except asyncio.CancelledError:
                 pass
         self._executor.shutdown(wait=True)
+
+
+async def submit_or_abort(batcher: "MicroBatcher", items: Sequence, context, service: str, what: str) -> list:
+    """`batcher.submit(items)` for a gRPC handler: a closing batcher answers UNAVAILABLE
+    (the client retries another replica), any other failure INTERNAL with a message and
+    the trace in our log, never in the client's."""
+    import logging
+
+    import grpc
+
+    try:
+        return await batcher.submit(items)
+    except BatcherClosed:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, f"{service} service is shutting down; retry another replica")
+    except Exception:
+        logging.getLogger(f"services.{service}").exception("%s failed", what)
+        await context.abort(grpc.StatusCode.INTERNAL, f"{what} failed; the {service} service log has the cause")

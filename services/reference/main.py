@@ -11,7 +11,7 @@ import grpc
 from pydantic import Field
 
 from rlhf.serving import GrpcServiceSettings, Service, load_settings, run_service
-from rlhf.serving.batcher import BatcherClosed, MicroBatcher
+from rlhf.serving.batcher import MicroBatcher, submit_or_abort
 from rlhf.v1 import common_pb2, reference_pb2, reference_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -47,13 +47,7 @@ class ReferenceServicer(reference_pb2_grpc.ReferenceServiceServicer):
         if problem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         items = [(list(it.prompt_token_ids), list(it.response_token_ids)) for it in request.items]
-        try:
-            results = await svc.batcher.submit(items)
-        except BatcherClosed:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "reference service is shutting down; retry another replica")
-        except Exception:
-            log.exception("log-probs failed")
-            await context.abort(grpc.StatusCode.INTERNAL, "log-probs failed; the reference service log has the cause")
+        results = await submit_or_abort(svc.batcher, items, context, "reference", "log-probs")
         return reference_pb2.LogProbsResponse(
             results=[common_pb2.TokenLogProbs(logprobs=lp) for lp in results], model=svc.model_name
         )

@@ -12,7 +12,7 @@ import grpc
 from pydantic import Field
 
 from rlhf.serving import GrpcServiceSettings, Service, load_settings, run_service
-from rlhf.serving.batcher import BatcherClosed, MicroBatcher
+from rlhf.serving.batcher import MicroBatcher, submit_or_abort
 from rlhf.v1 import reward_pb2, reward_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -67,13 +67,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         if problem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         items = [(messages_of(it.prompt), it.response) for it in request.items]
-        try:
-            results = await svc.batcher.submit(items)
-        except BatcherClosed:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "reward service is shutting down; retry another replica")
-        except Exception:
-            log.exception("scoring failed")
-            await context.abort(grpc.StatusCode.INTERNAL, "scoring failed; the reward service log has the cause")
+        results = await submit_or_abort(svc.batcher, items, context, "reward", "scoring")
         version = results[0][2] if results else svc.snapshot.version
         return reward_pb2.ScoreResponse(
             scores=[n for _, n, _ in results], raw_scores=[r for r, _, _ in results], rm_version=version

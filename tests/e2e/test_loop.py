@@ -21,7 +21,7 @@ import pytest
 from rlhf.bus import EventConsumer, Topics
 from rlhf.serving.client import sync_channel
 from rlhf.v1 import events_pb2, generation_pb2, generation_pb2_grpc, learner_pb2, learner_pb2_grpc, reward_pb2, reward_pb2_grpc
-from tests.procs import ROOT, free_port
+from tests.procs import ROOT, free_port, wait_for_line
 
 pytestmark = pytest.mark.slow
 
@@ -61,20 +61,6 @@ def _until(what: str, fn, timeout: float, every: float = 1.0):
     raise AssertionError(f"{what}: not within {timeout:.0f}s (last: {last!r})")
 
 
-def _wait_for_line(proc, needle: str, timeout: float, seen: list[str]) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            if proc.poll() is not None:
-                break
-            continue
-        seen.append(line)
-        if needle in line:
-            return
-    raise AssertionError(f"{needle!r} not seen in {timeout}s:\n{''.join(seen)}")
-
-
 def _cli(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "rlhf.cli", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
@@ -98,7 +84,7 @@ def stack(tmp_path, request):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen: list[str] = []
     try:
-        _wait_for_line(proc, "all services SERVING", 500, seen)
+        wait_for_line(proc, "all services SERVING", 500, seen)
         up = json.loads((state / "up.json").read_text())
         yield {"env": env, "state": state, "up": up, "urls": {s["name"]: (f"http://127.0.0.1:{s['port']}" if s["http"]
                                                                          else f"127.0.0.1:{s['port']}") for s in up["services"]},

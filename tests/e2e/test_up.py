@@ -10,23 +10,9 @@ import time
 import psutil
 import pytest
 
-from tests.procs import ROOT, free_port
+from tests.procs import ROOT, free_port, wait_for_line
 
 pytestmark = pytest.mark.slow
-
-
-def _wait_for_line(proc, needle, timeout, seen):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            if proc.poll() is not None:
-                break
-            continue
-        seen.append(line)
-        if needle in line:
-            return
-    raise AssertionError(f"{needle!r} not seen in {timeout}s:\n{''.join(seen)}")
 
 
 def test_up_status_and_clean_sigterm(tmp_path):
@@ -42,7 +28,7 @@ def test_up_status_and_clean_sigterm(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen: list[str] = []
     try:
-        _wait_for_line(proc, "all services SERVING", 420, seen)
+        wait_for_line(proc, "all services SERVING", 420, seen)
         tree = psutil.Process(proc.pid).children(recursive=True)
         assert len(tree) >= 7, [p.cmdline() for p in tree]  # broker + 6 services
 
