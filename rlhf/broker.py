@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from rlhf._proc import detach_and_die_with_parent
 from rlhf.bus.admin import BrokerUnavailable, ensure_topics, wait_for_broker
 
 
@@ -100,8 +101,8 @@ class EmbeddedBroker:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 # Own process group: a terminal's Ctrl-C reaches only us, and stop()
-                # signals the whole group so nothing is left behind.
-                start_new_session=True,
+                # signals the whole group; and it dies with us even if we are SIGKILLed.
+                preexec_fn=detach_and_die_with_parent,
                 env=os.environ | {"NO_COLOR": "1"},  # plain-text log
             )
         atexit.register(self.stop)  # no orphan if the caller forgets stop()

@@ -6,7 +6,6 @@ in order) and die with us if we are killed (PR_SET_PDEATHSIG), so nothing is orp
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -18,6 +17,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from rlhf._proc import detach_and_die_with_parent
 from rlhf.serving.client import check_health
 
 
@@ -73,14 +73,6 @@ def health(spec: ServiceSpec, timeout: float = 2.0) -> str:
     return http_ready(spec.url, timeout) if spec.http else check_health(spec.address, timeout=timeout)
 
 
-def _die_with_parent() -> None:
-    os.setsid()
-    try:  # Linux: SIGTERM the child when the launcher dies, even by SIGKILL
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 class Stack:
     """The processes of one `rlhf up`."""
 
@@ -98,7 +90,7 @@ class Stack:
             log = open(self.log_dir / f"{spec.name}.log", "ab")
             self.procs[spec.name] = subprocess.Popen(
                 [sys.executable, "-m", spec.module], env=env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+                stdin=subprocess.DEVNULL, preexec_fn=detach_and_die_with_parent,
             )
             log.close()
 

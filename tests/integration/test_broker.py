@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -88,3 +89,21 @@ def test_run_broker_forever_stops_cleanly_on_a_signal(stop_signal):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_broker_dies_with_a_sigkilled_parent():
+    """No orphan even when the owner cannot run stop() or atexit (PR_SET_PDEATHSIG)."""
+    code = "from rlhf.broker import EmbeddedBroker\nb = EmbeddedBroker(); b.start(); print(b.pid, flush=True)\nimport time; time.sleep(120)"
+    owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    pid = int(owner.stdout.readline())
+    owner.kill()
+    owner.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    raise AssertionError(f"broker {pid} outlived its SIGKILLed owner")
