@@ -21,10 +21,13 @@ class Backend(ABC):
         """Release the engine (processes, threads)."""
 
     @abstractmethod
-    def generate(self, prompt_ids: list[int], sampling: Sampling, request_id: str, handle: Any) -> AsyncIterator[Delta]:
+    def generate(
+        self, prompt_ids: list[int], sampling: Sampling, request_id: str, handle: Any, stream: bool = True,
+    ) -> AsyncIterator[Delta]:
         """Deltas of all `sampling.n` samples, interleaved; each sample ends with a delta that
-        has `finish_reason` set. `handle` is `Served.handle` of the caller's lease. Closing
-        the iterator early cancels the request."""
+        has `finish_reason` set (with `stream=False`, that is its only delta: less work per
+        token for callers that wait for the whole answer). `handle` is `Served.handle` of the
+        caller's lease. Closing the iterator early cancels the request."""
 
     @abstractmethod
     def drains(self, update: WeightUpdate) -> bool:

@@ -88,7 +88,9 @@ class Generator:
         check_prompt_ids(ids, self.limits)
         return ids
 
-    async def generate(self, prompt_ids: list[int], sampling: Sampling, request_id: str) -> AsyncIterator[tuple[int, Delta]]:
+    async def generate(
+        self, prompt_ids: list[int], sampling: Sampling, request_id: str, stream: bool = True,
+    ) -> AsyncIterator[tuple[int, Delta]]:
         """(policy version, delta) pairs; the version is the same for the whole request.
         Callers must close the iterator (`contextlib.aclosing`) so the lease ends with them."""
         async with self.gate.lease() as served:
@@ -96,7 +98,7 @@ class Generator:
             TOKENS.labels("prompt").inc(len(prompt_ids))
             start, first = time.perf_counter(), True
             try:
-                async with aclosing(self.backend.generate(prompt_ids, sampling, request_id, served.handle)) as deltas:
+                async with aclosing(self.backend.generate(prompt_ids, sampling, request_id, served.handle, stream)) as deltas:
                     async for d in deltas:
                         if first and d.token_ids:
                             FIRST_TOKEN_SECONDS.observe(time.perf_counter() - start)

@@ -36,6 +36,7 @@ class _Job:
     prompt_ids: list[int]
     sampling: Sampling
     loop: asyncio.AbstractEventLoop
+    stream: bool = True
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
 
@@ -51,6 +52,7 @@ class _Row:
     generator: torch.Generator | None
     count: int = 0
     done: bool = False
+    held: Delta | None = None  # stream=False: the sample so far, handed over when it ends
 
 
 class TransformersBackend(Backend):
@@ -88,8 +90,10 @@ class TransformersBackend(Backend):
 
     # --- generation -----------------------------------------------------------------
 
-    async def generate(self, prompt_ids: list[int], sampling: Sampling, request_id: str, handle: Any) -> AsyncIterator[Delta]:
-        job = _Job(list(prompt_ids), sampling, asyncio.get_running_loop())
+    async def generate(
+        self, prompt_ids: list[int], sampling: Sampling, request_id: str, handle: Any, stream: bool = True,
+    ) -> AsyncIterator[Delta]:
+        job = _Job(list(prompt_ids), sampling, asyncio.get_running_loop(), stream)
         self._pending.append(job)
         self._wake.set()
         finished = 0
@@ -166,7 +170,16 @@ class TransformersBackend(Backend):
                     text += row.text.finish()
                     row.done = True
                 if not row.job.cancelled:
-                    row.job.emit(Delta(row.index, [tok], [lp], text, finish))
+                    if row.job.stream:
+                        row.job.emit(Delta(row.index, [tok], [lp], text, finish))
+                    else:
+                        row.held = row.held or Delta(row.index)
+                        row.held.token_ids.append(tok)
+                        row.held.logprobs.append(lp)
+                        row.held.text += text
+                        if finish:
+                            row.held.finish_reason = finish
+                            row.job.emit(row.held)
                 if not row.done and not row.job.cancelled:
                     keep.append(b)
             if not keep:

@@ -55,7 +55,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         samples = [SampleOut(i) for i in range(sampling.n)]
         version = self.gen.version
-        async with aclosing(self.gen.generate(ids, sampling, rid)) as stream:
+        async with aclosing(self.gen.generate(ids, sampling, rid, stream=False)) as stream:
             async for version, d in stream:
                 samples[d.index].add(d)
         return generation_pb2.GenerateResponse(

@@ -61,7 +61,9 @@ class VllmBackend(Backend):
             self.engine.shutdown()
             self.engine = None
 
-    async def generate(self, prompt_ids: list[int], sampling: Sampling, request_id: str, handle: Any) -> AsyncIterator[Delta]:
+    async def generate(
+        self, prompt_ids: list[int], sampling: Sampling, request_id: str, handle: Any, stream: bool = True,
+    ) -> AsyncIterator[Delta]:
         from vllm import SamplingParams, TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
@@ -69,7 +71,7 @@ class VllmBackend(Backend):
             n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
             max_tokens=sampling.max_tokens, stop=list(sampling.stop) or None, seed=sampling.seed,
             logprobs=0,  # the sampled token's own log-prob, from the raw logits (logprobs_mode default)
-            output_kind=RequestOutputKind.DELTA, skip_special_tokens=True, ignore_eos=sampling.ignore_eos,
+            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY, skip_special_tokens=True, ignore_eos=sampling.ignore_eos,
         )
         stream = self.engine.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params, request_id, lora_request=handle)
         async for out in stream:
