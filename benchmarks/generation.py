@@ -29,6 +29,7 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -217,7 +218,14 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = Path(tempfile.mkdtemp(prefix="bench-generation-"))
+    try:
+        run(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # a few GB: versions, received streams
 
+
+def run(args, work: Path) -> None:
     import torch
     from safetensors.torch import load_file
 
@@ -225,7 +233,6 @@ def main() -> None:
     from rlhf.models import build_tiny_model, resolve_model
     from rlhf.weightstore import WeightStore
 
-    work = Path(tempfile.mkdtemp(prefix="bench-generation-"))
     model_dir = build_tiny_model(work / "tiny") if args.model == "tiny" else resolve_model(args.model)
     prompts = prompt_ids(model_dir)
     # swap targets: a full version (the same weights, perturbed) and a LoRA adapter
