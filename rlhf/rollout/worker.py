@@ -1,6 +1,7 @@
 """The rollout loop: prompt → Generate(n) → Score → LogProbs → Rollout events on Kafka.
 
-Each of `concurrency` tasks repeats:
+Nothing starts before the reward service serves RM version ≥ `min_rm_version` (default 1:
+an RM that has learned from some feedback). Then each of `concurrency` tasks repeats:
 
   1. backpressure: reserve room for n rollouts under the current version's budget (budget.py)
   2. a prompt: live (rlhf.interactions) or from the prompt set (sources.py)
@@ -16,6 +17,7 @@ exponential backoff; any other error drops the group, is counted, and the loop g
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -50,6 +52,7 @@ class WorkerConfig:
     initial_backoff_s: float = 0.5
     max_backoff_s: float = 10.0
     version_poll_s: float = 1.0
+    min_rm_version: int = 1
 
 
 class GroupDropped(Exception):
@@ -92,9 +95,36 @@ class RolloutLoop:
         self.rm = reward_pb2_grpc.RewardServiceStub(reward)
         self.ref = reference_pb2_grpc.ReferenceServiceStub(reference)
         self.stopping = asyncio.Event()
+        self._rm_ready = asyncio.Event()
+        if cfg.min_rm_version <= 0:
+            self._rm_ready.set()
 
     async def run(self) -> None:
+        await self.wait_for_reward_model()
         await asyncio.gather(*(self._task(i) for i in range(self.cfg.concurrency)))
+
+    async def wait_for_reward_model(self) -> None:
+        """Hold every rollout until the reward service serves version ≥ min_rm_version.
+        Version 0 is an untrained head: PPO against it would push the policy toward noise
+        (and spend the generator on it) before anyone has given feedback."""
+        announced = False
+        while not self._rm_ready.is_set() and not self.stopping.is_set():
+            try:
+                info = await self.rm.GetInfo(reward_pb2.RewardInfoRequest(), timeout=self.cfg.version_poll_s * 5)
+                if info.rm_version >= self.cfg.min_rm_version:
+                    log.info("reward model ready, rollouts start", extra={"rm_version": info.rm_version})
+                    self._rm_ready.set()
+                    break
+            except grpc.aio.AioRpcError as e:
+                metrics.CALL_ERRORS.labels("rm_info", e.code().name).inc()
+            if not announced:
+                announced = True
+                log.info("waiting for the reward model to learn from feedback",
+                         extra={"min_rm_version": self.cfg.min_rm_version})
+            metrics.WAITING_FOR_RM.set(1)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), self.cfg.version_poll_s)
+        metrics.WAITING_FOR_RM.set(0)
 
     async def _task(self, index: int) -> None:
         n = self.cfg.samples_per_prompt

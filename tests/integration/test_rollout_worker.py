@@ -1,6 +1,9 @@
 """The rollout worker from its real entrypoint, against the real broker and the real
 generator (transformers backend), reward and reference services, all on tiny models.
 
+Reward gate under test: no rollout before the reward service serves RM version ≥ 1 (the
+default min_rm_version), which it does once it has trained on feedback.
+
 Budget under test: rollouts_per_version=4, max_policy_lag=1 → 8 rollouts per version, then
 the worker holds back until a newer version is served or announced.
 """
@@ -45,6 +48,13 @@ def wait_until(check, timeout: float = 120, what: str = "") -> None:
         time.sleep(0.3)
 
 
+def comparisons(n: int) -> list[events_pb2.Feedback]:
+    return [new_event(events_pb2.Feedback, conversation_id=f"f{i}", source="simulated",
+                      prompt=[common_pb2.ChatMessage(role="user", content=f"Question {i}?")],
+                      comparison=events_pb2.Comparison(chosen="Short.", rejected="A much longer answer " * 3))
+            for i in range(n)]
+
+
 def test_rollouts_are_consistent_and_the_worker_holds_back_at_max_policy_lag(tmp_path, broker, tiny_model_dir):
     topics = Topics(f"test-rollout-{uuid.uuid4().hex[:8]}")
     ensure_topics(broker.bootstrap, topics.all())
@@ -58,7 +68,8 @@ def test_rollouts_are_consistent_and_the_worker_holds_back_at_max_policy_lag(tmp
             events_pb2.Interaction, conversation_id="c1", prompt=[common_pb2.ChatMessage(role="user", content=live_question)]),
             key="c1")
 
-    with run_service("reward", tmp_path, env={**bus, "RLHF_REWARD_BACKBONE": "tiny", "RLHF_REWARD_MAX_TOKENS": "64"}) as rm, \
+    with run_service("reward", tmp_path, env={**bus, "RLHF_REWARD_BACKBONE": "tiny", "RLHF_REWARD_MAX_TOKENS": "64",
+                                               "RLHF_REWARD_TRAIN_BATCH_SIZE": "2", "RLHF_REWARD_PUBLISH_EVERY_STEPS": "1"}) as rm, \
          run_service("reference", tmp_path, env={**bus, "RLHF_MODEL": str(tiny_model_dir)}) as ref, \
          run_service("generator", tmp_path, env={**bus, "RLHF_MODEL": str(tiny_model_dir), "RLHF_BACKEND": "transformers",
                                                   "RLHF_WEIGHT_STORE": str(store.root)}) as gen, \
@@ -70,6 +81,14 @@ def test_rollouts_are_consistent_and_the_worker_holds_back_at_max_policy_lag(tmp
          EventConsumer(broker.bootstrap, topics.rollouts, events_pb2.Rollout, group_id="test") as consumer, \
          sync_channel(gen.address) as channel:
         rollouts: list[events_pb2.Rollout] = []
+
+        # 0. the RM is untrained (version 0): the worker makes nothing and says why
+        wait_until(lambda: metric(worker, "rlhf_rollout_waiting_for_reward_model") == 1.0, what="waiting for the RM")
+        time.sleep(3)
+        assert consumer.poll(timeout_ms=500) == [], "rollouts scored by an untrained reward model"
+        with EventProducer(broker.bootstrap) as producer:
+            producer.publish_many([(topics.feedback, ev, ev.conversation_id) for ev in comparisons(2)])
+        wait_until(lambda: metric(worker, "rlhf_rollout_waiting_for_reward_model") == 0.0, what="RM version 1")
 
         def held_back_at(total: int) -> bool:
             rollouts.extend(r.event for r in consumer.poll(timeout_ms=300))
@@ -106,7 +125,7 @@ def test_rollouts_are_consistent_and_the_worker_holds_back_at_max_policy_lag(tmp
         assert 0 < n <= 8 and len(r.logprobs) == n and len(r.ref_logprobs) == n
         assert r.finish_reason in ("stop", "length") and r.source in ("live", "prompt_set")
         assert r.prompt_id and r.event_id and r.schema_version == 1 and r.response is not None
-        assert math.isfinite(r.score) and math.isfinite(r.raw_score) and r.rm_version >= 0
+        assert math.isfinite(r.score) and math.isfinite(r.raw_score) and r.rm_version >= 1
         # the reference service's log-probs are π_ref's (the base model) ...
         ref_lp = sequence_logprobs(base, list(r.prompt_token_ids), list(r.response_token_ids))
         assert (ref_lp - torch.tensor(list(r.ref_logprobs))).abs().max() < 1e-4
