@@ -207,6 +207,12 @@ def cmd_experiment(args) -> int:
     return main_kl_sweep(args)
 
 
+def cmd_win_rate(args) -> int:
+    from rlhf.sim.live import main
+
+    return main(args)
+
+
 def _sim_arguments(command: str):
     """A sub-command's flags, from rlhf.sim.cli_args (light: no torch at parse time)."""
     from rlhf.sim import cli_args
@@ -278,11 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
     _sim_arguments("eval")(ev)
     ev.set_defaults(fn=cmd_eval)
 
-    ex = sub.add_parser("experiment", help="experiments that run in one process")
+    ex = sub.add_parser("experiment", help="experiments: kl-sweep (one process), win-rate (against `rlhf up`)")
     exsub = ex.add_subparsers(dest="experiment", required=True)
     kl = exsub.add_parser("kl-sweep", help="β = 0 / moderate / large: reward hacking, the drift gate, rollback")
     _sim_arguments("kl_sweep")(kl)
     kl.set_defaults(fn=cmd_experiment)
+    wr = exsub.add_parser("win-rate", help="against `rlhf up`: simulated feedback until the served policy beats the reference")
+    _sim_arguments("win_rate")(wr)
+    wr.set_defaults(fn=cmd_win_rate)
 
     cf = sub.add_parser("config", help="list every setting (environment variable, default, description)")
     cf.set_defaults(fn=cmd_config)

@@ -7,7 +7,7 @@ import argparse
 
 from rlhf.sim.sweep_config import add_arguments as kl_sweep_arguments
 
-__all__ = ["eval_arguments", "kl_sweep_arguments", "simulate_arguments"]
+__all__ = ["eval_arguments", "kl_sweep_arguments", "simulate_arguments", "win_rate_arguments"]
 
 
 def simulate_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,10 +32,30 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=4, help="answers per prompt on each side")
     p.add_argument("--max-tokens", type=int, default=64, help="answer length cap, both sides")
     p.add_argument("--run-dir", default=None, help="run folder to append to (default: $RLHF_HOME/runs/eval)")
+    p.add_argument("--concurrency", type=int, default=8, help="Generate requests in flight at once (the generator batches them)")
     p.add_argument("--rounds", type=int, default=1, help="evaluate this many times ...")
     p.add_argument("--every", type=float, default=60.0, help="... this many seconds apart")
     p.add_argument("--reference-model", default=None, help="reference model folder (default: what the reference service serves)")
     p.add_argument("--state-dir", default=None, help="state folder of `rlhf up` (for up.json)")
     for name in ("generator", "reference", "reward"):
         p.add_argument(f"--{name}", default=None, help=f"{name} gRPC address (default: from up.json)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def win_rate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--oracle", required=True, help="module:function (prompt, response) -> float, or a built-in name")
+    p.add_argument("--feedback", type=int, default=1000, help="simulated users stop after this many feedback events")
+    p.add_argument("--mode", choices=("pairwise", "thumbs", "mixed"), default="pairwise", help="feedback kind, as in simulate")
+    p.add_argument("--users", type=int, default=8, help="simulated users chatting at once")
+    p.add_argument("--target", type=float, default=0.7, help="stop once the served policy's win-rate reaches this ...")
+    p.add_argument("--kl-budget", type=float, default=5.0, help="... with KL to the reference (nats per answer) at most this")
+    p.add_argument("--max-minutes", type=float, default=30.0, help="... or after this long since the first feedback")
+    p.add_argument("--every", type=float, default=180.0, help="seconds between eval rounds")
+    p.add_argument("--prompts", default=None, help="held-out prompt file (.txt or .jsonl); default: the held-out split")
+    p.add_argument("--n", type=int, default=None, help="first N held-out prompts only (default: all)")
+    p.add_argument("--samples", type=int, default=2, help="answers per held-out prompt on each side")
+    p.add_argument("--max-tokens", type=int, default=64, help="answer length cap: simulated chats and eval alike")
+    p.add_argument("--concurrency", type=int, default=8, help="eval Generate requests in flight at once")
+    p.add_argument("--run-dir", default=None, help="run folder (default: $RLHF_HOME/runs/win-rate)")
+    p.add_argument("--state-dir", default=None, help="state folder of `rlhf up` (for up.json)")
     p.add_argument("--seed", type=int, default=0)

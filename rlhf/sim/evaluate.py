@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from rlhf.sim.clients import Endpoints
@@ -80,7 +81,8 @@ class ReferenceAnswers:
 
 
 def evaluate_round(ep: Endpoints, oracle: Oracle, prompts: list[str], samples: int, max_tokens: int,
-                   run: RunFolder, seed: int = 0, reference_model: str | None = None, progress=print) -> dict:
+                   run: RunFolder, seed: int = 0, reference_model: str | None = None, progress=print,
+                   concurrency: int = 8) -> dict:
     import grpc
 
     from rlhf.serving.client import sync_channel
@@ -95,20 +97,24 @@ def evaluate_round(ep: Endpoints, oracle: Oracle, prompts: list[str], samples: i
         rew = reward_pb2_grpc.RewardServiceStub(wch)
         ref_info = ref.GetInfo(reference_pb2.ReferenceInfoRequest(), timeout=30)
 
-        # 1. the served policy's answers, with token ids and log π_θ
-        answers, versions = [], set()
-        for i, p in enumerate(prompts):
-            resp = gen.Generate(generation_pb2.GenerateRequest(
+        # 1. the served policy's answers, with token ids and log π_θ; requests in flight
+        #    together so that the generator batches them
+        def generate(i: int):
+            return gen.Generate(generation_pb2.GenerateRequest(
                 request_id=f"eval-{int(time.time())}-{i}",
-                messages=common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role="user", content=p)]),
+                messages=common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role="user", content=prompts[i])]),
                 params=generation_pb2.SamplingParams(n=samples, temperature=1.0, top_p=1.0, max_tokens=max_tokens,
                                                      seed=seed + i),
             ), timeout=600)
-            versions.add(resp.policy_version)
-            for s in sorted(resp.samples, key=lambda s: s.index):
-                answers.append((list(resp.prompt_token_ids), s))
-            if (i + 1) % 8 == 0 or i + 1 == len(prompts):
-                progress(f"[eval] policy answers {i + 1}/{len(prompts)} prompts (v{resp.policy_version}, {time.monotonic() - t0:.0f}s)")
+
+        answers, versions = [], set()
+        with ThreadPoolExecutor(max(1, concurrency)) as pool:
+            for i, resp in enumerate(pool.map(generate, range(len(prompts)))):
+                versions.add(resp.policy_version)
+                for s in sorted(resp.samples, key=lambda s: s.index):
+                    answers.append((list(resp.prompt_token_ids), s))
+                if (i + 1) % 8 == 0 or i + 1 == len(prompts):
+                    progress(f"[eval] policy answers {i + 1}/{len(prompts)} prompts (v{resp.policy_version}, {time.monotonic() - t0:.0f}s)")
         version = max(versions)
 
         # 2. KL to the reference: π_ref's log-probs of the policy's own tokens
@@ -207,7 +213,8 @@ def main(args) -> int:
             time.sleep(args.every)
         try:
             record = evaluate_round(ep, oracle, prompts, args.samples, args.max_tokens, run, args.seed,
-                                    args.reference_model, progress=lambda m: print(m, flush=True))
+                                    args.reference_model, progress=lambda m: print(m, flush=True),
+                                    concurrency=args.concurrency)
         except Exception as e:  # a stack that is down is the caller's to fix: say which service
             print(f"rlhf eval: {type(e).__name__}: {getattr(e, 'details', lambda: e)()}", file=sys.stderr)
             return 1

@@ -105,13 +105,17 @@ def simulate(
     seed: int = 0,
     progress=print,
     progress_every: float = 5.0,
+    stats: SimStats | None = None,
+    stop: threading.Event | None = None,
 ) -> SimStats:
-    """Run simulated users until `feedback` events were accepted; returns the counts."""
+    """Run simulated users until `feedback` events were accepted (or `stop` is set); returns
+    the counts. Pass `stats` to watch them from another thread while it runs."""
     if mode not in ("pairwise", "thumbs", "mixed"):
         raise ValueError(f"mode must be pairwise, thumbs or mixed, got {mode!r}")
     prompts = prompts or load_prompts("train")
     rng = random.Random(seed)
-    stats, lock, thumbs = SimStats(), threading.Lock(), Thumbs(threshold)
+    stats = stats if stats is not None else SimStats()
+    lock, thumbs = threading.Lock(), Thumbs(threshold)
     started = time.monotonic()
     last_report = started
     max_errors = max(10, feedback // 5)
@@ -132,8 +136,9 @@ def simulate(
     with Gateway(gateway_url, api_key=api_key) as gw, ThreadPoolExecutor(concurrency) as pool:
         i = 0
         inflight = set()
-        while stats.accepted < feedback:
-            while len(inflight) < concurrency and stats.accepted + len(inflight) < feedback:
+        while stats.accepted < feedback and not (stop is not None and stop.is_set() and not inflight):
+            while (len(inflight) < concurrency and stats.accepted + len(inflight) < feedback
+                   and not (stop is not None and stop.is_set())):
                 inflight.add(pool.submit(task, i))
                 i += 1
             done = {f for f in inflight if f.done()}

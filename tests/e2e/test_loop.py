@@ -206,9 +206,20 @@ def test_drift_gate_refuses_and_the_served_version_stays(stack):
 
 def _drift_gate_checks(stack, learner) -> None:
     env, urls = stack["env"], stack["urls"]
-    sim = _cli(env, "simulate", "--oracle", "prefers_concise", "--feedback", "4", "--gateway", urls["gateway"],
-               "--max-tokens", "12")
-    assert sim.returncode == 0, sim.stdout + sim.stderr
+    # the feedback comes from `rlhf experiment win-rate`: its simulated users, its eval rounds,
+    # its verdict — not reached, since no trained version is ever served
+    run = stack["state"].parent / "win-rate"
+    exp = _cli(env, "experiment", "win-rate", "--oracle", "prefers_concise", "--feedback", "4", "--users", "2",
+               "--max-tokens", "12", "--n", "2", "--samples", "1", "--every", "1", "--max-minutes", "0.3",
+               "--state-dir", str(stack["state"]), "--run-dir", str(run))
+    assert exp.returncode == 3, exp.stdout + exp.stderr
+    summary = _last_json(exp.stdout)
+    assert summary["reached"] is False and summary["feedback_events"] == 4 and summary["policy_version"] == 0
+    rows = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert len(rows) == summary["eval_rounds"] >= 2 and rows[0]["feedback"] == 0 and rows[-1]["feedback"] == 4
+    assert [r["minutes"] for r in rows] == sorted(r["minutes"] for r in rows) and rows[-1]["minutes"] >= 0.3
+    assert all(r["policy_version"] == 0 and r["n_prompts"] == 2 for r in rows)
+    assert (run / "eval.png").stat().st_size > 0 and "did not reach" in (run / "report.md").read_text()
 
     def refused():
         versions = learner.ListVersions(learner_pb2.ListVersionsRequest(), timeout=30).versions
