@@ -19,6 +19,9 @@ mkdir -p "$RUN"
 # 2 cores: one torch thread per service, so generator and learner overlap instead of thrashing
 export RLHF_TORCH_THREADS=${RLHF_TORCH_THREADS:-1} RLHF_LEARNER_TORCH_THREADS=${RLHF_LEARNER_TORCH_THREADS:-1}
 export RLHF_REWARD_TORCH_THREADS=${RLHF_REWARD_TORCH_THREADS:-1} RLHF_REFERENCE_TORCH_THREADS=${RLHF_REFERENCE_TORCH_THREADS:-1}
+# bf16 where the CPU has it (AMX / AVX512-BF16 here): decode ~1.9x, PPO forward+backward ~2x
+# faster than fp32. The learner recomputes π_old in its own precision, so its ratios stay exact.
+export RLHF_DTYPE=${RLHF_DTYPE:-bfloat16} RLHF_LEARNER_MIXED_PRECISION=${RLHF_LEARNER_MIXED_PRECISION:-bf16}
 # rollouts: 4 prompts × 4 answers of ≤ 64 tokens make one learner batch (= one version)
 export RLHF_ROLLOUT_MAX_TOKENS=${RLHF_ROLLOUT_MAX_TOKENS:-64} RLHF_ROLLOUT_CONCURRENCY=${RLHF_ROLLOUT_CONCURRENCY:-4}
 # PPO: 16 rollouts per step, 2 epochs, LoRA r=8 at lr 3e-4

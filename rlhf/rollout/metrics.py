@@ -14,4 +14,4 @@ BACKPRESSURE = Gauge("rlhf_rollout_backpressure", "1 while the worker waits: max
 BUDGET_REMAINING = Gauge("rlhf_rollout_budget_remaining", "Rollouts still allowed before a newer policy version")
 PROGRESS_VERSION = Gauge("rlhf_rollout_policy_version", "Newest policy version seen served or announced")
 LIVE_PROMPTS = Counter("rlhf_rollout_live_prompts_total", "Live prompts read from rlhf.interactions")
-WAITING_FOR_RM = Gauge("rlhf_rollout_waiting_for_reward_model", "1 while no rollout is made: the reward model has not reached min_rm_version")
+WAITING_FOR_RM = Gauge("rlhf_rollout_waiting_for_reward_model", "1 while no rollout is made: the reward model has not trained on min_rm_examples yet")

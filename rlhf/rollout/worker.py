@@ -1,7 +1,7 @@
 """The rollout loop: prompt → Generate(n) → Score → LogProbs → Rollout events on Kafka.
 
-Nothing starts before the reward service serves RM version ≥ `min_rm_version` (default 1:
-an RM that has learned from some feedback). Then each of `concurrency` tasks repeats:
+Nothing starts before the reward model has trained on `min_rm_examples` feedback examples
+(default 32) and serves a trained version. Then each of `concurrency` tasks repeats:
 
   1. backpressure: reserve room for n rollouts under the current version's budget (budget.py)
   2. a prompt: live (rlhf.interactions) or from the prompt set (sources.py)
@@ -52,7 +52,7 @@ class WorkerConfig:
     initial_backoff_s: float = 0.5
     max_backoff_s: float = 10.0
     version_poll_s: float = 1.0
-    min_rm_version: int = 1
+    min_rm_examples: int = 32
 
 
 class GroupDropped(Exception):
@@ -96,7 +96,7 @@ class RolloutLoop:
         self.ref = reference_pb2_grpc.ReferenceServiceStub(reference)
         self.stopping = asyncio.Event()
         self._rm_ready = asyncio.Event()
-        if cfg.min_rm_version <= 0:
+        if cfg.min_rm_examples <= 0:
             self._rm_ready.set()
 
     async def run(self) -> None:
@@ -104,15 +104,17 @@ class RolloutLoop:
         await asyncio.gather(*(self._task(i) for i in range(self.cfg.concurrency)))
 
     async def wait_for_reward_model(self) -> None:
-        """Hold every rollout until the reward service serves version ≥ min_rm_version.
-        Version 0 is an untrained head: PPO against it would push the policy toward noise
-        (and spend the generator on it) before anyone has given feedback."""
+        """Hold every rollout until the reward model has trained on `min_rm_examples` feedback
+        examples and serves a trained version (≥ 1). An RM that has seen (almost) no feedback
+        is a random head: PPO against it would push the policy toward noise, and spend the
+        generator on it, before anyone has said what they want."""
         announced = False
         while not self._rm_ready.is_set() and not self.stopping.is_set():
             try:
                 info = await self.rm.GetInfo(reward_pb2.RewardInfoRequest(), timeout=self.cfg.version_poll_s * 5)
-                if info.rm_version >= self.cfg.min_rm_version:
-                    log.info("reward model ready, rollouts start", extra={"rm_version": info.rm_version})
+                if info.rm_version >= 1 and info.examples_seen >= self.cfg.min_rm_examples:
+                    log.info("reward model ready, rollouts start",
+                             extra={"rm_version": info.rm_version, "examples_seen": info.examples_seen})
                     self._rm_ready.set()
                     break
             except grpc.aio.AioRpcError as e:
@@ -120,7 +122,7 @@ class RolloutLoop:
             if not announced:
                 announced = True
                 log.info("waiting for the reward model to learn from feedback",
-                         extra={"min_rm_version": self.cfg.min_rm_version})
+                         extra={"min_rm_examples": self.cfg.min_rm_examples})
             metrics.WAITING_FOR_RM.set(1)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), self.cfg.version_poll_s)

@@ -36,15 +36,17 @@ class RewardInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RewardInfo(_message.Message):
-    __slots__ = ("rm_version", "train_step", "online_accuracy", "pairs_seen", "backbone")
+    __slots__ = ("rm_version", "train_step", "online_accuracy", "pairs_seen", "backbone", "examples_seen")
     RM_VERSION_FIELD_NUMBER: _ClassVar[int]
     TRAIN_STEP_FIELD_NUMBER: _ClassVar[int]
     ONLINE_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     PAIRS_SEEN_FIELD_NUMBER: _ClassVar[int]
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_SEEN_FIELD_NUMBER: _ClassVar[int]
     rm_version: int
     train_step: int
     online_accuracy: float
     pairs_seen: int
     backbone: str
-    def __init__(self, rm_version: _Optional[int] = ..., train_step: _Optional[int] = ..., online_accuracy: _Optional[float] = ..., pairs_seen: _Optional[int] = ..., backbone: _Optional[str] = ...) -> None: ...
+    examples_seen: int
+    def __init__(self, rm_version: _Optional[int] = ..., train_step: _Optional[int] = ..., online_accuracy: _Optional[float] = ..., pairs_seen: _Optional[int] = ..., backbone: _Optional[str] = ..., examples_seen: _Optional[int] = ...) -> None: ...

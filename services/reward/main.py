@@ -80,7 +80,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         tr = svc.loop.trainer
         return reward_pb2.RewardInfo(
             rm_version=svc.snapshot.version, train_step=tr.step, online_accuracy=tr.online_accuracy,
-            pairs_seen=tr.pairs_seen, backbone=svc.settings.reward_backbone,
+            pairs_seen=tr.pairs_seen, examples_seen=tr.examples_seen, backbone=svc.settings.reward_backbone,
         )
 
 

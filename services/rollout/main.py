@@ -38,8 +38,8 @@ class RolloutSettings(GrpcServiceSettings):
     reference_timeout_s: float = Field(30.0, description="deadline of one LogProbs call")
     max_backoff_s: float = Field(10.0, description="longest wait between retries of an UNAVAILABLE service")
     version_poll_s: float = Field(1.0, description="while held back: how often to ask the generator for its version")
-    min_rm_version: int = Field(1, description="make no rollout before the reward service serves this RM version "
-                                               "(0: start at once, against the untrained RM)")
+    min_rm_examples: int = Field(32, description="make no rollout before the reward model has trained on this many "
+                                                 "feedback examples (0: start at once, against the untrained RM)")
     rollout_group_id: str = Field("rollout", description="Kafka consumer group of the live-prompt consumer")
     rollout_seed: int = Field(0, description="seed of the prompt order and the live/prompt-set mix")
 
@@ -75,7 +75,7 @@ class RolloutWorker(Service):
             samples_per_prompt=s.samples_per_prompt, temperature=s.rollout_temperature, top_p=s.rollout_top_p,
             max_tokens=s.rollout_max_tokens, concurrency=s.rollout_concurrency, generate_timeout_s=s.generate_timeout_s,
             score_timeout_s=s.score_timeout_s, reference_timeout_s=s.reference_timeout_s,
-            max_backoff_s=s.max_backoff_s, version_poll_s=s.version_poll_s, min_rm_version=s.min_rm_version,
+            max_backoff_s=s.max_backoff_s, version_poll_s=s.version_poll_s, min_rm_examples=s.min_rm_examples,
         )
         self.loop = RolloutLoop(cfg, prompts, PolicyBudget(s.rollouts_per_version, s.max_policy_lag), self.producer,
                                 topics.rollouts, *self.channels)

@@ -1,8 +1,8 @@
 """The rollout worker from its real entrypoint, against the real broker and the real
 generator (transformers backend), reward and reference services, all on tiny models.
 
-Reward gate under test: no rollout before the reward service serves RM version ≥ 1 (the
-default min_rm_version), which it does once it has trained on feedback.
+Reward gate under test: no rollout before the reward model has trained on min_rm_examples
+(here 4) feedback examples and serves a trained version.
 
 Budget under test: rollouts_per_version=4, max_policy_lag=1 → 8 rollouts per version, then
 the worker holds back until a newer version is served or announced.
@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from rlhf.bus import EventConsumer, EventProducer, Topics, ensure_topics, new_event
 from rlhf.models import build_tiny_model, load_causal_lm, sequence_logprobs
 from rlhf.serving.client import sync_channel
-from rlhf.v1 import common_pb2, events_pb2, generation_pb2, generation_pb2_grpc
+from rlhf.v1 import common_pb2, events_pb2, generation_pb2, generation_pb2_grpc, reward_pb2, reward_pb2_grpc
 from rlhf.weightstore import WeightStore
 from tests.procs import run_service
 
@@ -77,18 +77,24 @@ def test_rollouts_are_consistent_and_the_worker_holds_back_at_max_policy_lag(tmp
              **bus, "RLHF_GENERATOR_ADDR": gen.address, "RLHF_REWARD_ADDR": rm.address, "RLHF_REFERENCE_ADDR": ref.address,
              "RLHF_SAMPLES_PER_PROMPT": "2", "RLHF_ROLLOUT_MAX_TOKENS": "8", "RLHF_ROLLOUTS_PER_VERSION": "4",
              "RLHF_MAX_POLICY_LAG": "1", "RLHF_LIVE_FRACTION": "1.0", "RLHF_ROLLOUT_CONCURRENCY": "2",
-             "RLHF_VERSION_POLL_S": "0.3"}) as worker, \
+             "RLHF_VERSION_POLL_S": "0.3", "RLHF_MIN_RM_EXAMPLES": "4"}) as worker, \
          EventConsumer(broker.bootstrap, topics.rollouts, events_pb2.Rollout, group_id="test") as consumer, \
          sync_channel(gen.address) as channel:
         rollouts: list[events_pb2.Rollout] = []
 
-        # 0. the RM is untrained (version 0): the worker makes nothing and says why
+        # 0. the RM is untrained, then trained on too little: the worker makes nothing
         wait_until(lambda: metric(worker, "rlhf_rollout_waiting_for_reward_model") == 1.0, what="waiting for the RM")
-        time.sleep(3)
-        assert consumer.poll(timeout_ms=500) == [], "rollouts scored by an untrained reward model"
-        with EventProducer(broker.bootstrap) as producer:
-            producer.publish_many([(topics.feedback, ev, ev.conversation_id) for ev in comparisons(2)])
-        wait_until(lambda: metric(worker, "rlhf_rollout_waiting_for_reward_model") == 0.0, what="RM version 1")
+        feedback = comparisons(4)
+        with EventProducer(broker.bootstrap) as producer, sync_channel(rm.address) as rm_channel:
+            producer.publish_many([(topics.feedback, ev, ev.conversation_id) for ev in feedback[:2]])
+            info = reward_pb2_grpc.RewardServiceStub(rm_channel).GetInfo
+            wait_until(lambda: info(reward_pb2.RewardInfoRequest(), timeout=10).examples_seen == 2
+                       and info(reward_pb2.RewardInfoRequest(), timeout=10).rm_version >= 1, what="RM trained on 2")
+            time.sleep(2)
+            assert metric(worker, "rlhf_rollout_waiting_for_reward_model") == 1.0
+            assert consumer.poll(timeout_ms=500) == [], "rollouts scored by a reward model below min_rm_examples"
+            producer.publish_many([(topics.feedback, ev, ev.conversation_id) for ev in feedback[2:]])
+        wait_until(lambda: metric(worker, "rlhf_rollout_waiting_for_reward_model") == 0.0, what="RM trained on 4")
 
         def held_back_at(total: int) -> bool:
             rollouts.extend(r.event for r in consumer.poll(timeout_ms=300))
