@@ -170,25 +170,33 @@ SUMMARY_COLUMNS = ("policy_version", "win_rate", "kl_to_reference", "oracle", "o
                    "rm_online_accuracy", "rm_oracle_agreement", "words", "n_prompts")
 
 
-def plot_eval(run: RunFolder) -> Path | None:
+def plot_eval(run: RunFolder, target: float | None = None) -> Path | None:
+    """eval.png from eval.jsonl. Rows of `rlhf experiment win-rate` carry `minutes` (since
+    the first feedback) and `feedback` (events accepted by then): x is that clock, and a
+    panel shows the feedback count; plain `rlhf eval` rows use time since the first round."""
     rows = run.read("eval")
     if not rows:
         return None
-    t0 = rows[0]["time"]
-    x = [(r["time"] - t0) / 60 for r in rows]
+    live = all("minutes" in r for r in rows)
+    x = [r["minutes"] for r in rows] if live else [(r["time"] - rows[0]["time"]) / 60 for r in rows]
+    hlines = [(0.5, "0.5 = as good as the reference")] + ([(target, f"target {target:g}")] if target else [])
+    panels = [
+        ("KL(π‖π_ref) per answer, nats", [("KL to reference", [r["kl_to_reference"] for r in rows])]),
+        ("reward model", [("RM score, policy", [r.get("reward", float("nan")) for r in rows]),
+                          ("RM score, reference", [r.get("reward_reference", float("nan")) for r in rows]),
+                          ("RM online accuracy", [r.get("rm_online_accuracy", float("nan")) for r in rows])]),
+        ("words per answer", [("policy", [r["words"] for r in rows]), ("reference", [r["words_reference"] for r in rows])]),
+        ("served policy version", [("version", [r["policy_version"] for r in rows])]),
+    ]
+    if live:
+        panels.append(("feedback events accepted", [("feedback", [r["feedback"] for r in rows])]))
     return line_plot(
         run.path("eval.png"), "win-rate vs the reference (oracle)", x,
         [("win-rate", [r["win_rate"] for r in rows]), ("95% interval, low", [r["win_rate_low"] for r in rows]),
          ("95% interval, high", [r["win_rate_high"] for r in rows])],
-        hlines=[(0.5, "0.5 = as good as the reference")],
-        xlabel="minutes since the first eval",
-        panels=[
-            ("KL(π‖π_ref) per answer, nats", [("KL to reference", [r["kl_to_reference"] for r in rows])]),
-            ("reward model", [("RM score, policy", [r.get("reward", float("nan")) for r in rows]),
-                              ("RM score, reference", [r.get("reward_reference", float("nan")) for r in rows]),
-                              ("RM online accuracy", [r.get("rm_online_accuracy", float("nan")) for r in rows])]),
-            ("served policy version", [("version", [r["policy_version"] for r in rows])]),
-        ],
+        hlines=hlines,
+        xlabel="minutes since the first feedback (0: the baseline, before any)" if live else "minutes since the first eval",
+        panels=panels,
     )
 
 

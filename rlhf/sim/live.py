@@ -95,7 +95,7 @@ def main(args) -> int:
         row.update(oracle_name=args.oracle, feedback=stats.accepted,
                    minutes=0.0 if started is None else (time.monotonic() - started) / 60, **learner_status(ep))
         run.append("eval", row)
-        plot_eval(run)
+        plot_eval(run, args.target)
         say(f"[win-rate] {row['minutes']:.1f} min, {row['feedback']} feedback: policy v{row['policy_version']} "
             f"win-rate {row['win_rate']:.3f} [{row['win_rate_low']:.2f}, {row['win_rate_high']:.2f}] "
             f"KL {row['kl_to_reference']:.2f} nats, {row['words']:.1f} words (reference {row['words_reference']:.1f})")
