@@ -170,3 +170,34 @@ def test_cli_has_the_loop_commands():
 
     cfg = config_from_args(args)
     assert cfg.steps == 3 and cfg.betas == [0.0, 0.1]
+    args = p.parse_args(["experiment", "win-rate", "--oracle", "prefers_concise", "--feedback", "300"])
+    assert args.feedback == 300 and args.target == 0.7 and args.kl_budget == 5.0 and args.max_minutes == 30
+
+
+# --- rlhf experiment win-rate ---------------------------------------------------------------
+
+
+def _row(version: int, rate: float, kl: float) -> dict:
+    return {"policy_version": version, "win_rate": rate, "kl_to_reference": kl}
+
+
+def test_win_rate_target_needs_a_trained_version_a_win_and_kl_in_budget():
+    from rlhf.sim.live import reached
+
+    assert reached(_row(3, 0.72, 4.0), 0.7, 5.0)
+    assert not reached(_row(0, 0.9, 0.0), 0.7, 5.0)      # the reference beating itself by luck
+    assert not reached(_row(3, 0.69, 1.0), 0.7, 5.0)
+    assert not reached(_row(3, 0.95, 5.1), 0.7, 5.0)     # bought with drift past the budget
+
+
+def test_eval_plot_uses_the_feedback_clock_when_rows_have_it(tmp_path):
+    from rlhf.sim.evaluate import plot_eval
+
+    run = RunFolder(tmp_path)
+    assert plot_eval(run) is None
+    for minutes, feedback, rate in ((0.0, 0, 0.5), (4.0, 120, 0.6), (9.0, 300, 0.75)):
+        run.append("eval", {"time": 1e9 + minutes, "minutes": minutes, "feedback": feedback, "words": 20,
+                            "words_reference": 30, "win_rate_low": rate - 0.1, "win_rate_high": rate + 0.1,
+                            **_row(int(minutes), rate, minutes / 3)})
+    png = plot_eval(run, target=0.7)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
