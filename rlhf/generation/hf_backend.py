@@ -114,6 +114,9 @@ class TransformersBackend(Backend):
             await asyncio.sleep(self.batch_wait_s)
             self._wake.clear()
             while self._pending:
+                # a person waiting (priority 0) before background work; arrival order within
+                # a priority (sort is stable). A running batch is not interrupted.
+                self._pending.sort(key=lambda j: j.sampling.priority)
                 batch, rows = [], 0
                 while self._pending and (not batch or rows + self._pending[0].sampling.n <= self.max_batch):
                     job = self._pending.pop(0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rlhf import priorities
 from rlhf.generation.types import InvalidRequest, Sampling
 
 ROLES = ("system", "user", "assistant")
@@ -39,7 +40,7 @@ def check_prompt_ids(ids: list[int], limits: Limits) -> None:
 
 def sampling_from(
     *, n: int, temperature: float | None, top_p: float | None, max_tokens: int, stop: list[str],
-    seed: int | None, prompt_len: int, limits: Limits, ignore_eos: bool = False,
+    seed: int | None, prompt_len: int, limits: Limits, ignore_eos: bool = False, priority: int = 0,
 ) -> Sampling:
     """Fill defaults (0 / unset = default) and check every limit, including the context."""
     n = n or 1
@@ -71,5 +72,7 @@ def sampling_from(
             f"{max_tokens} new tokens after a {prompt_len}-token prompt exceed max_model_len={limits.max_model_len}; "
             f"at most {room}",
         )
+    if not 0 <= priority <= priorities.MAX:
+        raise InvalidRequest("params.priority", f"must be between 0 and {priorities.MAX} (lower first), got {priority}")
     return Sampling(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=tuple(stop), seed=seed,
-                    ignore_eos=ignore_eos)
+                    ignore_eos=ignore_eos, priority=priority)

@@ -43,7 +43,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             n=p.n, temperature=p.temperature if p.HasField("temperature") else None,
             top_p=p.top_p if p.HasField("top_p") else None, max_tokens=p.max_tokens, stop=list(p.stop),
             seed=p.seed if p.HasField("seed") else None, prompt_len=len(ids), limits=self.gen.limits,
-            ignore_eos=p.ignore_eos,
+            ignore_eos=p.ignore_eos, priority=p.priority,
         )
         return request.request_id or uuid.uuid4().hex, ids, sampling
 

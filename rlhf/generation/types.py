@@ -30,6 +30,7 @@ class Sampling:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False        # sample past EOS until max_tokens (benchmarks)
+    priority: int = 0               # lower is scheduled first; 0 = interactive
 
     @property
     def greedy(self) -> bool:

@@ -37,7 +37,7 @@ class VllmBackend(Backend):
         self.engine_kwargs = dict(
             model=str(model_dir), max_model_len=max_model_len, max_num_seqs=max_batch, dtype=dtype,
             seed=seed, enforce_eager=enforce_eager, worker_extension_cls=EXTENSION,
-            enable_lora=enable_lora,
+            enable_lora=enable_lora, scheduling_policy="priority",  # SamplingParams.priority: people first
             # two adapters resident: the new version's and the one in-flight requests still use
             **({"max_lora_rank": max_lora_rank, "max_loras": 2} if enable_lora else {}),
         )
@@ -73,7 +73,8 @@ class VllmBackend(Backend):
             logprobs=0,  # the sampled token's own log-prob, from the raw logits (logprobs_mode default)
             output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY, skip_special_tokens=True, ignore_eos=sampling.ignore_eos,
         )
-        stream = self.engine.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params, request_id, lora_request=handle)
+        stream = self.engine.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params, request_id, lora_request=handle,
+                                    priority=sampling.priority)
         async for out in stream:
             for c in out.outputs:
                 ids = list(c.token_ids)

@@ -28,6 +28,7 @@ from typing import Any, Awaitable, Callable
 import grpc
 
 from rlhf.bus import EventProducer, new_event
+from rlhf import priorities
 from rlhf.rollout import metrics
 from rlhf.rollout.budget import PolicyBudget
 from rlhf.rollout.sources import PromptItem, PromptMixer
@@ -175,7 +176,8 @@ class RolloutLoop:
         gen = await call_with_retry("generate", self.gen.Generate, generation_pb2.GenerateRequest(
             request_id=uuid.uuid4().hex, messages=common_pb2.ChatMessages(messages=messages),
             params=generation_pb2.SamplingParams(n=cfg.samples_per_prompt, temperature=cfg.temperature,
-                                                 top_p=cfg.top_p, max_tokens=cfg.max_tokens),
+                                                 top_p=cfg.top_p, max_tokens=cfg.max_tokens,
+                                                 priority=priorities.BACKGROUND),
         ), cfg.generate_timeout_s, cfg, stop)
         metrics.STAGE_SECONDS.labels("generate").observe(time.perf_counter() - t0)
         self.observe(gen.policy_version)

@@ -85,6 +85,7 @@ def evaluate_round(ep: Endpoints, oracle: Oracle, prompts: list[str], samples: i
                    concurrency: int = 8) -> dict:
     import grpc
 
+    from rlhf import priorities
     from rlhf.serving.client import sync_channel
     from rlhf.v1 import (common_pb2, generation_pb2, generation_pb2_grpc, reference_pb2, reference_pb2_grpc,
                          reward_pb2, reward_pb2_grpc)
@@ -104,7 +105,7 @@ def evaluate_round(ep: Endpoints, oracle: Oracle, prompts: list[str], samples: i
                 request_id=f"eval-{int(time.time())}-{i}",
                 messages=common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role="user", content=prompts[i])]),
                 params=generation_pb2.SamplingParams(n=samples, temperature=1.0, top_p=1.0, max_tokens=max_tokens,
-                                                     seed=seed + i),
+                                                     seed=seed + i, priority=priorities.BACKGROUND),
             ), timeout=600)
 
         answers, versions = [], set()

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from rlhf.v1 import common_pb2 as rlhf_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18rlhf/v1/generation.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/common.proto\"\xb5\x01\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x02\x88\x01\x01\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xb2\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x08messages\x18\x02 \x01(\x0b\x32\x15.rlhf.v1.ChatMessagesH\x00\x12-\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x11.rlhf.v1.TokenIdsH\x00\x12\'\n\x06params\x18\x04 \x01(\x0b\x32\x17.rlhf.v1.SamplingParamsB\x08\n\x06prompt\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"a\n\x06Sample\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\"\x99\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12 \n\x07samples\x18\x03 \x03(\x0b\x32\x0f.rlhf.v1.Sample\x12\x1d\n\x05usage\x18\x04 \x01(\x0b\x32\x0e.rlhf.v1.Usage\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x03\"\xc2\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x12\n\ntext_delta\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x16\n\x0epolicy_version\x18\x07 \x01(\x03\x12\x1d\n\x05usage\x18\x08 \x01(\x0b\x32\x0e.rlhf.v1.Usage\"\x88\x01\n\x0cWeightHeader\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12%\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x15.rlhf.v1.WeightFormat\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x1b\n\x13\x61\x64\x61pter_config_json\x18\x05 \x01(\t\"O\n\x0bWeightChunk\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.WeightHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x63hunk\"i\n\x12LoadVersionRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12%\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x15.rlhf.v1.WeightFormat\"9\n\x15UpdateWeightsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"\x10\n\x0eGetInfoRequest\"\x8c\x01\n\rGeneratorInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x03\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12,\n\rweight_format\x18\x05 \x01(\x0e\x32\x15.rlhf.v1.WeightFormat2\xf4\x02\n\x11GenerationService\x12?\n\x08Generate\x12\x18.rlhf.v1.GenerateRequest\x1a\x19.rlhf.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x18.rlhf.v1.GenerateRequest\x1a\x1f.rlhf.v1.GenerateStreamResponse0\x01\x12G\n\rUpdateWeights\x12\x14.rlhf.v1.WeightChunk\x1a\x1e.rlhf.v1.UpdateWeightsResponse(\x01\x12J\n\x0bLoadVersion\x12\x1b.rlhf.v1.LoadVersionRequest\x1a\x1e.rlhf.v1.UpdateWeightsResponse\x12:\n\x07GetInfo\x12\x17.rlhf.v1.GetInfoRequest\x1a\x16.rlhf.v1.GeneratorInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18rlhf/v1/generation.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/common.proto\"\xc7\x01\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x02\x88\x01\x01\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x10\n\x08priority\x18\x08 \x01(\rB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xb2\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x08messages\x18\x02 \x01(\x0b\x32\x15.rlhf.v1.ChatMessagesH\x00\x12-\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x11.rlhf.v1.TokenIdsH\x00\x12\'\n\x06params\x18\x04 \x01(\x0b\x32\x17.rlhf.v1.SamplingParamsB\x08\n\x06prompt\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"a\n\x06Sample\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\"\x99\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12 \n\x07samples\x18\x03 \x03(\x0b\x32\x0f.rlhf.v1.Sample\x12\x1d\n\x05usage\x18\x04 \x01(\x0b\x32\x0e.rlhf.v1.Usage\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x03\"\xc2\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x12\n\ntext_delta\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x16\n\x0epolicy_version\x18\x07 \x01(\x03\x12\x1d\n\x05usage\x18\x08 \x01(\x0b\x32\x0e.rlhf.v1.Usage\"\x88\x01\n\x0cWeightHeader\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12%\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x15.rlhf.v1.WeightFormat\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x1b\n\x13\x61\x64\x61pter_config_json\x18\x05 \x01(\t\"O\n\x0bWeightChunk\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.WeightHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x63hunk\"i\n\x12LoadVersionRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12%\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x15.rlhf.v1.WeightFormat\"9\n\x15UpdateWeightsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"\x10\n\x0eGetInfoRequest\"\x8c\x01\n\rGeneratorInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x03\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12,\n\rweight_format\x18\x05 \x01(\x0e\x32\x15.rlhf.v1.WeightFormat2\xf4\x02\n\x11GenerationService\x12?\n\x08Generate\x12\x18.rlhf.v1.GenerateRequest\x1a\x19.rlhf.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x18.rlhf.v1.GenerateRequest\x1a\x1f.rlhf.v1.GenerateStreamResponse0\x01\x12G\n\rUpdateWeights\x12\x14.rlhf.v1.WeightChunk\x1a\x1e.rlhf.v1.UpdateWeightsResponse(\x01\x12J\n\x0bLoadVersion\x12\x1b.rlhf.v1.LoadVersionRequest\x1a\x1e.rlhf.v1.UpdateWeightsResponse\x12:\n\x07GetInfo\x12\x17.rlhf.v1.GetInfoRequest\x1a\x16.rlhf.v1.GeneratorInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,29 +33,29 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlhf.v1.generation_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS']._serialized_start=60
-  _globals['_SAMPLINGPARAMS']._serialized_end=241
-  _globals['_GENERATEREQUEST']._serialized_start=244
-  _globals['_GENERATEREQUEST']._serialized_end=422
-  _globals['_USAGE']._serialized_start=424
-  _globals['_USAGE']._serialized_end=481
-  _globals['_SAMPLE']._serialized_start=483
-  _globals['_SAMPLE']._serialized_end=580
-  _globals['_GENERATERESPONSE']._serialized_start=583
-  _globals['_GENERATERESPONSE']._serialized_end=736
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=739
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=933
-  _globals['_WEIGHTHEADER']._serialized_start=936
-  _globals['_WEIGHTHEADER']._serialized_end=1072
-  _globals['_WEIGHTCHUNK']._serialized_start=1074
-  _globals['_WEIGHTCHUNK']._serialized_end=1153
-  _globals['_LOADVERSIONREQUEST']._serialized_start=1155
-  _globals['_LOADVERSIONREQUEST']._serialized_end=1260
-  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_start=1262
-  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_end=1319
-  _globals['_GETINFOREQUEST']._serialized_start=1321
-  _globals['_GETINFOREQUEST']._serialized_end=1337
-  _globals['_GENERATORINFO']._serialized_start=1340
-  _globals['_GENERATORINFO']._serialized_end=1480
-  _globals['_GENERATIONSERVICE']._serialized_start=1483
-  _globals['_GENERATIONSERVICE']._serialized_end=1855
+  _globals['_SAMPLINGPARAMS']._serialized_end=259
+  _globals['_GENERATEREQUEST']._serialized_start=262
+  _globals['_GENERATEREQUEST']._serialized_end=440
+  _globals['_USAGE']._serialized_start=442
+  _globals['_USAGE']._serialized_end=499
+  _globals['_SAMPLE']._serialized_start=501
+  _globals['_SAMPLE']._serialized_end=598
+  _globals['_GENERATERESPONSE']._serialized_start=601
+  _globals['_GENERATERESPONSE']._serialized_end=754
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=757
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=951
+  _globals['_WEIGHTHEADER']._serialized_start=954
+  _globals['_WEIGHTHEADER']._serialized_end=1090
+  _globals['_WEIGHTCHUNK']._serialized_start=1092
+  _globals['_WEIGHTCHUNK']._serialized_end=1171
+  _globals['_LOADVERSIONREQUEST']._serialized_start=1173
+  _globals['_LOADVERSIONREQUEST']._serialized_end=1278
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_start=1280
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_end=1337
+  _globals['_GETINFOREQUEST']._serialized_start=1339
+  _globals['_GETINFOREQUEST']._serialized_end=1355
+  _globals['_GENERATORINFO']._serialized_start=1358
+  _globals['_GENERATORINFO']._serialized_end=1498
+  _globals['_GENERATIONSERVICE']._serialized_start=1501
+  _globals['_GENERATIONSERVICE']._serialized_end=1873
 # @@protoc_insertion_point(module_scope)

@@ -209,13 +209,14 @@ def test_twenty_concurrent_requests_during_a_swap_all_succeed(stack):
     """20 clients send requests back to back; once each has had one answer, a full update
     streams in and swaps while they go on; each sends one more after the swap returned. Every
     request must succeed, and each response must come whole from the version it reports
-    (checked through its log-probs)."""
+    (checked through its log-probs). Half the clients send background priority (10): a
+    mixed queue changes the order of service, never what is served."""
     swapped, started = threading.Event(), threading.Barrier(21, timeout=300)
 
     def client(i: int) -> list[generation_pb2.GenerateResponse]:
         req = generation_pb2.GenerateRequest(
             messages=common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role="user", content=f"Count to {i}.")]),
-            params=generation_pb2.SamplingParams(temperature=1.0, seed=i, max_tokens=24),
+            params=generation_pb2.SamplingParams(temperature=1.0, seed=i, max_tokens=24, priority=10 * (i % 2)),
         )
         out = [stack.stub.Generate(req, timeout=300)]
         started.wait()
@@ -312,6 +313,7 @@ BAD_REQUESTS = [
     ("max_tokens", dict(params=dict(max_tokens=5000)), ["params.max_tokens", "1024"]),
     ("max_tokens_room", dict(params=dict(max_tokens=250)), ["params.max_tokens", f"max_model_len={MAX_MODEL_LEN}"]),
     ("stop", dict(params=dict(stop=["a", "b", "c", "d", "e"])), ["params.stop", "4"]),
+    ("priority", dict(params=dict(priority=101)), ["params.priority", "100"]),
     ("prompt_too_long", dict(messages=[LONG]), ["prompt", f"max_model_len is {MAX_MODEL_LEN}"]),
     ("role", dict(messages=[common_pb2.ChatMessage(role="robot", content="hi")]), ["messages[0].role", "user"]),
     ("token_range", dict(token_ids=[1, 10**7]), ["prompt_token_ids", "vocabulary"]),

@@ -276,3 +276,46 @@ def test_closing_a_request_early_frees_its_lease(tiny_model_dir, tmp_path):
 
     version, outs = run_generator(tiny_model_dir, tmp_path, body)
     assert version == 0 and len(outs[0].token_ids) == 5
+
+
+def test_priority_out_of_range_is_refused_with_the_limit():
+    with pytest.raises(InvalidRequest) as e:
+        sampling(priority=101)
+    assert e.value.field == "params.priority" and "100" in str(e.value)
+    assert sampling(priority=10).priority == 10
+
+
+def test_waiting_people_go_before_queued_background_work(tiny_model_dir):
+    """max_batch=1: one request decodes at a time. While a long background request runs,
+    two more background requests queue, then a priority-0 one (a person's chat): it must be
+    the next to run, ahead of the background ones that arrived before it, which keep their
+    arrival order."""
+    from rlhf.generation.hf_backend import TransformersBackend
+
+    async def body():
+        backend = TransformersBackend(tiny_model_dir, max_batch=1, batch_wait_ms=1)
+        await backend.start()
+        finished: list[str] = []
+        first_token = asyncio.Event()
+
+        async def run(name: str, priority: int, max_tokens: int):
+            s = Sampling(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, priority=priority)
+            async for _ in backend.generate([1, 2, 3], s, name, None):
+                first_token.set()
+            finished.append(name)
+
+        try:
+            long = asyncio.create_task(run("background-running", 10, 200))
+            await first_token.wait()
+            queued = [asyncio.create_task(run("background-1", 10, 2))]
+            await asyncio.sleep(0.01)
+            queued.append(asyncio.create_task(run("background-2", 10, 2)))
+            await asyncio.sleep(0.01)
+            queued.append(asyncio.create_task(run("person", 0, 2)))
+            assert not long.done(), "the running request ended before the others queued: make it longer"
+            await asyncio.gather(long, *queued)
+        finally:
+            await backend.stop()
+        return finished
+
+    assert asyncio.run(body()) == ["background-running", "person", "background-1", "background-2"]
