@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from rlhf import jsonl
 from rlhf.learner.policy import PolicyWithValueHead
 from rlhf.learner.trainer import PPOTrainer
 
@@ -125,21 +126,11 @@ class Ledger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def append(self, entry: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        jsonl.append(self.path, entry)
 
     def entries(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        out = []
-        for line in self.path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short by a crash; never covered by a checkpoint
-                continue
-        return out
+        # a line cut short by a crash is skipped: no checkpoint ever covers it
+        return jsonl.read(self.path)
 
     def truncate_after(self, step: int) -> int:
         """Keep the entries of steps ≤ step (the restored checkpoint's); returns how many went."""

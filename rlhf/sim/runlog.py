@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from rlhf import jsonl
+
 
 class RunFolder:
     def __init__(self, root: str | os.PathLike):
@@ -33,22 +35,10 @@ class RunFolder:
 
     def append(self, name: str, record: dict[str, Any]) -> None:
         """One line of `<name>.jsonl`, flushed to disk before returning."""
-        with open(self.root / f"{name}.jsonl", "a") as f:
-            f.write(json.dumps(record, default=_jsonable) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        jsonl.append(self.root / f"{name}.jsonl", record, default=_jsonable)
 
     def read(self, name: str) -> list[dict[str, Any]]:
-        path = self.root / f"{name}.jsonl"
-        if not path.exists():
-            return []
-        out = []
-        for line in path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short by a crash
-                continue
-        return out
+        return jsonl.read(self.root / f"{name}.jsonl")
 
 
 def _jsonable(x: Any) -> Any:

@@ -3,13 +3,13 @@ ends up trained exactly once — the ledger shows no duplicates and no gaps."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
 
 import pytest
 
+from rlhf import jsonl
 from rlhf.bus import EventProducer
 from rlhf.learner.synthetic import TokenSetReward, sample_rollouts
 from rlhf.models import chat_prompt_ids, load_causal_lm, load_tokenizer
@@ -25,16 +25,8 @@ KILL_DELAYS = (0.0, 0.7, 0.0, 1.3)
 
 
 def ledger_entries(state_dir) -> list[dict]:
-    path = state_dir / "learner" / "ledger.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass  # a torn last line: what a kill mid-append leaves, cut on the next start
-    return out
+    # a torn last line (what a kill mid-append leaves, cut on the next start) is skipped
+    return jsonl.read(state_dir / "learner" / "ledger.jsonl")
 
 
 @pytest.mark.slow
