@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from rlhf.serving.client import check_health
 
@@ -126,3 +126,21 @@ def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float, seen: lis
         if needle in line:
             return
     raise AssertionError(f"{needle!r} not seen in {timeout}s:\n{''.join(seen)}")
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, every: float = 0.2,
+             ignore: tuple[type[BaseException], ...] = (), detail: Callable[[], str] | None = None) -> Any:
+    """Poll predicate() until it returns something truthy and return that; after `timeout`
+    seconds fail naming `what`, the last value (or ignored exception) and detail(), e.g. a
+    service's log."""
+    deadline, last = time.monotonic() + timeout, None
+    while True:
+        try:
+            last = predicate()
+            if last:
+                return last
+        except ignore as e:
+            last = e
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: not within {timeout:.0f}s (last: {last!r})" + (f"\n{detail()}" if detail else ""))
+        time.sleep(every)

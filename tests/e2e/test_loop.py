@@ -21,7 +21,7 @@ import pytest
 from rlhf.bus import EventConsumer, Topics
 from rlhf.serving.client import sync_channel
 from rlhf.v1 import events_pb2, generation_pb2, generation_pb2_grpc, learner_pb2, learner_pb2_grpc, reward_pb2, reward_pb2_grpc
-from tests.procs import ROOT, free_port, wait_for_line
+from tests.procs import ROOT, free_port, wait_for, wait_for_line
 
 pytestmark = pytest.mark.slow
 
@@ -49,17 +49,6 @@ FAST = {
     "RLHF_REWARD_TORCH_THREADS": "1",
     "RLHF_REFERENCE_TORCH_THREADS": "1",
 }
-
-
-def _until(what: str, fn, timeout: float, every: float = 1.0):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(every)
-    raise AssertionError(f"{what}: not within {timeout:.0f}s (last: {last!r})")
 
 
 def _cli(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -137,8 +126,8 @@ def test_feedback_to_new_version_in_chat_then_rollback(stack, tmp_path):
         assert "[simulate] 8/8 feedback" in sim.stdout  # progress lines
 
         # 2. the reward service trained on it and published a new RM version
-        info = _until("RM version after feedback",
-                      lambda: (i := reward.GetInfo(reward_pb2.RewardInfoRequest(), timeout=30)).rm_version >= 1 and i, 180)
+        info = wait_for(lambda: (i := reward.GetInfo(reward_pb2.RewardInfoRequest(), timeout=30)).rm_version >= 1 and i,
+                        180, "RM version after feedback", every=1)
         assert info.train_step >= 1
 
         # 3. rollouts scored by the new RM reach the learner, PPO steps publish promoted versions
@@ -146,12 +135,12 @@ def test_feedback_to_new_version_in_chat_then_rollback(stack, tmp_path):
             versions = learner.ListVersions(learner_pb2.ListVersionsRequest(), timeout=30).versions
             return [v for v in versions if v.promoted]
 
-        good = _until("two promoted policy versions", lambda: len(promoted()) >= 2 and promoted(), 400, every=2)
+        good = wait_for(lambda: len(promoted()) >= 2 and promoted(), 400, "two promoted policy versions", every=2)
         status = learner.GetStatus(learner_pb2.GetStatusRequest(), timeout=30)
         assert status.step >= 2 and status.rollouts_trained >= 8
         assert "kl" in status.last_stats and "score_mean" in status.last_stats
         with EventConsumer(stack["up"]["kafka_bootstrap"], Topics("rlhf").rollouts, events_pb2.Rollout, group_id="e2e-reader") as c:
-            rollouts = _until("rollouts on Kafka", lambda: [r.event for r in c.poll(timeout_ms=2000)] or None, 60)
+            rollouts = wait_for(lambda: [r.event for r in c.poll(timeout_ms=2000)] or None, 60, "rollouts on Kafka", every=1)
             seen = list(rollouts)
             deadline = time.monotonic() + 120
             while not any(r.rm_version >= 1 and r.policy_version >= 1 for r in seen) and time.monotonic() < deadline:
@@ -162,8 +151,8 @@ def test_feedback_to_new_version_in_chat_then_rollback(stack, tmp_path):
 
         # 4. PPO steps after those rollouts made newer versions, the generator swapped one in,
         #    and a chat answer through the gateway reports it
-        version = _until("a chat answer from a version trained after the RM update",
-                         lambda: (v := _chat_version(gateway)) > after and v, 240, every=2)
+        version = wait_for(lambda: (v := _chat_version(gateway)) > after and v, 240,
+                           "a chat answer from a version trained after the RM update", every=2)
         assert version in {v.version for v in promoted()}
 
         # 5. rlhf eval sees the served version (its last stdout line is one JSON object)
@@ -181,8 +170,8 @@ def test_feedback_to_new_version_in_chat_then_rollback(stack, tmp_path):
         target = good[0].version
         info = learner.Rollback(learner_pb2.RollbackRequest(version=target), timeout=120)
         assert info.version == target
-        _until("generator serving the rolled-back version",
-               lambda: generator.GetInfo(generation_pb2.GetInfoRequest(), timeout=30).policy_version == target, 120)
+        wait_for(lambda: generator.GetInfo(generation_pb2.GetInfoRequest(), timeout=30).policy_version == target, 120,
+                 "generator serving the rolled-back version", every=1)
         assert _chat_version(gateway) == target
         assert learner.GetStatus(learner_pb2.GetStatusRequest(), timeout=30).serving_version == target
     except BaseException:
@@ -227,7 +216,7 @@ def _drift_gate_checks(stack, learner) -> None:
         trained = [v for v in versions if v.version > 0]  # v0: the initial policy, promoted as is
         return len(trained) >= 2 and trained
 
-    versions = _until("two trained versions through the drift gate", refused, 400, every=2)
+    versions = wait_for(refused, 400, "two trained versions through the drift gate", every=2)
     assert all(not v.promoted for v in versions), [(v.version, v.promoted, v.kl_to_reference, v.reason) for v in versions]
     assert all("exceeds budget" in v.reason and v.kl_to_reference > 1e-7 for v in versions)
     status = learner.GetStatus(learner_pb2.GetStatusRequest(), timeout=30)

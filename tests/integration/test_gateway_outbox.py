@@ -5,7 +5,6 @@ the relay delivers all 100, each event id exactly once in what a consumer reads.
 from __future__ import annotations
 
 import re
-import time
 
 import httpx
 import pytest
@@ -14,7 +13,7 @@ from rlhf.broker import EmbeddedBroker
 from rlhf.bus import Topics
 from rlhf.v1 import events_pb2
 from tests.gateway_stack import consume, gateway_env, generator  # noqa: F401 (fixture)
-from tests.procs import free_port, run_service
+from tests.procs import free_port, run_service, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -22,14 +21,6 @@ pytestmark = pytest.mark.slow
 def _gauge(http: httpx.Client, name: str) -> float:
     match = re.search(rf"^{name} (\S+)$", http.get("/metrics").text, re.M)
     return float(match.group(1))
-
-
-def _wait_for(predicate, timeout: float = 60, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached in {timeout}s: {what}")
-        time.sleep(0.2)
 
 
 def test_feedback_survives_a_broker_outage(tmp_path, generator):
@@ -55,11 +46,11 @@ def test_feedback_survives_a_broker_outage(tmp_path, generator):
                 assert r.status_code == 202, r.text
                 accepted.append(r.json()["event_id"])
             assert len(set(accepted)) == 100
-            _wait_for(lambda: _gauge(http, "rlhf_outbox_backlog") >= 100, what="backlog gauge shows the 100 pending events")
+            wait_for(lambda: _gauge(http, "rlhf_outbox_backlog") >= 100, 60, "backlog gauge shows the 100 pending events")
             assert _gauge(http, "rlhf_outbox_oldest_age_seconds") > 0
 
             broker.start()
-            _wait_for(lambda: _gauge(http, "rlhf_outbox_backlog") == 0, what="outbox drained after the broker returned")
+            wait_for(lambda: _gauge(http, "rlhf_outbox_backlog") == 0, 60, "outbox drained after the broker returned")
 
             events = consume(broker.bootstrap, topics.feedback, events_pb2.Feedback,
                              lambda evs: len(evs) >= 100, group="outbox-test", timeout=30)

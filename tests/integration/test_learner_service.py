@@ -20,7 +20,7 @@ from rlhf.models import chat_prompt_ids, load_causal_lm, load_tokenizer
 from rlhf.serving.client import sync_channel
 from rlhf.v1 import common_pb2, events_pb2, learner_pb2, learner_pb2_grpc
 from rlhf.weightstore import sha256_file
-from tests.procs import run_service
+from tests.procs import run_service, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -43,22 +43,12 @@ def publish(bootstrap: str, topic: str, events) -> None:
         producer.publish_many([(topic, e, e.prompt_id) for e in events])
 
 
-def wait_for(fn, what: str, timeout: float = 120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise TimeoutError(f"timed out waiting for {what}")
-
-
 def policy_updates(bootstrap: str, topic: str, n: int) -> list[events_pb2.PolicyUpdate]:
     consumer = EventConsumer(bootstrap, topic, events_pb2.PolicyUpdate, group_id="test-reader")
     got: list = []
     try:
         wait_for(lambda: got.extend(r.event for r in consumer.poll(timeout_ms=200)) or len(got) >= n,
-                 f"{n} policy updates", timeout=60)
+                 60, f"{n} policy updates")
     finally:
         consumer.close()
     return got
@@ -94,7 +84,7 @@ def test_learner_service_trains_publishes_and_obeys_its_control_plane(broker, to
         # 1. a batch (plus one malformed rollout, dropped and counted) → step 1, version 1
         first = sampler(4, version=0, seed=1)
         publish(broker.bootstrap, topics.rollouts, [invalid_rollout(), *first])
-        wait_for(lambda: status().step == 1, "step 1")
+        wait_for(lambda: status().step == 1, 120, "step 1")
         s = status()
         assert s.rollouts_trained == 4 and s.policy_version == 1
         for key in ("kl", "kl_coef", "entropy", "clipfrac", "approx_kl", "value_loss", "explained_variance"):
@@ -104,7 +94,7 @@ def test_learner_service_trains_publishes_and_obeys_its_control_plane(broker, to
         assert update.format == common_pb2.WEIGHT_FORMAT_LORA
         assert sha256_file(tmp_path / "state-learner" / "weights" / "v000001" / "adapter_model.safetensors") \
             == update.sha256
-        wait_for(lambda: status().serving_version == 1, "serving version 1")
+        wait_for(lambda: status().serving_version == 1, 120, "serving version 1")
 
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{svc.metrics_port}/metrics", timeout=5).read().decode()
         for name in ("rlhf_learner_kl ", "rlhf_learner_kl_coef ", "rlhf_learner_reward_mean ",
@@ -123,11 +113,11 @@ def test_learner_service_trains_publishes_and_obeys_its_control_plane(broker, to
         time.sleep(2.0)
         assert status().step == 1
         assert not stub.Resume(learner_pb2.ResumeRequest()).paused
-        wait_for(lambda: status().step == 2, "step 2 after resume")
+        wait_for(lambda: status().step == 2, 120, "step 2 after resume")
 
         # 3. rollouts more than max_policy_lag versions behind are dropped and counted
         publish(broker.bootstrap, topics.rollouts, sampler(4, version=0, seed=3))
-        wait_for(lambda: status().rollouts_dropped_stale == 4, "4 stale rollouts dropped")
+        wait_for(lambda: status().rollouts_dropped_stale == 4, 120, "4 stale rollouts dropped")
         assert status().step == 2
 
         # 4. rollback: to a promoted version; unknown versions are refused with the reason

@@ -10,6 +10,7 @@ with the shipped scrape config (targets rewritten to the stack's ports) and aler
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -17,7 +18,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -31,29 +31,19 @@ from tests.integration.test_prometheus_promql import (
     PROMETHEUS_DIR, RULE_FILES, dashboard_queries, exported_names, missing_metrics, rule_queries,
 )
 from tests.procs import ROOT, free_port
+from tests.procs import wait_for as _wait_for  # polled at this file's pace below
 
 pytestmark = pytest.mark.slow
 
 SERVICE_JOBS = ["generator", "reward", "reference", "learner", "rollout", "gateway"]
 
+# every 0.5 s; an OSError means Prometheus or a target is not listening yet
+wait_for = functools.partial(_wait_for, every=0.5, ignore=(OSError,))
+
 
 def http_get(url: str, timeout: float = 5.0) -> bytes:
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return r.read()
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
-    """Poll until predicate() returns something truthy; return it, or fail saying `what`."""
-    deadline, last = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-            if last:
-                return last
-        except OSError as e:  # not listening yet
-            last = e
-        time.sleep(interval)
-    raise AssertionError(f"{what} not within {timeout:.0f}s (last: {last!r})")
 
 
 class Up:

@@ -19,7 +19,7 @@ from rlhf.reward.synthetic import SyntheticPreference
 from rlhf.serving.client import sync_channel
 from rlhf.v1 import common_pb2, events_pb2, reward_pb2, reward_pb2_grpc
 from rlhf.weightstore import sha256_file
-from tests.procs import run_service
+from tests.procs import run_service, wait_for
 
 pytestmark = pytest.mark.slow  # trains a model through real processes: ~1 min on 2 cores
 
@@ -43,16 +43,6 @@ def stub(address: str):
 
 def info(address: str) -> reward_pb2.RewardInfo:
     return stub(address).GetInfo(reward_pb2.RewardInfoRequest(), timeout=10)
-
-
-def wait_for(predicate, timeout: float, what: str, svc=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}" + (f"\n{svc.log()}" if svc else ""))
 
 
 def metric(svc, name: str) -> float:
@@ -87,13 +77,13 @@ def test_feedback_trains_the_rm_versions_are_announced_and_duplicates_change_not
 
         # 1. the synthetic preference, through the broker
         producer.publish_many([(topics.feedback, e, e.conversation_id) for e in events])
-        wait_for(lambda: info(svc.address).pairs_seen == 320, 120, "320 pairs trained", svc)
+        wait_for(lambda: info(svc.address).pairs_seen == 320, 120, "320 pairs trained", detail=svc.log)
         # 20 steps of 16, or a few more when a poll ends mid-batch
         step = info(svc.address).train_step
         assert step >= 20
         # the topic ran dry: a last version, then its checkpoint (written after the swap)
         trainer_states = tmp_path / "state-reward" / "reward" / "trainer"
-        wait_for(lambda: list(trainer_states.glob(f"state-{step:09d}-*.pt")), 60, "the idle checkpoint", svc)
+        wait_for(lambda: list(trainer_states.glob(f"state-{step:09d}-*.pt")), 60, "the idle checkpoint", detail=svc.log)
         trained = info(svc.address)
         # a version every 5 steps, and one when the topic ran dry
         assert trained.train_step == step and trained.rm_version >= 4
@@ -121,7 +111,7 @@ def test_feedback_trains_the_rm_versions_are_announced_and_duplicates_change_not
 
         # 3. the same events again: dropped by event id, nothing moves
         producer.publish_many([(topics.feedback, e, e.conversation_id) for e in events])
-        wait_for(lambda: metric(svc, "rlhf_feedback_duplicates_total") == 320, 60, "duplicates dropped", svc)
+        wait_for(lambda: metric(svc, "rlhf_feedback_duplicates_total") == 320, 60, "duplicates dropped", detail=svc.log)
         again = info(svc.address)
         assert (again.train_step, again.pairs_seen, again.rm_version) == (step, 320, version)
         _, second = held_out_accuracy(svc.address, test_pairs)
@@ -132,7 +122,7 @@ def test_feedback_trains_the_rm_versions_are_announced_and_duplicates_change_not
         up, down = gen.rating_event(prompt, good=True), gen.rating_event(prompt, good=False)
         producer.publish_many([(topics.feedback, e, e.conversation_id) for e in (up, down)])
         wait_for(lambda: metric(svc, 'rlhf_feedback_events_total{kind="thumbs"}') == 2
-                 and metric(svc, "rlhf_rm_pointwise_total") == 1, 60, "thumbs trained", svc)
+                 and metric(svc, "rlhf_rm_pointwise_total") == 1, 60, "thumbs trained", detail=svc.log)
         assert info(svc.address).pairs_seen == 321  # the second rating paired with the first
 
         # 5. oversized input names the field and the limit
@@ -159,7 +149,7 @@ def test_sigkill_mid_training_resumes_from_the_checkpoint(broker, topics, tmp_pa
                   RLHF_REWARD_PUBLISH_EVERY_STEPS="5", RLHF_REWARD_CHECKPOINT_EVERY_STEPS="10",
                   RLHF_REWARD_CHECKPOINT_EVERY_SECONDS="100000", RLHF_REWARD_CHECKPOINT_WHEN_IDLE="false")
     with run_service("reward", tmp_path, env=env) as svc:
-        wait_for(lambda: info(svc.address).pairs_seen == 104, 120, "all 104 pairs trained", svc)
+        wait_for(lambda: info(svc.address).pairs_seen == 104, 120, "all 104 pairs trained", detail=svc.log)
         assert info(svc.address).train_step == 13
         svc.stop(signal.SIGKILL)  # steps 11-13 were never checkpointed
 
@@ -170,7 +160,7 @@ def test_sigkill_mid_training_resumes_from_the_checkpoint(broker, topics, tmp_pa
         restored = info(svc.address)
         # resumed from the checkpoint, exactly (the replay of 81-104 may have begun)
         assert restored.rm_version == 2 and restored.train_step >= 10
-        wait_for(lambda: info(svc.address).pairs_seen == 104, 120, "the uncheckpointed 24 pairs re-trained", svc)
+        wait_for(lambda: info(svc.address).pairs_seen == 104, 120, "the uncheckpointed 24 pairs re-trained", detail=svc.log)
         time.sleep(1.0)  # anything more would show up now
         final = info(svc.address)
         # only the 3 lost steps were redone: events up to the checkpoint were not re-trained

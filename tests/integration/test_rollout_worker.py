@@ -24,7 +24,7 @@ from rlhf.models import build_tiny_model, load_causal_lm, sequence_logprobs
 from rlhf.serving.client import sync_channel
 from rlhf.v1 import common_pb2, events_pb2, generation_pb2, generation_pb2_grpc, reward_pb2, reward_pb2_grpc
 from rlhf.weightstore import WeightStore
-from tests.procs import run_service
+from tests.procs import run_service, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -38,14 +38,6 @@ def metric(svc, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     return math.nan
-
-
-def wait_until(check, timeout: float = 120, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.3)
 
 
 def comparisons(n: int) -> list[events_pb2.Feedback]:
@@ -83,25 +75,25 @@ def test_rollouts_are_consistent_and_the_worker_holds_back_at_max_policy_lag(tmp
         rollouts: list[events_pb2.Rollout] = []
 
         # 0. the RM is untrained, then trained on too little: the worker makes nothing
-        wait_until(lambda: metric(worker, "rlhf_rollout_waiting_for_reward_model") == 1.0, what="waiting for the RM")
+        wait_for(lambda: metric(worker, "rlhf_rollout_waiting_for_reward_model") == 1.0, 120, "waiting for the RM")
         feedback = comparisons(4)
         with EventProducer(broker.bootstrap) as producer, sync_channel(rm.address) as rm_channel:
             producer.publish_many([(topics.feedback, ev, ev.conversation_id) for ev in feedback[:2]])
             info = reward_pb2_grpc.RewardServiceStub(rm_channel).GetInfo
-            wait_until(lambda: info(reward_pb2.RewardInfoRequest(), timeout=10).examples_seen == 2
-                       and info(reward_pb2.RewardInfoRequest(), timeout=10).rm_version >= 1, what="RM trained on 2")
+            wait_for(lambda: info(reward_pb2.RewardInfoRequest(), timeout=10).examples_seen == 2
+                       and info(reward_pb2.RewardInfoRequest(), timeout=10).rm_version >= 1, 120, "RM trained on 2")
             time.sleep(2)
             assert metric(worker, "rlhf_rollout_waiting_for_reward_model") == 1.0
             assert consumer.poll(timeout_ms=500) == [], "rollouts scored by a reward model below min_rm_examples"
             producer.publish_many([(topics.feedback, ev, ev.conversation_id) for ev in feedback[2:]])
-        wait_until(lambda: metric(worker, "rlhf_rollout_waiting_for_reward_model") == 0.0, what="RM trained on 4")
+        wait_for(lambda: metric(worker, "rlhf_rollout_waiting_for_reward_model") == 0.0, 120, "RM trained on 4")
 
         def held_back_at(total: int) -> bool:
             rollouts.extend(r.event for r in consumer.poll(timeout_ms=300))
             return len(rollouts) >= total and metric(worker, "rlhf_rollout_backpressure") == 1.0
 
         # 1. version 0: exactly one budget, then the worker waits
-        wait_until(lambda: held_back_at(BUDGET), what="first budget")
+        wait_for(lambda: held_back_at(BUDGET), 120, "first budget")
         time.sleep(2)  # give an over-producing worker the chance to show it
         rollouts.extend(r.event for r in consumer.poll(timeout_ms=1000))
         assert len(rollouts) == BUDGET, worker.log()
@@ -110,13 +102,13 @@ def test_rollouts_are_consistent_and_the_worker_holds_back_at_max_policy_lag(tmp
         # 2. a newer version served: one more budget, all from version 1
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         stub.LoadVersion(generation_pb2.LoadVersionRequest(version=1), timeout=60)
-        wait_until(lambda: held_back_at(2 * BUDGET), what="second budget")
+        wait_for(lambda: held_back_at(2 * BUDGET), 120, "second budget")
 
         # 3. the learner announces a version (here: rejected by the drift gate): one more budget
         with EventProducer(broker.bootstrap) as producer:
             producer.publish(topics.policy_updates, new_event(
                 events_pb2.PolicyUpdate, version=2, action=events_pb2.POLICY_ACTION_REJECTED), key="policy")
-        wait_until(lambda: held_back_at(3 * BUDGET), what="third budget")
+        wait_for(lambda: held_back_at(3 * BUDGET), 120, "third budget")
         time.sleep(2)
         rollouts.extend(r.event for r in consumer.poll(timeout_ms=1000))
 
