@@ -135,11 +135,23 @@ def main() -> int:
     ensure_topics(broker.bootstrap, topics.all())
     gen = ServiceSpec("generator", "services.generator", free_port(), 0)
     gw = ServiceSpec("gateway", "services.gateway", free_port(), 0, http=True)
-    gen.env.update({"RLHF_PORT": str(gen.port), "RLHF_METRICS_PORT": "0", "RLHF_FOLLOW_POLICY_UPDATES": "false",
-                    "RLHF_BACKEND": "transformers", "RLHF_MODEL": model})
+    gen.env.update(
+        {
+            "RLHF_PORT": str(gen.port),
+            "RLHF_METRICS_PORT": "0",
+            "RLHF_FOLLOW_POLICY_UPDATES": "false",
+            "RLHF_BACKEND": "transformers",
+            "RLHF_MODEL": model,
+        }
+    )
     gw.env.update({"RLHF_HTTP_PORT": str(gw.port), "RLHF_GENERATOR_ADDR": gen.address})
-    env = {"RLHF_STATE_DIR": str(work / "state"), "RLHF_KAFKA_BOOTSTRAP": broker.bootstrap,
-           "RLHF_TOPIC_PREFIX": topics.prefix, "RLHF_LOG_LEVEL": "WARNING", "RLHF_HOST": "127.0.0.1"}
+    env = {
+        "RLHF_STATE_DIR": str(work / "state"),
+        "RLHF_KAFKA_BOOTSTRAP": broker.bootstrap,
+        "RLHF_TOPIC_PREFIX": topics.prefix,
+        "RLHF_LOG_LEVEL": "WARNING",
+        "RLHF_HOST": "127.0.0.1",
+    }
     stack = Stack([gen, gw], env, work / "logs", drain_seconds=2)
     try:
         stack.start()
@@ -150,19 +162,39 @@ def main() -> int:
             for stream in (False, True):
                 lat = bench_latency(stub, http, args.pairs, args.max_tokens, stream)
                 d, g = lat["direct"], lat["gateway"]
-                rows.append(("stream, first token" if stream else "non-streaming",
-                             *(1000 * x for x in (pct(d, 50), pct(d, 99), pct(g, 50), pct(g, 99),
-                                                  pct(g, 50) - pct(d, 50), pct(g, 99) - pct(d, 99)))))
+                rows.append(
+                    (
+                        "stream, first token" if stream else "non-streaming",
+                        *(
+                            1000 * x
+                            for x in (
+                                pct(d, 50),
+                                pct(d, 99),
+                                pct(g, 50),
+                                pct(g, 99),
+                                pct(g, 50) - pct(d, 50),
+                                pct(g, 99) - pct(d, 99),
+                            )
+                        ),
+                    )
+                )
                 overhead += lat["overhead"]
                 floor += lat["floor"]
-            rid = http.post("/v1/chat/completions", json={"messages": PROMPT, "max_tokens": 2}).json()["choices"][0]["response_id"]
-        fb = [(c, asyncio.run(bench_feedback(gw.url, rid, args.feedback, c))) for c in map(int, args.concurrency.split(","))]
+            rid = http.post("/v1/chat/completions", json={"messages": PROMPT, "max_tokens": 2}).json()["choices"][0][
+                "response_id"
+            ]
+        fb = [
+            (c, asyncio.run(bench_feedback(gw.url, rid, args.feedback, c)))
+            for c in map(int, args.concurrency.split(","))
+        ]
     finally:
         stack.stop()
         broker.stop()
 
-    print(f"\nmodel={Path(model).name} max_tokens={args.max_tokens} pairs={args.pairs} cpus={os.cpu_count()} "
-          f"load average {os.getloadavg()[0]:.1f}\n")
+    print(
+        f"\nmodel={Path(model).name} max_tokens={args.max_tokens} pairs={args.pairs} cpus={os.cpu_count()} "
+        f"load average {os.getloadavg()[0]:.1f}\n"
+    )
     print("Alternating direct gRPC / gateway HTTP calls (ms):\n")
     print("| request | direct p50 | direct p99 | gateway p50 | gateway p99 | added p50 | added p99 |")
     print("|---|---|---|---|---|---|---|")

@@ -29,6 +29,7 @@ import asyncio
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import statistics
 import sys
@@ -40,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 N_PROMPTS, NEW_TOKENS = 16, 64
+CONTROL_TOKEN = secrets.token_urlsafe(16)  # the benchmark's generator needs one for LoadVersion/UpdateWeights
 
 
 def free_port() -> int:
@@ -79,10 +81,19 @@ class RawHF:
         ids = torch.full((len(prompts), width), self.pad)
         mask = torch.zeros_like(ids)
         for i, p in enumerate(prompts):
-            ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+            ids[i, width - len(p) :], mask[i, width - len(p) :] = torch.tensor(p), 1
         with torch.no_grad():
-            out = self.model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                                      do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=self.pad)
+            out = self.model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                pad_token_id=self.pad,
+            )
         return int((out.shape[1] - width) * len(prompts))
 
 
@@ -110,10 +121,19 @@ class Service:
         from rlhf.launcher import ServiceSpec, Stack
 
         self.spec = ServiceSpec(f"generator-{backend}", "services.generator", free_port(), 0)
-        env = {"RLHF_MODEL": str(model_dir), "RLHF_BACKEND": backend, "RLHF_FOLLOW_POLICY_UPDATES": "false",
-               "RLHF_PORT": str(self.spec.port), "RLHF_METRICS_PORT": "0", "RLHF_STATE_DIR": str(work / backend),
-               "RLHF_WEIGHT_STORE": str(work / "weights"), "RLHF_LOG_FORMAT": "text", "RLHF_DRAIN_SECONDS": "1",
-               **extra_env}
+        env = {
+            "RLHF_MODEL": str(model_dir),
+            "RLHF_BACKEND": backend,
+            "RLHF_FOLLOW_POLICY_UPDATES": "false",
+            "RLHF_PORT": str(self.spec.port),
+            "RLHF_METRICS_PORT": "0",
+            "RLHF_STATE_DIR": str(work / backend),
+            "RLHF_WEIGHT_STORE": str(work / "weights"),
+            "RLHF_LOG_FORMAT": "text",
+            "RLHF_DRAIN_SECONDS": "1",
+            "RLHF_CONTROL_TOKEN": CONTROL_TOKEN,
+            **extra_env,
+        }
         self.stack = Stack([self.spec], env, work / "logs", drain_seconds=1)
 
     def __enter__(self):
@@ -136,15 +156,22 @@ class Service:
         async with aio_channel(self.spec.address) as channel:
             stub = generation_pb2_grpc.GenerationServiceStub(channel)
             params = generation_pb2.SamplingParams(temperature=1.0, top_p=1.0, max_tokens=NEW_TOKENS, ignore_eos=True)
-            calls = [stub.Generate(generation_pb2.GenerateRequest(prompt_token_ids=common_pb2.TokenIds(ids=p),
-                                                                  params=params), timeout=600) for p in prompts]
+            calls = [
+                stub.Generate(
+                    generation_pb2.GenerateRequest(prompt_token_ids=common_pb2.TokenIds(ids=p), params=params),
+                    timeout=600,
+                )
+                for p in prompts
+            ]
             return sum(r.usage.completion_tokens for r in await asyncio.gather(*calls))
 
     def stub(self):
         from rlhf.serving.client import sync_channel
         from rlhf.v1 import generation_pb2_grpc
 
-        return generation_pb2_grpc.GenerationServiceStub(sync_channel(self.spec.address, max_message_mb=1024))
+        return generation_pb2_grpc.GenerationServiceStub(
+            sync_channel(self.spec.address, max_message_mb=1024, control_token=CONTROL_TOKEN)
+        )
 
 
 def timed(fn, *args) -> tuple[float, int]:
@@ -179,10 +206,13 @@ def swap_latency(service: Service, store, versions: dict, rounds: int) -> dict:
     chunk = 4 << 20
 
     def stream(version: int):
-        yield generation_pb2.WeightChunk(header=generation_pb2.WeightHeader(
-            version=version, format=common_pb2.WEIGHT_FORMAT_FULL, sha256=sha, total_bytes=len(data)))
+        yield generation_pb2.WeightChunk(
+            header=generation_pb2.WeightHeader(
+                version=version, format=common_pb2.WEIGHT_FORMAT_FULL, sha256=sha, total_bytes=len(data)
+            )
+        )
         for i in range(0, len(data), chunk):
-            yield generation_pb2.WeightChunk(data=data[i:i + chunk])
+            yield generation_pb2.WeightChunk(data=data[i : i + chunk])
 
     def load(version: int) -> float:
         t0 = time.perf_counter()
@@ -191,19 +221,21 @@ def swap_latency(service: Service, store, versions: dict, rounds: int) -> dict:
 
     out = {k: [] for k in ("lora", "full", "stream", "raw_full", "raw_lora")}
     load(0)
-    for i in range(rounds):
+    for _ in range(rounds):
         out["lora"].append(load(versions["lora"]))
         load(0)
         out["full"].append(load(versions["full"]))
         load(0)
         t0 = time.perf_counter()
-        stub.UpdateWeights(stream(1000 + i), timeout=600)
+        stub.UpdateWeights(stream(versions["full"]), timeout=600)  # a published version: the only kind accepted
         out["stream"].append(time.perf_counter() - t0)
         load(0)
         out["raw_full"].append(timed(lambda: read_tensors(full.weights_path.read_bytes()))[0])
         out["raw_lora"].append(timed(lambda: read_tensors(lora.weights_path.read_bytes()))[0])
-    return {k: statistics.median(v) for k, v in out.items()} | {"full_mb": len(data) / 1e6,
-                                                                  "lora_mb": lora.weights_path.stat().st_size / 1e6}
+    return {k: statistics.median(v) for k, v in out.items()} | {
+        "full_mb": len(data) / 1e6,
+        "lora_mb": lora.weights_path.stat().st_size / 1e6,
+    }
 
 
 # --- main -----------------------------------------------------------------------------
@@ -229,8 +261,8 @@ def run(args, work: Path) -> None:
     import torch
     from safetensors.torch import load_file
 
-    from rlhf.generation.adapters import make_random_lora
     from rlhf.models import build_tiny_model, resolve_model
+    from rlhf.testing.lora import make_random_lora
     from rlhf.weightstore import WeightStore
 
     model_dir = build_tiny_model(work / "tiny") if args.model == "tiny" else resolve_model(args.model)
@@ -240,26 +272,42 @@ def run(args, work: Path) -> None:
     base = load_file(str(model_dir / "model.safetensors"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        store.put(1, {k: v + 1e-3 * torch.randn_like(v) for k, v in base.items()})
+        store.put(1, {k: v + 1e-3 * torch.randn_like(v) for k, v in base.items()}, meta={"promoted": True})
     del base
     tensors, cfg = make_random_lora(model_dir, work / "lora", rank=8, seed=0)
-    store.put(2, tensors, fmt="lora", adapter_config=cfg)
+    store.put(2, tensors, fmt="lora", adapter_config=cfg, meta={"promoted": True})  # generators serve only these
 
-    print(f"model {model_dir} · {N_PROMPTS} prompts × {NEW_TOKENS} new tokens · median of {args.rounds} rounds · "
-          f"torch threads {torch.get_num_threads()}\n")
+    print(
+        f"model {model_dir} · {N_PROMPTS} prompts × {NEW_TOKENS} new tokens · median of {args.rounds} rounds · "
+        f"torch threads {torch.get_num_threads()}\n"
+    )
     results = []
     for backend in args.backends.split(","):
         env = {"RLHF_VLLM_ENFORCE_EAGER": args.vllm_enforce_eager, "RLHF_MAX_MODEL_LEN": "2048", "RLHF_MAX_BATCH": "32"}
         with Service(backend, model_dir, work, env) as service:
             if backend == "vllm":
-                raw = RawVllm(model_dir, dict(
-                    model=str(model_dir), max_model_len=2048, max_num_seqs=32, dtype="float32", seed=0,
-                    enforce_eager=args.vllm_enforce_eager == "true", enable_lora=True, max_lora_rank=16, max_loras=2))
+                raw = RawVllm(
+                    model_dir,
+                    dict(
+                        model=str(model_dir),
+                        max_model_len=2048,
+                        max_num_seqs=32,
+                        dtype="float32",
+                        seed=0,
+                        enforce_eager=args.vllm_enforce_eager == "true",
+                        enable_lora=True,
+                        max_lora_rank=16,
+                        max_loras=2,
+                    ),
+                )
             else:
                 raw = RawHF(model_dir)
             tp = throughput(raw, service, prompts, args.rounds)
-            print(f"{backend}: raw {raw.name} {tp['raw']:.1f} tok/s, service {tp['service']:.1f} tok/s, "
-                  f"service start {service.start_s:.0f} s", flush=True)
+            print(
+                f"{backend}: raw {raw.name} {tp['raw']:.1f} tok/s, service {tp['service']:.1f} tok/s, "
+                f"service start {service.start_s:.0f} s",
+                flush=True,
+            )
             sw = swap_latency(service, store, {"full": 1, "lora": 2}, args.rounds)
             print(f"{backend}: swaps {json.dumps({k: round(v, 4) for k, v in sw.items()})}", flush=True)
             results.append((backend, raw.name, tp, service.start_s, sw))
@@ -268,13 +316,21 @@ def run(args, work: Path) -> None:
     print("\n| backend | raw engine | raw tok/s | service tok/s | service / raw | service start (s) |")
     print("|---|---|---:|---:|---:|---:|")
     for backend, name, tp, start, _ in results:
-        print(f"| {backend} | {name} | {tp['raw']:.1f} | {tp['service']:.1f} | {tp['service'] / tp['raw']:.2f} | {start:.0f} |")
+        print(
+            f"| {backend} | {name} | {tp['raw']:.1f} | {tp['service']:.1f} | "
+            f"{tp['service'] / tp['raw']:.2f} | {start:.0f} |"
+        )
     print()
-    print("| backend | LoRA swap (s) | full swap, store (s) | full swap, gRPC stream (s) | raw read full (s) | full swap / raw | raw read LoRA (s) |")
+    print(
+        "| backend | LoRA swap (s) | full swap, store (s) | full swap, gRPC stream (s) | raw read full (s) "
+        "| full swap / raw | raw read LoRA (s) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for backend, _, _, _, s in results:
-        print(f"| {backend} | {s['lora']:.3f} | {s['full']:.2f} | {s['stream']:.2f} | {s['raw_full']:.2f} | "
-              f"{s['full'] / s['raw_full']:.1f} | {s['raw_lora']:.4f} |")
+        print(
+            f"| {backend} | {s['lora']:.3f} | {s['full']:.2f} | {s['stream']:.2f} | {s['raw_full']:.2f} | "
+            f"{s['full'] / s['raw_full']:.1f} | {s['raw_lora']:.4f} |"
+        )
     sw = results[0][4]
     print(f"\nfull weights {sw['full_mb']:.0f} MB, LoRA adapter {sw['lora_mb']:.1f} MB")
 

@@ -39,13 +39,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SMOLLM2_135M = dict(  # SmolLM2-135M's architecture; weights random (throughput does not care)
-    hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-    num_key_value_heads=3, head_dim=64, max_position_embeddings=8192, rms_norm_eps=1e-5,
-    rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, tie_word_embeddings=True,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+    tie_word_embeddings=True,
 )
 
 
 # --- measurement helpers (both children) ------------------------------------------------
+
 
 class PeakMemory:
     """Peak bytes between start() and stop(): CUDA allocator stats, or sampled RSS."""
@@ -113,8 +121,12 @@ def prepare_model(kind: str, out: Path) -> Path:
         return Path(kind)
     tok = load_tokenizer(smollm2_tokenizer_dir())
     config = transformers.LlamaConfig(
-        vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, architectures=["LlamaForCausalLM"], **SMOLLM2_135M,
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        architectures=["LlamaForCausalLM"],
+        **SMOLLM2_135M,
     )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(out)
@@ -135,20 +147,26 @@ def random_prompts(n: int, length: int, vocab: int, avoid: set[int], seed: int =
 
 # --- ours ------------------------------------------------------------------------------
 
+
 def run_ours(args) -> dict:
     import torch
 
     from rlhf.learner import PPOConfig, PPOTrainer, build_policy
     from rlhf.learner.batch import collate
-    from rlhf.learner.synthetic import sample_rollouts
     from rlhf.models import load_tokenizer
+    from rlhf.testing.rollouts import sample_rollouts
 
     device = args.device
     tok = load_tokenizer(args.model_dir)
     cfg = PPOConfig(
-        finetune=args.finetune, batch_size=args.batch_size, minibatch_size=args.minibatch_size,
-        micro_batch_size=args.micro_batch_size, ppo_epochs=args.ppo_epochs, lr=1e-6,
-        mixed_precision="bf16" if args.bf16 else "no", gradient_checkpointing=args.gradient_checkpointing,
+        finetune=args.finetune,
+        batch_size=args.batch_size,
+        minibatch_size=args.minibatch_size,
+        micro_batch_size=args.micro_batch_size,
+        ppo_epochs=args.ppo_epochs,
+        lr=1e-6,
+        mixed_precision="bf16" if args.bf16 else "no",
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     policy = build_policy(args.model_dir, cfg, device)
     trainer = PPOTrainer(policy, cfg)
@@ -156,10 +174,19 @@ def run_ours(args) -> dict:
     times, peaks = [], []
     for update in range(args.warmup + args.updates):
         # rollouts from the current policy (not timed; the rollout service does this in the loop)
-        rollouts = sample_rollouts(policy.causal_lm, policy.causal_lm, prompts, lambda r: float(len(r) % 2),
-                                   policy_version=0, max_new_tokens=args.response_len,
-                                   min_new_tokens=args.response_len, pad_id=tok.pad_token_id, eos_id=None,
-                                   seed=update, make_event=SimpleNamespace)
+        rollouts = sample_rollouts(
+            policy.causal_lm,
+            policy.causal_lm,
+            prompts,
+            lambda r: float(len(r) % 2),
+            policy_version=0,
+            max_new_tokens=args.response_len,
+            min_new_tokens=args.response_len,
+            pad_id=tok.pad_token_id,
+            eos_id=None,
+            seed=update,
+            make_event=SimpleNamespace,
+        )
         batch = collate(rollouts, tok.pad_token_id)
         memory = PeakMemory(device)
         memory.start()
@@ -174,11 +201,11 @@ def run_ours(args) -> dict:
         if update >= args.warmup:
             times.append(elapsed)
             peaks.append(peak)
-    return {"update_seconds": times, "update_peak_bytes": max(peaks),
-            "process_peak_bytes": process_peak_bytes(device)}
+    return {"update_seconds": times, "update_peak_bytes": max(peaks), "process_peak_bytes": process_peak_bytes(device)}
 
 
 # --- TRL -------------------------------------------------------------------------------
+
 
 def run_trl(args) -> dict:
     import warnings
@@ -210,22 +237,42 @@ def run_trl(args) -> dict:
     if args.finetune == "lora":
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                                 task_type="CAUSAL_LM")
+        peft_config = LoraConfig(
+            r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"
+        )
         ref = None
     assert args.minibatch_size == args.batch_size, "TRL steps once per minibatch only when it is the batch"
     config = PPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="trl-bench-"), report_to="none", save_strategy="no",
+        output_dir=tempfile.mkdtemp(prefix="trl-bench-"),
+        report_to="none",
+        save_strategy="no",
         per_device_train_batch_size=args.micro_batch_size,
         gradient_accumulation_steps=args.batch_size // args.micro_batch_size,
-        num_mini_batches=1, num_ppo_epochs=args.ppo_epochs, response_length=args.response_len,
-        local_rollout_forward_batch_size=args.batch_size, total_episodes=args.batch_size * n_updates,
-        stop_token=None, missing_eos_penalty=None, num_sample_generations=0, learning_rate=1e-6,
-        bf16=args.bf16, use_cpu=not device.startswith("cuda"), logging_steps=10_000,
-        gradient_checkpointing=args.gradient_checkpointing, seed=0,
+        num_mini_batches=1,
+        num_ppo_epochs=args.ppo_epochs,
+        response_length=args.response_len,
+        local_rollout_forward_batch_size=args.batch_size,
+        total_episodes=args.batch_size * n_updates,
+        stop_token=None,
+        missing_eos_penalty=None,
+        num_sample_generations=0,
+        learning_rate=1e-6,
+        bf16=args.bf16,
+        use_cpu=not device.startswith("cuda"),
+        logging_steps=10_000,
+        gradient_checkpointing=args.gradient_checkpointing,
+        seed=0,
     )
-    trainer = PPOTrainer(args=config, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
-                         train_dataset=dataset, value_model=value, peft_config=peft_config)
+    trainer = PPOTrainer(
+        args=config,
+        processing_class=tok,
+        model=policy,
+        ref_model=ref,
+        reward_model=reward,
+        train_dataset=dataset,
+        value_model=value,
+        peft_config=peft_config,
+    )
 
     memory = PeakMemory(device)
     marks: dict = {"start": None, "end": None}
@@ -256,11 +303,16 @@ def run_trl(args) -> dict:
     getattr(trainer.optimizer, "optimizer", trainer.optimizer).register_step_post_hook(on_optimizer_step)
     trainer.add_callback(UpdateDone())
     trainer.train()
-    return {"update_seconds": times[args.warmup:], "update_peak_bytes": max(peaks[args.warmup:]),
-            "process_peak_bytes": process_peak_bytes(device), "trl_version": trl.__version__}
+    return {
+        "update_seconds": times[args.warmup :],
+        "update_peak_bytes": max(peaks[args.warmup :]),
+        "process_peak_bytes": process_peak_bytes(device),
+        "trl_version": trl.__version__,
+    }
 
 
 # --- driver ----------------------------------------------------------------------------
+
 
 def child(args) -> None:
     import torch
@@ -288,8 +340,9 @@ def main() -> int:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--impl", default="both", choices=["ours", "trl", "both"])
-    p.add_argument("--trl-python", default=str(ROOT / ".venv-bench" / "bin" / "python"),
-                   help="python that has trl installed")
+    p.add_argument(
+        "--trl-python", default=str(ROOT / ".venv-bench" / "bin" / "python"), help="python that has trl installed"
+    )
     p.add_argument("--json", default="", help="also write the results here")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", default="", help=argparse.SUPPRESS)
@@ -303,7 +356,7 @@ def main() -> int:
         model_dir = prepare_model(args.model, Path(tmp) / "model")
         passthrough = [a for a in sys.argv[1:] if not a.startswith("--impl") and a not in ("ours", "trl", "both")]
         results = {}
-        for impl in (["ours", "trl"] if args.impl == "both" else [args.impl]):
+        for impl in ["ours", "trl"] if args.impl == "both" else [args.impl]:
             python = args.trl_python if impl == "trl" else sys.executable
             cmd = [python, __file__, *passthrough, "--child", impl, "--model-dir", str(model_dir)]
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -312,23 +365,29 @@ def main() -> int:
             if proc.returncode != 0 or line is None:
                 print(f"{impl} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
                 return 1
-            results[impl] = json.loads(line[len("RESULT "):])
+            results[impl] = json.loads(line[len("RESULT ") :])
 
     tokens = args.batch_size * (args.prompt_len + args.response_len) * args.ppo_epochs
-    print(f"\nPPO update: model={args.model} device={args.device} finetune={args.finetune} "
-          f"batch={args.batch_size} micro={args.micro_batch_size} prompt={args.prompt_len} "
-          f"response={args.response_len} epochs={args.ppo_epochs} bf16={args.bf16} "
-          f"(median of {args.updates} updates after {args.warmup} warm-up)\n")
-    print(f"| impl | update s | tokens/s | update peak MiB | process peak MiB |")
-    print(f"|---|---:|---:|---:|---:|")
+    print(
+        f"\nPPO update: model={args.model} device={args.device} finetune={args.finetune} "
+        f"batch={args.batch_size} micro={args.micro_batch_size} prompt={args.prompt_len} "
+        f"response={args.response_len} epochs={args.ppo_epochs} bf16={args.bf16} "
+        f"(median of {args.updates} updates after {args.warmup} warm-up)\n"
+    )
+    print("| impl | update s | tokens/s | update peak MiB | process peak MiB |")
+    print("|---|---:|---:|---:|---:|")
     for impl, r in results.items():
         seconds = statistics.median(r["update_seconds"])
         name = f"TRL {r['trl_version']} PPOTrainer" if impl == "trl" else "ours (rlhf.learner)"
-        print(f"| {name} | {seconds:.3f} | {tokens / seconds:,.0f} | {r['update_peak_bytes'] / 2**20:,.0f} "
-              f"| {r['process_peak_bytes'] / 2**20:,.0f} |")
+        print(
+            f"| {name} | {seconds:.3f} | {tokens / seconds:,.0f} | {r['update_peak_bytes'] / 2**20:,.0f} "
+            f"| {r['process_peak_bytes'] / 2**20:,.0f} |"
+        )
         r["tokens_per_second"] = tokens / seconds
     if len(results) == 2:
-        print(f"\nours / TRL tokens/s: {results['ours']['tokens_per_second'] / results['trl']['tokens_per_second']:.2f}x")
+        print(
+            f"\nours / TRL tokens/s: {results['ours']['tokens_per_second'] / results['trl']['tokens_per_second']:.2f}x"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     return 0

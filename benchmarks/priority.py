@@ -37,8 +37,10 @@ async def measure(address: str, prompts: list[list[int]], background: int, chats
     def request(i: int, n: int, priority: int):
         return generation_pb2.GenerateRequest(
             prompt_token_ids=common_pb2.TokenIds(ids=prompts[i % len(prompts)]),
-            params=generation_pb2.SamplingParams(n=n, temperature=1.0, max_tokens=tokens, ignore_eos=True,
-                                                 priority=priority))
+            params=generation_pb2.SamplingParams(
+                n=n, temperature=1.0, max_tokens=tokens, ignore_eos=True, priority=priority
+            ),
+        )
 
     async with aio_channel(address) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
@@ -83,11 +85,15 @@ def main() -> int:
             latency = asyncio.run(measure(service.spec.address, prompts, args.background, args.chats, args.tokens))
 
     def row(name: str, xs: list[float]) -> str:
-        return (f"| {name} | {statistics.median(xs):.2f} | {max(xs):.2f} | "
-                f"{statistics.median(xs) / statistics.median(latency[INTERACTIVE]):.1f}× |")
+        return (
+            f"| {name} | {statistics.median(xs):.2f} | {max(xs):.2f} | "
+            f"{statistics.median(xs) / statistics.median(latency[INTERACTIVE]):.1f}× |"
+        )
 
-    print(f"\nmodel={args.model} background={args.background}×n=4 (= {4 * args.background} rows queued) "
-          f"max_batch={args.max_batch} tokens={args.tokens} chats={args.chats} per priority\n")
+    print(
+        f"\nmodel={args.model} background={args.background}×n=4 (= {4 * args.background} rows queued) "
+        f"max_batch={args.max_batch} tokens={args.tokens} chats={args.chats} per priority\n"
+    )
     print("| chat sent with | p50 latency (s) | max (s) | vs priority 0 |")
     print("|---|---:|---:|---:|")
     print(row(f"priority {INTERACTIVE} (the gateway)", latency[INTERACTIVE]))

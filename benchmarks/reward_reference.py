@@ -34,8 +34,8 @@ from rlhf.broker import EmbeddedBroker  # noqa: E402
 from rlhf.bus import EventProducer, Topics, ensure_topics  # noqa: E402
 from rlhf.launcher import ServiceSpec, Stack  # noqa: E402
 from rlhf.reward import OnlineRewardTrainer, TrainerConfig, load_reward_model, messages_of, resolve_backbone  # noqa: E402
-from rlhf.reward.synthetic import SyntheticPreference  # noqa: E402
 from rlhf.serving.client import sync_channel  # noqa: E402
+from rlhf.testing.preferences import SyntheticPreference  # noqa: E402
 from rlhf.v1 import common_pb2, reference_pb2, reference_pb2_grpc, reward_pb2, reward_pb2_grpc  # noqa: E402
 
 
@@ -80,8 +80,10 @@ def requests_per_call(spec: ServiceSpec, name: str) -> tuple[float, float]:
     import urllib.request
 
     body = urllib.request.urlopen(f"http://127.0.0.1:{spec.metrics_port}/metrics", timeout=5).read().decode()
-    get = lambda suffix: float(re.search(  # noqa: E731
-        rf'^rlhf_batcher_batch_requests_{suffix}{{name="{name}"}} (\S+)$', body, re.M).group(1))
+
+    def get(suffix: str) -> float:
+        return float(re.search(rf'^rlhf_batcher_batch_requests_{suffix}{{name="{name}"}} (\S+)$', body, re.M).group(1))
+
     return get("sum"), get("count")
 
 
@@ -110,15 +112,16 @@ def bench_reward(args, spec: ServiceSpec) -> list[str]:
     stub = reward_pb2_grpc.RewardServiceStub(sync_channel(spec.address))
 
     def request(part):
-        return reward_pb2.ScoreRequest(items=[
-            reward_pb2.ScoreItem(prompt=[common_pb2.ChatMessage(**m) for m in p], response=r) for p, r in part
-        ])
+        return reward_pb2.ScoreRequest(
+            items=[reward_pb2.ScoreItem(prompt=[common_pb2.ChatMessage(**m) for m in p], response=r) for p, r in part]
+        )
 
     whole = request(items)
     model = load_reward_model(resolve_backbone(args.reward_backbone, cache_dir=None), max_tokens=args.reward_max_tokens)
     prompts, texts = [messages_of(p) for p, _ in items], [r for _, r in items]
-    g, d = interleaved(lambda: stub.Score(whole, timeout=120), lambda: model.score(prompts, texts, batch_size=64),
-                       args.rounds)
+    g, d = interleaved(
+        lambda: stub.Score(whole, timeout=120), lambda: model.score(prompts, texts, batch_size=64), args.rounds
+    )
     parts = [request(x) for x in split(items, args.clients)]
     c, merged = concurrent_row(spec, "reward", lambda r: stub.Score(r, timeout=120), parts, args)
     n = len(pairs)
@@ -134,20 +137,26 @@ def bench_reference(args, spec: ServiceSpec, model_dir: str, batching: str) -> l
     g = torch.Generator().manual_seed(0)
     ref = ReferenceModel(model_dir, batching=batching)
     vocab = ref.vocab_size
-    lengths = [(int(torch.randint(16, 49, (1,), generator=g)), int(torch.randint(16, 65, (1,), generator=g)))
-               for _ in range(args.logprob_items)]
+    lengths = [
+        (int(torch.randint(16, 49, (1,), generator=g)), int(torch.randint(16, 65, (1,), generator=g)))
+        for _ in range(args.logprob_items)
+    ]
     prompts = [torch.randint(0, vocab, (p,), generator=g).tolist() for p, _ in lengths]
     responses = [torch.randint(0, vocab, (r,), generator=g).tolist() for _, r in lengths]
     tokens = sum(p + r for p, r in lengths)
     stub = reference_pb2_grpc.ReferenceServiceStub(sync_channel(spec.address))
 
     def request(idx):
-        return reference_pb2.LogProbsRequest(items=[
-            reference_pb2.LogProbsItem(prompt_token_ids=prompts[i], response_token_ids=responses[i]) for i in idx
-        ])
+        return reference_pb2.LogProbsRequest(
+            items=[
+                reference_pb2.LogProbsItem(prompt_token_ids=prompts[i], response_token_ids=responses[i]) for i in idx
+            ]
+        )
 
     whole = request(range(len(prompts)))
-    gt, dt = interleaved(lambda: stub.LogProbs(whole, timeout=300), lambda: ref.logprobs(prompts, responses), args.rounds)
+    gt, dt = interleaved(
+        lambda: stub.LogProbs(whole, timeout=300), lambda: ref.logprobs(prompts, responses), args.rounds
+    )
     parts = [request(x) for x in split(list(range(len(prompts))), args.clients)]
     c, merged = concurrent_row(spec, "reference", lambda r: stub.LogProbs(r, timeout=300), parts, args)
     b = batching
@@ -161,7 +170,7 @@ def bench_training(args, reward: ServiceSpec, topics: Topics, bootstrap: str) ->
     """Alternating rounds of `train_pairs` comparisons: in-process trainer, then the service."""
     gen = SyntheticPreference(seed=11)
     model = load_reward_model(resolve_backbone(args.reward_backbone, cache_dir=None), max_tokens=args.reward_max_tokens)
-    trainer = OnlineRewardTrainer(model, TrainerConfig(lr=args.lr, batch_size=16))
+    trainer = OnlineRewardTrainer(model, TrainerConfig(lr=args.lr, train_batch_size=16))
     list(trainer.train(trainer.ingest([gen.comparison_event() for _ in range(32)]).examples))  # replay buffer warm
     stub = reward_pb2_grpc.RewardServiceStub(sync_channel(reward.address))
     pairs_seen = lambda: stub.GetInfo(reward_pb2.RewardInfoRequest(), timeout=10).pairs_seen  # noqa: E731
@@ -170,7 +179,7 @@ def bench_training(args, reward: ServiceSpec, topics: Topics, bootstrap: str) ->
         for _ in range(args.train_rounds):
             # in-process: the trainer alone, every step 16 new + 16 replayed pairs
             examples = trainer.ingest([gen.comparison_event() for _ in range(n)]).examples
-            direct.append(timed(lambda: list(trainer.train(examples))))
+            direct.append(timed(lambda examples=examples: list(trainer.train(examples))))
             # the service: broker → consumer → de-dup → steps (versions, swaps) → pairs_seen
             start, events = pairs_seen(), [gen.comparison_event() for _ in range(n)]
             t0 = time.perf_counter()
@@ -198,8 +207,12 @@ def main() -> int:
     ap.add_argument("--train-pairs", type=int, default=128, help="comparisons per training round")
     ap.add_argument("--train-rounds", type=int, default=3, help="training rounds per row (median reported)")
     ap.add_argument("--lr", type=float, default=2e-5, help="RM learning rate")
-    ap.add_argument("--torch-threads", type=int, default=1,
-                    help="torch threads, here and in each service (1: a shared 2-core box thrashes with more)")
+    ap.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch threads, here and in each service (1: a shared 2-core box thrashes with more)",
+    )
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -221,24 +234,45 @@ def main() -> int:
     topics = Topics("bench")
     ensure_topics(broker.bootstrap, topics.all())
     reward = ServiceSpec("reward", "services.reward", free_port(), free_port())
-    references = {b: ServiceSpec(f"reference-{b}", "services.reference", free_port(), free_port())
-                  for b in ("exact", "padded")}
-    common = {"RLHF_STATE_DIR": str(work / "state"), "RLHF_KAFKA_BOOTSTRAP": broker.bootstrap,
-              "RLHF_TOPIC_PREFIX": topics.prefix, "RLHF_LOG_FORMAT": "text"}
-    reward.env.update({"RLHF_PORT": str(reward.port), "RLHF_METRICS_PORT": str(reward.metrics_port), "RLHF_REWARD_BACKBONE": args.reward_backbone,
-                       "RLHF_REWARD_MAX_TOKENS": str(args.reward_max_tokens), "RLHF_REWARD_LR": str(args.lr),
-                       "RLHF_REWARD_MAX_ITEMS": "1024", "RLHF_REWARD_TORCH_THREADS": str(args.torch_threads)})
+    references = {
+        b: ServiceSpec(f"reference-{b}", "services.reference", free_port(), free_port()) for b in ("exact", "padded")
+    }
+    common = {
+        "RLHF_STATE_DIR": str(work / "state"),
+        "RLHF_KAFKA_BOOTSTRAP": broker.bootstrap,
+        "RLHF_TOPIC_PREFIX": topics.prefix,
+        "RLHF_LOG_FORMAT": "text",
+    }
+    reward.env.update(
+        {
+            "RLHF_PORT": str(reward.port),
+            "RLHF_METRICS_PORT": str(reward.metrics_port),
+            "RLHF_REWARD_BACKBONE": args.reward_backbone,
+            "RLHF_REWARD_MAX_TOKENS": str(args.reward_max_tokens),
+            "RLHF_REWARD_LR": str(args.lr),
+            "RLHF_REWARD_MAX_ITEMS": "1024",
+            "RLHF_REWARD_TORCH_THREADS": str(args.torch_threads),
+        }
+    )
     for batching, spec in references.items():
-        spec.env.update({"RLHF_PORT": str(spec.port), "RLHF_METRICS_PORT": str(spec.metrics_port), "RLHF_MODEL": model_dir,
-                         "RLHF_REFERENCE_BATCHING": batching,
-                         "RLHF_REFERENCE_TORCH_THREADS": str(args.torch_threads)})
+        spec.env.update(
+            {
+                "RLHF_PORT": str(spec.port),
+                "RLHF_METRICS_PORT": str(spec.metrics_port),
+                "RLHF_MODEL": model_dir,
+                "RLHF_REFERENCE_BATCHING": batching,
+                "RLHF_REFERENCE_TORCH_THREADS": str(args.torch_threads),
+            }
+        )
     stack = Stack([reward, *references.values()], common, work / "logs", drain_seconds=2)
     try:
         stack.start()
         stack.wait_healthy(timeout=300, progress=lambda *_: None)
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
-              f"RM backbone {args.reward_backbone} (max {args.reward_max_tokens} tokens), "
-              f"reference {args.reference_model}; median of {args.rounds} rounds\n")
+        print(
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
+            f"RM backbone {args.reward_backbone} (max {args.reward_max_tokens} tokens), "
+            f"reference {args.reference_model}; median of {args.rounds} rounds\n"
+        )
         print("| path | through gRPC | direct in-process | gRPC overhead |")
         print("|---|---|---|---|")
         for line in bench_reward(args, reward):

@@ -8,4 +8,9 @@ Subpackages, by role:
   v1/       generated protobuf/gRPC stubs (scripts/gen_protos.py; never hand-edited)
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("rlhf-loop")  # pyproject.toml's, the one place it is written
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"

@@ -3,6 +3,10 @@
 For laptops and tests only. Tansu keeps topics in memory here (they vanish when it
 stops) and stalls consumer-group joins for max_poll_interval_ms; deployments run
 Apache Kafka, and nothing in the loop may depend on Tansu's behaviour.
+
+Each start gets a fresh cluster id (`cluster_id`), so a restarted broker — empty — is a
+new cluster to every client, as a Kafka cluster rebuilt on empty disks is: consumers
+notice the lost log and the gateway's outbox re-sends (rlhf.bus.watch).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -50,8 +55,8 @@ def _free_port(host: str) -> int:
 class EmbeddedBroker:
     """A Tansu broker child process, in its own process group, logging to a file.
 
-        with EmbeddedBroker() as broker:      # port=0: any free port
-            producer = EventProducer(broker.bootstrap)
+    with EmbeddedBroker() as broker:      # port=0: any free port
+        producer = EventProducer(broker.bootstrap)
     """
 
     def __init__(
@@ -69,6 +74,7 @@ class EmbeddedBroker:
         self.startup_timeout_s = startup_timeout_s
         self._proc: subprocess.Popen | None = None
         self._temp_log = False  # a log we created is ours to delete at stop()
+        self.cluster_id: str | None = None  # new at every start: its topics are new logs
 
     @property
     def bootstrap(self) -> str:
@@ -82,6 +88,23 @@ class EmbeddedBroker:
         """The Tansu process id while it runs."""
         return self._proc.pid if self._proc else None
 
+    @property
+    def alive(self) -> bool:
+        """True while the Tansu process runs (False before start(), after stop(), or once it died)."""
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def exit_code(self) -> int | None:
+        """Tansu's exit code once it died on its own (until stop() reaps it), else None."""
+        return self._proc.poll() if self._proc is not None else None
+
+    def restart(self) -> EmbeddedBroker:
+        """Start Tansu again on the same port after it died (what `rlhf up` supervises). In
+        memory, it comes back empty: the caller creates the topics again, and consumers
+        must notice that their log is gone."""
+        self.stop()
+        return self.start()
+
     def start(self) -> EmbeddedBroker:
         """Start Tansu and return once a Kafka client can fetch metadata from it."""
         if self._proc is not None:
@@ -93,10 +116,20 @@ class EmbeddedBroker:
             os.close(fd)
             self.log_path, self._temp_log = Path(name), True
         url = f"tcp://{self.host}:{self.port}"
+        self.cluster_id = f"rlhf-{uuid.uuid4().hex[:12]}"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)  # `rlhf up` on a fresh state dir
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
-                [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url],
+                [
+                    str(binary),
+                    "broker",
+                    "--listener-url",
+                    url,
+                    "--advertised-listener-url",
+                    url,
+                    "--cluster-id",
+                    self.cluster_id,
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -180,7 +213,9 @@ def run_broker_forever(host: str = "127.0.0.1", port: int = 9092, topics: Iterab
     def _interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # SIGINT too: a process started in the background by a non-interactive shell inherits
+    # SIGINT ignored, and Python then never raises KeyboardInterrupt for it
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         with EmbeddedBroker(host, port) as broker:
             ensure_topics(broker.bootstrap, topics)
@@ -190,4 +225,5 @@ def run_broker_forever(host: str = "127.0.0.1", port: int = 9092, topics: Iterab
     except KeyboardInterrupt:
         pass  # a requested stop: leaving the with-block stopped Tansu
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -6,7 +6,6 @@ import argparse
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 SERVICES = ("generator", "reward", "reference", "learner", "rollout", "gateway")
@@ -27,15 +26,51 @@ def _state_dir(args) -> Path:
 
 
 def cmd_up(args) -> int:
-    from rlhf.broker import EmbeddedBroker
-    from rlhf.bus.admin import ensure_topics
+    """Preflight (model folder, state-dir lock, ports), then broker, topics, services,
+    supervised until Ctrl-C/SIGTERM or a crash loop. Each failure is one line on stderr."""
+    from rlhf.launcher import default_specs
+    from rlhf.preflight import PreflightError, StateDirLock, check_model_dir, check_ports, planned_ports
+
+    state_dir = _state_dir(args)
+    specs = default_specs(base_port=args.base_port, metrics_base=args.metrics_base_port, http_port=args.http_port)
+    try:
+        model = None if args.tiny or args.model == "demo" else check_model_dir(args.model)
+        with StateDirLock(state_dir):
+            check_ports(planned_ports(specs, None if args.kafka_bootstrap else args.broker_port))
+            return _run_stack(args, state_dir, specs, model)
+    except PreflightError as e:
+        print(f"rlhf up: {e}", file=sys.stderr)
+        return 1
+
+
+def _run_stack(args, state_dir: Path, specs, model: Path | None) -> int:
+    from rlhf.broker import BrokerError, EmbeddedBroker
+    from rlhf.bus.admin import BrokerUnavailable, ensure_topics
     from rlhf.bus.topics import Topics
-    from rlhf.launcher import Stack, default_specs, endpoints_file, write_endpoints
+    from rlhf.launcher import CrashLoop, RestartPolicy, Stack, endpoints_file, write_endpoints
+    from rlhf.preflight import control_token
+    from rlhf.profile import resolve
 
     signal.signal(signal.SIGTERM, _raise_stop)
-    state_dir = _state_dir(args)
-    env = {"RLHF_STATE_DIR": str(state_dir), "RLHF_LOG_FORMAT": "json", "RLHF_TOPIC_PREFIX": args.topic_prefix}
+    # the machine profile's defaults, for every variable the user has not exported
+    profile = resolve(args.profile)
+    applied, kept = profile.split(os.environ)
+    for line in profile.startup_lines(applied, kept):
+        print(line, flush=True)
+    env = {
+        **applied,
+        "RLHF_STATE_DIR": str(state_dir),
+        "RLHF_LOG_FORMAT": "json",
+        "RLHF_TOPIC_PREFIX": args.topic_prefix,
+        "RLHF_CONTROL_TOKEN": control_token(state_dir),
+    }
+    topics = Topics(args.topic_prefix).all()
     broker = stack = None
+    phase = "starting"
+
+    def say(message: str) -> None:
+        print(message, flush=True)
+
     try:
         # 1. models: prepared once, then every service loads the same folder
         if args.tiny:
@@ -43,15 +78,13 @@ def cmd_up(args) -> int:
 
             model = state_dir / "models" / "tiny"
             if not (model / "config.json").exists():
-                print(f"building tiny random model in {model}")
+                say(f"building tiny random model in {model}")
                 build_tiny_model(model)
             env["RLHF_REWARD_BACKBONE"] = "tiny"
-        elif args.model == "demo":
+        elif model is None:
             from rlhf.models.prepare import prepare_demo_model
 
-            model = prepare_demo_model(progress=lambda m: print(f"[models] {m}", flush=True))
-        else:
-            model = Path(args.model)
+            model = prepare_demo_model(progress=lambda m: say(f"[models] {m}"))
         env["RLHF_MODEL"] = str(model)
 
         # 2. broker: embedded unless one is given
@@ -62,34 +95,42 @@ def cmd_up(args) -> int:
             broker.start()
             bootstrap = broker.bootstrap
         env["RLHF_KAFKA_BOOTSTRAP"] = bootstrap
-        ensure_topics(bootstrap, Topics(args.topic_prefix).all())
-        print(f"kafka      {bootstrap}", flush=True)
+        ensure_topics(bootstrap, topics)
+        say(f"kafka      {bootstrap}")
 
-        # 3. services, then wait until every one reports SERVING
-        specs = default_specs(base_port=args.base_port, metrics_base=args.metrics_base_port, http_port=args.http_port)
-        stack = Stack(specs, env, state_dir / "logs")
+        # 3. services, supervised (restarted with backoff) until every one reports SERVING
+        policy = RestartPolicy(
+            max_restarts=args.max_restarts, window_s=args.restart_window, backoff_s=args.restart_backoff
+        )
+        stack = Stack(
+            specs,
+            env,
+            state_dir / "logs",
+            policy=policy,
+            broker=broker,
+            topics=topics,
+            on_change=lambda: write_endpoints(state_dir, stack, bootstrap, phase),
+        )
         stack.start()
-        print(f"starting {len(specs)} services (logs in {state_dir / 'logs'})", flush=True)
-        stack.wait_healthy(args.timeout, progress=lambda m: print(m, flush=True))
-        write_endpoints(state_dir, specs, bootstrap)
-        print("\nall services SERVING:")
+        say(f"starting {len(specs)} services (logs in {state_dir / 'logs'})")
+        stack.wait_healthy(args.timeout, progress=say)
+        phase = "serving"
+        write_endpoints(state_dir, stack, bootstrap, phase)
+        say("\nall services SERVING:")
         for s in specs:
             extra = f"   metrics http://127.0.0.1:{s.metrics_port}/metrics" if not s.http else f"   web chat {s.url}/"
-            print(f"  {s.name:<10} {s.url:<24}{extra}")
-        print("\nCtrl-C or SIGTERM stops everything.", flush=True)
-        while True:
-            dead = stack.dead()
-            if dead:
-                print(f"service exited: {', '.join(dead)}; stopping", file=sys.stderr)
-                for name in dead:
-                    print(stack.log_tail(name), file=sys.stderr)
-                return 1
-            time.sleep(1)
+            say(f"  {s.name:<10} {s.url:<24}{extra}")
+        say(
+            f"\nrestarts: up to {policy.max_restarts} per process in {policy.window_s:g}s. "
+            "Ctrl-C or SIGTERM stops everything."
+        )
+        stack.watch(progress=say)
+        return 1  # watch() returns only by raising
     except (_Stop, KeyboardInterrupt):
-        print("\nstopping...", flush=True)
+        say("\nstopping...")
         return 0
-    except (RuntimeError, TimeoutError, OSError) as e:
-        print(f"rlhf up failed: {e}", file=sys.stderr)
+    except (CrashLoop, BrokerError, BrokerUnavailable, RuntimeError, TimeoutError, OSError) as e:
+        print(f"rlhf up failed: {_one_line(e)}", file=sys.stderr, flush=True)
         return 1
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -98,23 +139,58 @@ def cmd_up(args) -> int:
             stack.stop()
         if broker:
             broker.stop()
-        endpoints_file(state_dir).unlink(missing_ok=True)
-        print("stopped.", flush=True)
+        endpoints_file(state_dir).unlink(missing_ok=True)  # ours: we hold the state dir's lock
+        say("stopped.")
+
+
+def _one_line(e: BaseException) -> str:
+    """An error's message on one line: BrokerError and friends append a log tail, of
+    which the last meaningful line is what to show."""
+    from rlhf._proc import last_log_line
+
+    head, _, rest = str(e).partition("\n")
+    return f"{head} {last_log_line(rest)}" if rest.strip() else head
 
 
 def cmd_status(args) -> int:
-    from rlhf.launcher import default_specs, health, read_endpoints
-    from rlhf.status import service_version
+    from rlhf.status import run
 
-    specs = read_endpoints(_state_dir(args)) or default_specs()
-    ok = True
-    print(f"{'service':<10} {'address':<24} {'health':<12} version")
-    for spec in specs:
-        status = health(spec)
-        ok &= status == "SERVING"
-        version = service_version(spec) if status == "SERVING" else "-"
-        print(f"{spec.name:<10} {spec.url:<24} {status:<12} {version}")
-    return 0 if ok else 1
+    if args.watch:
+        return _watch_status(_state_dir(args), args.interval)
+    return run(_state_dir(args))
+
+
+def _watch_status(state_dir: Path, interval: float) -> int:
+    """`rlhf status --watch`: the table again every `interval` seconds (on a terminal, in
+    place of the last one) until Ctrl-C, which ends it with exit code 0; so does a reader
+    that hangs up (`| head`)."""
+    import time
+
+    from rlhf.status import collect, render
+
+    # Ctrl-C even where SIGINT came in ignored (a shell's background job): a watch is stopped by it
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        while True:
+            rows, notes = collect(state_dir)
+            if sys.stdout.isatty():
+                print("\033[H\033[2J", end="")  # clear the screen, as watch(1) does
+            print(f"{time.strftime('%H:%M:%S')}  every {interval:g} s, Ctrl-C stops")
+            for line in render(rows, notes):
+                print(line)
+            print(flush=True)
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python would flush into it at exit
+        return 0
+
+
+def cmd_pause(args) -> int:
+    from rlhf.control import run
+
+    return run(args.cmd, _state_dir(args), args.learner, args.token, args.timeout)
 
 
 def cmd_health(args) -> int:
@@ -134,8 +210,12 @@ def cmd_topics(args) -> int:
     from rlhf.bus.admin import ensure_topics
     from rlhf.bus.topics import Topics
 
-    created = ensure_topics(args.kafka_bootstrap, Topics(args.topic_prefix).all(), partitions=args.partitions,
-                            replication_factor=args.replication_factor)
+    created = ensure_topics(
+        args.kafka_bootstrap,
+        Topics(args.topic_prefix).all(),
+        partitions=args.partitions,
+        replication_factor=args.replication_factor,
+    )
     print(f"created {len(created)} topics" + (f": {', '.join(created)}" if created else " (all existed)"))
     return 0
 
@@ -166,67 +246,153 @@ def cmd_serve(args) -> int:
     return importlib.import_module(f"services.{args.service}.main").main(args.args)
 
 
-def cmd_config(args) -> int:
-    """Every setting of every service: env var, default, description."""
+def settings_classes() -> dict[str, type]:
+    """{service: its settings class}, the one source of every setting of that service."""
     import importlib
 
+    names = {
+        "generator": "GeneratorSettings",
+        "reward": "RewardSettings",
+        "reference": "ReferenceSettings",
+        "learner": "LearnerSettings",
+        "rollout": "RolloutSettings",
+        "gateway": "GatewaySettings",
+    }
+    return {svc: getattr(importlib.import_module(f"services.{svc}.settings"), cls) for svc, cls in names.items()}
+
+
+def _shown(value) -> str:
+    """A setting's value as `rlhf config` prints it; a secret (SecretStr) stays masked."""
+    from pydantic import SecretStr
+
+    if isinstance(value, SecretStr):
+        return "**********" if value.get_secret_value() else '""'  # as pydantic prints a SecretStr
+    return '""' if value == "" else str(value)
+
+
+def _effective(cls) -> tuple[object | None, list[str]]:
+    """The settings `cls` reads from this environment, or None and one line per refused field."""
+    from pydantic import ValidationError
+
+    try:
+        return cls(), []
+    except ValidationError as e:
+        out = []
+        for err in e.errors():
+            var = f"RLHF_{str(err['loc'][0]).upper()}" if err["loc"] else ""
+            out.append(f"{var}={os.environ.get(var, '')!r}: {err['msg']}" if var else err["msg"])
+        return None, out
+
+
+def cmd_config(args) -> int:
+    """Every setting of every service: env var, the value this environment gives it (RLHF_*
+    applied), its default, description; then the old names still read. A setting the
+    environment sets to something refused is one line on stderr, and exit code 1. A reader
+    that hangs up (`rlhf config | head -1`) ends the output, not the exit code."""
     from rlhf.serving.settings import CommonSettings
 
-    classes = {
-        "generator": "GeneratorSettings", "reward": "RewardSettings", "reference": "ReferenceSettings",
-        "learner": "LearnerSettings", "rollout": "RolloutSettings", "gateway": "GatewaySettings",
-    }
-    print("# all services")
-    for name, f in CommonSettings.model_fields.items():
-        print(f"RLHF_{name.upper():<28} {f.get_default(call_default_factory=True)!s:<24} {f.description}")
-    for svc, cls_name in classes.items():
-        cls = getattr(importlib.import_module(f"services.{svc}.main"), cls_name)
-        print(f"\n# {svc}")
-        for name, f in cls.model_fields.items():
-            if name in CommonSettings.model_fields:
-                continue
-            print(f"RLHF_{name.upper():<28} {f.get_default(call_default_factory=True)!s:<24} {f.description}")
-    return 0
+    errors: dict[str, list[str]] = {}  # refused field: message → the settings classes refusing it
+
+    def rows(cls, names):
+        settings, refused = _effective(cls)
+        for line in refused:
+            errors.setdefault(line, []).append(cls.__name__)
+        for name in names:
+            f = cls.model_fields[name]
+            default = _shown(f.get_default(call_default_factory=True))
+            value = _shown(getattr(settings, name)) if settings is not None else os.environ.get(f"RLHF_{name.upper()}")
+            yield f"RLHF_{name.upper():<28} {value or default:<24} {default:<24} {f.description}"
+
+    try:
+        print("# value: what each service reads from this environment (RLHF_* applied, secrets hidden)")
+        print(f"{'# variable':<33} {'value':<24} {'default':<24} description")
+        print("\n# all services")
+        for line in rows(CommonSettings, list(CommonSettings.model_fields)):
+            print(line)
+        for svc, cls in settings_classes().items():
+            print(f"\n# {svc}")
+            for line in rows(cls, [n for n in cls.model_fields if n not in CommonSettings.model_fields]):
+                print(line)
+            for old, new in cls.renamed.items():
+                value = os.environ.get(f"RLHF_{old.upper()}", "-")
+                note = f"read as RLHF_{new.upper()} when that is unset"
+                print(f"RLHF_{old.upper():<28} {value:<24} {'(renamed)':<24} {note}")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python would flush into it at exit
+    for line, classes in errors.items():
+        print(f"rlhf config: {line} ({', '.join(classes)})", file=sys.stderr)
+    return 1 if errors else 0
 
 
 def cmd_simulate(args) -> int:
-    from rlhf.sim.simulate import main
+    from rlhf.experiments.simulate import main
 
     return main(args)
 
 
 def cmd_eval(args) -> int:
-    from rlhf.sim.evaluate import main
+    from rlhf.experiments.evaluate import main
 
     return main(args)
 
 
 def cmd_experiment(args) -> int:
-    from rlhf.sim.experiment import main_kl_sweep
+    from rlhf.experiments.experiment import main_kl_sweep
 
     return main_kl_sweep(args)
 
 
-def cmd_win_rate(args) -> int:
-    from rlhf.sim.live import main
+def cmd_base_rates(args) -> int:
+    from rlhf.experiments.base_rates import main
 
     return main(args)
 
 
+def cmd_win_rate(args) -> int:
+    from rlhf.experiments.live import main
+
+    return main(args)
+
+
+def cmd_sft(args) -> int:
+    from rlhf.sft.command import main_sft
+
+    return main_sft(args)
+
+
+def cmd_export(args) -> int:
+    from rlhf.sft.command import main_export
+
+    return main_export(args)
+
+
 def _sim_arguments(command: str):
-    """A sub-command's flags, from rlhf.sim.cli_args (light: no torch at parse time)."""
-    from rlhf.sim import cli_args
+    """A sub-command's flags, from rlhf.experiments.cli_args (light: no torch at parse time)."""
+    from rlhf.experiments import cli_args
 
     return getattr(cli_args, f"{command}_arguments")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from rlhf import __version__
+
     p = argparse.ArgumentParser(prog="rlhf", description="Online RLHF serving loop")
+    p.add_argument("--version", action="version", version=f"rlhf {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     up = sub.add_parser("up", help="start the broker and every service locally, wait until all are SERVING")
-    up.add_argument("--model", default=os.environ.get("RLHF_MODEL", "demo"), help='"demo" (SmolLM2-135M-Instruct) or a model folder')
+    up.add_argument(
+        "--model", default=os.environ.get("RLHF_MODEL", "demo"), help='"demo" (SmolLM2-135M-Instruct) or a model folder'
+    )
     up.add_argument("--tiny", action="store_true", help="tiny random models (seconds to start; for smoke tests)")
+    up.add_argument(
+        "--profile",
+        choices=("auto", "none"),
+        default="auto",
+        help="auto: this machine's defaults (precision, threads, learning settings) for every RLHF_* "
+        "variable not exported; none: the settings' own defaults",
+    )
     up.add_argument("--kafka-bootstrap", default=None, help="use this Kafka instead of the embedded broker")
     up.add_argument("--broker-port", type=int, default=9092, help="port of the embedded broker")
     up.add_argument("--http-port", type=int, default=8000, help="gateway HTTP port")
@@ -235,11 +401,41 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--topic-prefix", default="rlhf", help="prefix of every topic name")
     up.add_argument("--timeout", type=float, default=900, help="seconds to wait for every service to be SERVING")
     up.add_argument("--state-dir", default=None, help="checkpoints, weights, outbox, logs (default $RLHF_HOME/state)")
+    up.add_argument(
+        "--max-restarts",
+        type=int,
+        default=5,
+        help="restarts of one process within --restart-window before the stack stops (a crash loop)",
+    )
+    up.add_argument("--restart-window", type=float, default=300.0, help="seconds over which restarts count")
+    up.add_argument(
+        "--restart-backoff",
+        type=float,
+        default=1.0,
+        help="seconds before the first restart; doubles per recent restart, up to 30 s",
+    )
     up.set_defaults(fn=cmd_up)
 
-    st = sub.add_parser("status", help="health, address and version of each service; exit 0 only if all SERVING")
+    st = sub.add_parser(
+        "status", help="broker and each service: health, kafka, restarts, version; exit 0 only if all SERVING"
+    )
     st.add_argument("--state-dir", default=None)
+    st.add_argument("--watch", action="store_true", help="print the table again every --interval until Ctrl-C")
+    st.add_argument("--interval", type=float, default=2.0, help="seconds between two tables with --watch")
     st.set_defaults(fn=cmd_status)
+
+    for action, what in (("pause", "stop training after the step in flight"), ("resume", "train again")):
+        pa = sub.add_parser(action, help=f"the learner: {what} (control RPC; prints its new status)")
+        pa.add_argument("--state-dir", default=None, help="the `rlhf up` state dir: its up.json and control.token")
+        pa.add_argument("--learner", default=None, help="HOST:PORT of the learner (default: from up.json)")
+        pa.add_argument(
+            "--token",
+            default=None,
+            help="control token (default $RLHF_CONTROL_TOKEN, else <state_dir>/control.token); a flag shows in "
+            "`ps`, so prefer the variable",
+        )
+        pa.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the learner's answer")
+        pa.set_defaults(fn=cmd_pause)
 
     he = sub.add_parser("health", help="exit 0 if a service reports SERVING (gRPC health, or --http /readyz)")
     he.add_argument("address", help="HOST:PORT")
@@ -251,7 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     tp = sub.add_parser("topics", help="create the loop's topics (idempotent)")
     tp.add_argument("--kafka-bootstrap", default=os.environ.get("RLHF_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
     tp.add_argument("--topic-prefix", default=os.environ.get("RLHF_TOPIC_PREFIX", "rlhf"))
-    tp.add_argument("--partitions", type=int, default=1, help="partitions per topic (consumer replicas scale up to this)")
+    tp.add_argument(
+        "--partitions", type=int, default=1, help="partitions per topic (consumer replicas scale up to this)"
+    )
     tp.add_argument("--replication-factor", type=int, default=1)
     tp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the broker")
     tp.set_defaults(fn=cmd_topics)
@@ -280,7 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     _sim_arguments("simulate")(si)
     si.set_defaults(fn=cmd_simulate)
 
-    ev = sub.add_parser("eval", help="win-rate vs the reference, KL, RM accuracy of the served policy (run folder, plots)")
+    ev = sub.add_parser(
+        "eval", help="win-rate vs the reference, KL, RM accuracy of the served policy (run folder, plots)"
+    )
     _sim_arguments("eval")(ev)
     ev.set_defaults(fn=cmd_eval)
 
@@ -289,11 +489,34 @@ def build_parser() -> argparse.ArgumentParser:
     kl = exsub.add_parser("kl-sweep", help="β = 0 / moderate / large: reward hacking, the drift gate, rollback")
     _sim_arguments("kl_sweep")(kl)
     kl.set_defaults(fn=cmd_experiment)
-    wr = exsub.add_parser("win-rate", help="against `rlhf up`: simulated feedback until the served policy beats the reference")
+    wr = exsub.add_parser(
+        "win-rate", help="against `rlhf up`: simulated feedback until the served policy beats the reference"
+    )
     _sim_arguments("win_rate")(wr)
     wr.set_defaults(fn=cmd_win_rate)
+    br = exsub.add_parser("base-rates", help="how often the model already shows each oracle's behaviour")
+    _sim_arguments("base_rates")(br)
+    br.set_defaults(fn=cmd_base_rates)
 
-    cf = sub.add_parser("config", help="list every setting (environment variable, default, description)")
+    from rlhf.sft.command import export_arguments, sft_arguments  # light: argparse only
+
+    sf = sub.add_parser(
+        "sft",
+        help="supervised fine-tuning on chat examples (a file, the demo set, or users' "
+        "endorsed answers): a model folder for `rlhf up --model`",
+    )
+    sft_arguments(sf)
+    sf.set_defaults(fn=cmd_sft)
+
+    xp = sub.add_parser(
+        "export", help="a weight-store version, LoRA merged, as a Hugging Face folder (transformers, vLLM)"
+    )
+    export_arguments(xp)
+    xp.set_defaults(fn=cmd_export)
+
+    cf = sub.add_parser(
+        "config", help="list every setting: environment variable, value (environment applied), default, description"
+    )
     cf.set_defaults(fn=cmd_config)
     return p
 

@@ -13,6 +13,16 @@ disk flush per batch, not per request. Each job says how durable its commit must
 (SQLite's `synchronous`): FULL fsyncs the WAL before the job's future resolves and
 survives a power cut; NORMAL survives a crash of the process, not of the machine, and
 costs no fsync. A batch commits FULL if any of its jobs asks for FULL.
+
+A lost log: each row remembers the identity of the log the broker acknowledged it into
+(`log_id`, cluster id + topic id, rlhf.bus.watch). When a topic's identity changes — the
+in-memory embedded broker restarted, or a topic or cluster was recreated — the relay puts
+every row acknowledged into another log back to pending and sends it again (ERROR line,
+rlhf_kafka_log_resets_total, rlhf_outbox_resent_total), so the new log holds every event
+the outbox still has; consumers drop what they had already processed by event_id. The
+window is the outbox's retention (`Relay.retention`, the gateway's
+outbox_retention_seconds, 1 h by default): older acknowledged rows are pruned, and by then
+their effect is in the consumers' checkpoints.
 """
 
 from __future__ import annotations
@@ -29,7 +39,8 @@ from typing import Any, Callable, Literal, Protocol, Sequence
 
 from prometheus_client import Counter, Gauge
 
-from rlhf.bus import EventProducer, PublishError, ensure_topics
+from rlhf.bus import EventProducer, PublishError, ensure_topics, kafka_watch
+from rlhf.bus.metrics import LOG_RESETS
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +48,9 @@ BACKLOG = Gauge("rlhf_outbox_backlog", "Outbox events not yet acknowledged by th
 OLDEST_AGE = Gauge("rlhf_outbox_oldest_age_seconds", "Age of the oldest unacknowledged outbox event (0 when empty)")
 RELAYED = Counter("rlhf_outbox_relayed_total", "Outbox events the broker acknowledged, by topic", ["topic"])
 RELAY_ERRORS = Counter("rlhf_outbox_relay_errors_total", "Relay attempts that failed (the rows stay pending)")
+RESENT = Counter(
+    "rlhf_outbox_resent_total", "Acknowledged outbox events sent again because their log was lost, by topic", ["topic"]
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -47,7 +61,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     payload  BLOB    NOT NULL,                    -- the encoded protobuf event
     created  REAL    NOT NULL,                    -- unix seconds
     attempts INTEGER NOT NULL DEFAULT 0,
-    sent     REAL                                 -- unix seconds of the broker's ack; NULL = pending
+    sent     REAL,                                -- unix seconds of the broker's ack; NULL = pending
+    log_id   TEXT                                 -- identity of the log that acknowledged it (rlhf.bus.watch)
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox(seq) WHERE sent IS NULL;
 """
@@ -95,6 +110,9 @@ class Outbox:
         self.synchronous, self.max_batch = synchronous, max_batch
         self._conn = connect(self.path, synchronous)
         self._conn.executescript(_SCHEMA)
+        if "log_id" not in {row[1] for row in self._conn.execute("PRAGMA table_info(outbox)")}:
+            # an outbox from before log ids: its sent rows (log_id NULL) are re-sent once
+            self._conn.execute("ALTER TABLE outbox ADD COLUMN log_id TEXT")
         self._mode = synchronous
         self._read = connect(self.path)
         self._read_lock = threading.Lock()
@@ -188,12 +206,36 @@ class Outbox:
             ).fetchall()
         return [Row(*r) for r in rows]
 
-    def mark_sent(self, seqs: Sequence[int]) -> concurrent.futures.Future:
+    def mark_sent(self, seqs: Sequence[int] | dict[int, str | None]) -> concurrent.futures.Future:
+        """Rows the broker acknowledged; a {seq: log identity} mapping also records which log
+        holds each (None or a bare sequence: unknown, re-sent at the next identity check)."""
         now = time.time()
+        log_ids = seqs if isinstance(seqs, dict) else dict.fromkeys(seqs)
         # NORMAL: losing a "sent" mark in a power cut only means a resend, which consumers drop
         return self.submit(
-            lambda c: c.executemany("UPDATE outbox SET sent = ? WHERE seq = ?", [(now, s) for s in seqs]), "NORMAL"
+            lambda c: c.executemany(
+                "UPDATE outbox SET sent = ?, log_id = ? WHERE seq = ?", [(now, lid, s) for s, lid in log_ids.items()]
+            ),
+            "NORMAL",
         )
+
+    def requeue_lost(self, topic: str, log_id: str) -> concurrent.futures.Future:
+        """Put back to pending every row of `topic` acknowledged into a log other than
+        `log_id` (or into an unknown one); the future holds (rows requeued, their old log ids)."""
+        where = "topic = ? AND sent IS NOT NULL AND (log_id IS NULL OR log_id != ?)"
+
+        def job(c: sqlite3.Connection) -> tuple[int, list[str | None]]:
+            old = [r[0] for r in c.execute(f"SELECT DISTINCT log_id FROM outbox WHERE {where}", (topic, log_id))]
+            n = c.execute(f"UPDATE outbox SET sent = NULL, log_id = NULL WHERE {where}", (topic, log_id)).rowcount
+            return n, old
+
+        # NORMAL: a requeue lost in a power cut is done again at the next start (the rows still name the old log)
+        return self.submit(job, "NORMAL")
+
+    def topics(self) -> list[str]:
+        """Every topic the outbox holds rows for."""
+        with self._read_lock:
+            return [r[0] for r in self._read.execute("SELECT DISTINCT topic FROM outbox")]
 
     def mark_failed(self, seqs: Sequence[int]) -> concurrent.futures.Future:
         return self.submit(
@@ -222,8 +264,12 @@ class Outbox:
 
 
 class Publisher(Protocol):
-    def publish_rows(self, rows: Sequence[Row], timeout: float) -> set[int]:
-        """Publish rows; return the seqs the broker acknowledged. Raise if none could be tried."""
+    def publish_rows(self, rows: Sequence[Row], timeout: float) -> dict[int, str | None]:
+        """Publish rows; return {seq: identity of the log that acknowledged it} for the rows
+        the broker acknowledged. Raise if none could be tried."""
+
+    def log_ids(self, topics: Sequence[str]) -> dict[str, str | None]:
+        """The identity of each topic's log as last seen (None: unknown or no such topic)."""
 
     def close(self) -> None: ...
 
@@ -231,21 +277,43 @@ class Publisher(Protocol):
 class KafkaPublisher:
     """Publishes outbox rows with rlhf.bus.EventProducer (acks=all), created lazily and
     recreated after a failure: a restarted broker forgets the idempotent producer's id.
-    On each (re)connection it creates `topics` if missing, as a fresh broker may lack them."""
+    On each (re)connection it creates `topics` if missing, as a fresh broker may lack them.
+    The process's `KafkaWatch` of `bootstrap` says which log each topic is (and feeds the
+    gateway's `kafka` readiness); `service` names it in rlhf_kafka_connected."""
 
-    def __init__(self, bootstrap: str, client_id: str = "rlhf-outbox", topics: Sequence[str] = (), connect_timeout: float = 5.0):
+    def __init__(
+        self,
+        bootstrap: str,
+        client_id: str = "rlhf-outbox",
+        topics: Sequence[str] = (),
+        connect_timeout: float = 5.0,
+        service: str | None = None,
+    ):
         self.bootstrap, self.client_id, self.connect_timeout = bootstrap, client_id, connect_timeout
         self.topics = list(topics)
         self._producer = None
+        self.watch = kafka_watch(bootstrap, service=service or client_id.removeprefix("rlhf-"))
+        self.watch.watch(*self.topics)
+        self._watched = set(self.topics)
 
-    def publish_rows(self, rows: Sequence[Row], timeout: float) -> set[int]:
+    def log_ids(self, topics: Sequence[str], refresh: bool = False) -> dict[str, str | None]:
+        new = set(topics) - self._watched
+        if new:  # a topic the relay met in a row: watched from now on
+            self.watch.watch(*new)
+            self._watched |= new
+        return self.watch.identities(topics, refresh=refresh)
+
+    def publish_rows(self, rows: Sequence[Row], timeout: float) -> dict[int, str | None]:
         if self._producer is None:
             if self.topics:
                 ensure_topics(self.bootstrap, self.topics, timeout_s=self.connect_timeout)
             self._producer = EventProducer(self.bootstrap, self.client_id, bootstrap_timeout_s=self.connect_timeout)
+        # Asked before sending: a row is never recorded under a newer log than the one that
+        # took it (a broker that restarts meanwhile makes the record older: a harmless resend).
+        ids = self.log_ids(sorted({r.topic for r in rows}), refresh=True)
         futures = [(r, self._producer.send_bytes(r.topic, r.payload, r.key)) for r in rows]
         deadline = time.monotonic() + timeout
-        acked: set[int] = set()
+        acked: dict[int, str | None] = {}
         failed = 0
         for row, future in futures:
             try:
@@ -255,7 +323,7 @@ class KafkaPublisher:
                 if failed == 1:
                     log.warning("publish failed", extra={"topic": row.topic, "error": str(e)})
             else:
-                acked.add(row.seq)
+                acked[row.seq] = ids.get(row.topic)
                 RELAYED.labels(row.topic).inc()
         if failed:
             self.close()
@@ -297,6 +365,8 @@ class Relay:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="outbox-relay", daemon=True)
+        self._topics: set[str] | None = None  # topics with rows (read once, then grown by what is sent)
+        self._log_ids: dict[str, str] = {}  # identity of each topic's log at the last check
 
     def start(self) -> Relay:
         self._thread.start()
@@ -306,18 +376,45 @@ class Relay:
         """New rows were committed: relay now instead of at the next tick."""
         self._wake.set()
 
+    def check_logs(self) -> int:
+        """Requeue the rows of every topic whose log changed since the last check; returns how many."""
+        if self._topics is None:
+            self._topics = set(self.outbox.topics()) | set(getattr(self.publisher, "topics", ()))
+        total = 0
+        for topic, log_id in self.publisher.log_ids(sorted(self._topics)).items():
+            if log_id is None or log_id == self._log_ids.get(topic):
+                continue  # unknown now (broker away, topic not created again yet), or unchanged
+            n, old = self.outbox.requeue_lost(topic, log_id).result()
+            self._log_ids[topic] = log_id
+            if n:
+                total += n
+                LOG_RESETS.labels(topic).inc()
+                RESENT.labels(topic).inc(n)
+                log.error(
+                    "Kafka log of %s lost: %d acknowledged outbox events were in log(s) %s, not in %s; "
+                    "sending them again",
+                    topic,
+                    n,
+                    ", ".join(str(o) for o in old),
+                    log_id,
+                    extra={"topic": topic, "events": n, "old_logs": [str(o) for o in old], "new_log": log_id},
+                )
+        return total
+
     def run_once(self) -> int:
         """One round; returns how many rows were acknowledged."""
+        self.check_logs()
         rows = self.outbox.pending(self.batch)
         if not rows:
             return 0
+        self._topics |= {r.topic for r in rows}
         try:
             acked = self.publisher.publish_rows(rows, self.publish_timeout)
         except Exception:
             self.outbox.mark_failed([r.seq for r in rows]).result()
             raise
         if acked:
-            self.outbox.mark_sent(sorted(acked)).result()
+            self.outbox.mark_sent(acked).result()
         failed = [r.seq for r in rows if r.seq not in acked]
         if failed:
             self.outbox.mark_failed(failed).result()
@@ -349,7 +446,7 @@ class Relay:
                 log.exception("outbox bookkeeping failed")
             if sent >= self.batch:
                 continue  # a full batch went out: more is probably waiting
-            delay = self.interval if failures == 0 else min(self.max_backoff, self.interval * 2 ** failures)
+            delay = self.interval if failures == 0 else min(self.max_backoff, self.interval * 2**failures)
             self._wake.wait(delay)
             self._wake.clear()
 

@@ -2,6 +2,11 @@
 # System packages the test suite needs, from Debian: prometheus (with promtool) for the
 # monitoring tests, chromium for the Playwright web test. Idempotent: installs only what is
 # missing, and runs apt-get update only when something is.
+#
+# Without apt-get (or without root or sudo) it names what is missing in one line and exits 1:
+# those tests fail rather than skip without the programs, so `make test` stops here instead
+# of failing them after the rest of the suite has run. Installed any other way (dnf, pacman,
+# by hand), they are found on PATH and the script exits 0.
 set -euo pipefail
 
 need=()
@@ -13,8 +18,19 @@ if [ ${#need[@]} -eq 0 ]; then
     exit 0
 fi
 
+missing="missing ${need[*]} (prometheus + promtool for the monitoring tests, chromium at /usr/bin/chromium for the web test)"
+if ! command -v apt-get >/dev/null 2>&1; then
+    echo "install-system-deps: $missing; no apt-get here: install them with this system's package manager, then rerun" >&2
+    exit 1
+fi
 SUDO=""
-[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+if [ "$(id -u)" -ne 0 ]; then
+    if ! command -v sudo >/dev/null 2>&1; then
+        echo "install-system-deps: $missing; not root and no sudo: run as root: apt-get install -y ${need[*]}" >&2
+        exit 1
+    fi
+    SUDO="sudo"
+fi
 export DEBIAN_FRONTEND=noninteractive
 echo "installing with apt-get: ${need[*]}"
 $SUDO apt-get update -qq

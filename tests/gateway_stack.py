@@ -17,8 +17,12 @@ def generator(tmp_path_factory, tiny_model_dir):
     """The generation service from its entrypoint (import this fixture into a test module)."""
     tmp = tmp_path_factory.mktemp("generator")
     # these tests push no policy versions, so the generator need not follow Kafka for them
-    env = {"RLHF_MODEL": str(tiny_model_dir), "RLHF_BACKEND": "transformers", "RLHF_METRICS_PORT": "0",
-           "RLHF_FOLLOW_POLICY_UPDATES": "false"}
+    env = {
+        "RLHF_MODEL": str(tiny_model_dir),
+        "RLHF_BACKEND": "transformers",
+        "RLHF_METRICS_PORT": "0",
+        "RLHF_FOLLOW_POLICY_UPDATES": "false",
+    }
     with run_service("generator", tmp, env=env, timeout=180) as svc:
         yield svc
 
@@ -36,12 +40,14 @@ def gateway_env(generator, bootstrap: str, prefix: str, **extra: str) -> dict[st
         "RLHF_GENERATOR_ADDR": generator.address,
         "RLHF_KAFKA_BOOTSTRAP": bootstrap,
         "RLHF_TOPIC_PREFIX": prefix,
-        "RLHF_DEFAULT_MAX_TOKENS": "12",
+        "RLHF_DEFAULT_MAX_COMPLETION_TOKENS": "12",
         **extra,
     }
 
 
-def consume(bootstrap: str, topic: str, cls, done: Callable[[list], bool], group: str = "test", timeout: float = 60) -> list:
+def consume(
+    bootstrap: str, topic: str, cls, done: Callable[[list], bool], group: str = "test", timeout: float = 60
+) -> list:
     """Events from the start of `topic` until `done(events)` (or the deadline passed)."""
     events: list = []
     with EventConsumer(bootstrap, topic, cls, group_id=group) as consumer:

@@ -6,6 +6,7 @@ when GET /readyz does."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -28,8 +29,56 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def up_ports(span: int = 8) -> dict[str, int]:
+    """Ports for one `rlhf up`: broker, http, and `span` consecutive gRPC and metrics ports,
+    all free now and all below Linux's ephemeral range (32768+). A port the kernel hands out
+    as the local end of an outgoing connection (Kafka clients, gRPC channels) can be taken
+    by one before a restarted service binds it again — a learner then crash-loops on
+    "Failed to bind" — so none of these comes from that range."""
+    rng = random.Random()
+    for _ in range(200):
+        start = rng.randrange(10000, 32768 - 2 * span - 2)
+        ports = list(range(start, start + 2 * span + 2))
+        if all(_bindable(p) for p in ports):
+            return {"base": start, "metrics": start + span, "broker": start + 2 * span, "http": start + 2 * span + 1}
+    raise RuntimeError("no free block of ports below 32768")
+
+
+def up_command(state_dir, ports: dict[str, int], *extra: str) -> list[str]:
+    """argv of `rlhf up --tiny` on `state_dir` with the ports of up_ports(); `extra` flags last."""
+    return [
+        sys.executable,
+        "-m",
+        "rlhf.cli",
+        "up",
+        "--tiny",
+        "--state-dir",
+        str(state_dir),
+        "--broker-port",
+        str(ports["broker"]),
+        "--http-port",
+        str(ports["http"]),
+        "--base-port",
+        str(ports["base"]),
+        "--metrics-base-port",
+        str(ports["metrics"]),
+        *extra,
+    ]
+
+
 class ServiceProcess:
-    def __init__(self, name: str, env: dict[str, str], log_path: Path, port: int, metrics_port: int, http_port: int = 0):
+    def __init__(
+        self, name: str, env: dict[str, str], log_path: Path, port: int, metrics_port: int, http_port: int = 0
+    ):
         self.name, self.env, self.log_path = name, env, log_path
         self.port, self.metrics_port, self.http_port = port, metrics_port, http_port
         self.proc: subprocess.Popen | None = None
@@ -57,8 +106,13 @@ class ServiceProcess:
     def start(self) -> "ServiceProcess":
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", f"services.{self.name}"], cwd=ROOT, env=self.env,
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            [sys.executable, "-m", f"services.{self.name}"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
         log.close()
         return self
@@ -88,7 +142,9 @@ class ServiceProcess:
 
 
 @contextmanager
-def run_service(name: str, tmp_path: Path, env: dict[str, str] | None = None, timeout: float = 120) -> Iterator[ServiceProcess]:
+def run_service(
+    name: str, tmp_path: Path, env: dict[str, str] | None = None, timeout: float = 120
+) -> Iterator[ServiceProcess]:
     """A service on free loopback ports with its state in tmp_path; stopped (SIGTERM) after."""
     port, metrics_port = free_port(), free_port()
     http_port = free_port() if name == "gateway" else 0
@@ -113,6 +169,19 @@ def run_service(name: str, tmp_path: Path, env: dict[str, str] | None = None, ti
         svc.stop()
 
 
+def stop_up(proc: subprocess.Popen | None, timeout: float = 90) -> None:
+    """Stop an `rlhf up` process as Ctrl-C would (SIGTERM: it drains and stops its children);
+    SIGKILL if it has not exited after `timeout` seconds (its children die with it)."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float, seen: list[str]) -> None:
     """Read proc's text stdout until a line contains needle; every line read goes to seen."""
     deadline = time.monotonic() + timeout
@@ -128,8 +197,14 @@ def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float, seen: lis
     raise AssertionError(f"{needle!r} not seen in {timeout}s:\n{''.join(seen)}")
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, every: float = 0.2,
-             ignore: tuple[type[BaseException], ...] = (), detail: Callable[[], str] | None = None) -> Any:
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float,
+    what: str,
+    every: float = 0.2,
+    ignore: tuple[type[BaseException], ...] = (),
+    detail: Callable[[], str] | None = None,
+) -> Any:
     """Poll predicate() until it returns something truthy and return that; after `timeout`
     seconds fail naming `what`, the last value (or ignored exception) and detail(), e.g. a
     service's log."""
@@ -142,5 +217,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, every: flo
         except ignore as e:
             last = e
         if time.monotonic() >= deadline:
-            raise AssertionError(f"{what}: not within {timeout:.0f}s (last: {last!r})" + (f"\n{detail()}" if detail else ""))
+            raise AssertionError(
+                f"{what}: not within {timeout:.0f}s (last: {last!r})" + (f"\n{detail()}" if detail else "")
+            )
         time.sleep(every)

@@ -1,10 +1,13 @@
-"""EventConsumer: decoded events from one topic, explicit commits, poison messages dead-lettered."""
+"""EventConsumer: decoded events from one topic, explicit commits, poison messages dead-lettered,
+a lost log noticed and read again from its start."""
 
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import dataclass
-from typing import Generic, Literal, TypeVar
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, Literal, TypeVar
 
 from google.protobuf.message import Message
 from kafka import ConsumerRebalanceListener, KafkaConsumer
@@ -13,13 +16,27 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from rlhf.bus.admin import MissingTopicError, bootstrapping
 from rlhf.bus.codec import DecodeError, decode
-from rlhf.bus.metrics import CONSUMED, CONSUMER_LAG, DEAD_LETTERED
+from rlhf.bus.metrics import CONSUMED, CONSUMER_LAG, DEAD_LETTERED, LOG_RESETS
 from rlhf.bus.producer import EventProducer
 from rlhf.bus.topics import Topics
+from rlhf.bus.watch import kafka_watch
+
+log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
 Offsets = dict[tuple[str, int], int]
 """{(topic, partition): offset of the next record to read}, Kafka's commit convention."""
+
+
+def offsets_to_json(offsets: Offsets) -> list[list[Any]]:
+    """[[topic, partition, offset], ...] sorted: how checkpoints store positions (JSON has no tuple keys)."""
+    return [[topic, partition, offset] for (topic, partition), offset in sorted(offsets.items())]
+
+
+def offsets_from_json(rows: Iterable[Sequence[Any]]) -> Offsets:
+    """The inverse of `offsets_to_json`."""
+    return {(str(topic), int(partition)): int(offset) for topic, partition, offset in rows}
+
 
 # Headers a dead-lettered message carries, besides its own original headers.
 DLQ_ERROR = "dlq.error"
@@ -27,6 +44,10 @@ DLQ_TOPIC = "dlq.topic"
 DLQ_PARTITION = "dlq.partition"
 DLQ_OFFSET = "dlq.offset"
 DLQ_GROUP = "dlq.group"
+
+DeadLetterKind = Literal["undecodable", "invalid", "failed"]
+"""Why a message was dead-lettered, the `reason` label of rlhf_kafka_dlq_messages_total:
+it does not decode; it decodes but fails the consumer's validation; processing it raised."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +60,19 @@ class Record(Generic[M]):
     key: str | None
     event: M
     headers: dict[str, bytes]
+    value: bytes  # the message exactly as it arrived: what dead_letter copies
+
+
+@dataclass(frozen=True)
+class LogReset:
+    """The topic's log is not the one the consumer read: it was recreated (new topic id) or
+    the cluster was (new cluster id), e.g. the in-memory embedded broker restarted."""
+
+    topic: str
+    old: str  # log identity the positions were read from (rlhf.bus.watch)
+    new: str  # identity of the log there now
+    old_positions: Offsets = field(default_factory=dict)  # where the consumer was in the old log
+    new_positions: Offsets = field(default_factory=dict)  # the start of the new log, where it reads next
 
 
 class EventConsumer(Generic[M]):
@@ -55,7 +89,20 @@ class EventConsumer(Generic[M]):
     replicas share the partitions (Apache Kafka).
 
     A message that does not decode is copied to the topic's `.dlq` twin, with headers
-    saying why and where it came from, and skipped. Not thread-safe: one thread polls.
+    saying why and where it came from, and skipped; `dead_letter` does the same for an
+    event the application refuses. Not thread-safe: one thread polls.
+
+    Lost log: the consumer knows the identity of the log it reads (cluster id + topic id,
+    rlhf.bus.watch explains why not offsets) and compares it with the broker's on every
+    poll (the process's `KafkaWatch` refreshes it every 2 s) and in `seek(offsets,
+    log_ids=...)` against the identity a checkpoint stored with its offsets. On a change
+    its positions point into a log that no longer exists (Kafka may answer nothing for
+    them, no error), so it logs an ERROR naming the topic and both identities, counts
+    rlhf_kafka_log_resets_total{topic}, and reads the new log from its start; `on_reset`
+    (called inside `poll`, before any record of the new log is returned) lets the
+    application drop state derived from the old offsets. Re-reading is safe where events
+    are de-duplicated by event_id; the producers' side (the gateway's outbox) re-sends
+    what the old log held.
     """
 
     def __init__(
@@ -69,10 +116,12 @@ class EventConsumer(Generic[M]):
         *,
         client_id: str | None = None,
         bootstrap_timeout_s: float = 30.0,
+        on_reset: Callable[[LogReset], None] | None = None,
         **kafka_config,
     ):
         """`dlq_producer`: shared producer for dead letters (one is opened on first need
-        otherwise). `kafka_config` passes extra KafkaConsumer settings through unchanged."""
+        otherwise). `on_reset`: called on the polling thread when the log is found lost.
+        `kafka_config` passes extra KafkaConsumer settings through unchanged."""
         if mode not in ("assign", "subscribe"):
             raise ValueError(f"mode must be 'assign' or 'subscribe', not {mode!r}")
         self.bootstrap, self.topic, self.group_id = bootstrap, topic, group_id
@@ -81,19 +130,22 @@ class EventConsumer(Generic[M]):
         self._owns_dlq_producer = False
         self._positions: Offsets = {}  # next offset per partition, past everything handled
         self._lag_exported_at = 0.0
+        self._on_reset = on_reset
+        self._client_config = dict(
+            bootstrap_servers=bootstrap,
+            group_id=group_id,
+            client_id=client_id or group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            # Topics are created explicitly, with their partition counts; a typo
+            # must fail here, not create a topic nobody writes to.
+            allow_auto_create_topics=False,
+            bootstrap_timeout_ms=int(bootstrap_timeout_s * 1000),
+            **kafka_config,
+        )
         with bootstrapping(bootstrap, bootstrap_timeout_s):
-            self._consumer = KafkaConsumer(
-                bootstrap_servers=bootstrap,
-                group_id=group_id,
-                client_id=client_id or group_id,
-                enable_auto_commit=False,
-                auto_offset_reset="earliest",
-                # Topics are created explicitly, with their partition counts; a typo
-                # must fail here, not create a topic nobody writes to.
-                allow_auto_create_topics=False,
-                bootstrap_timeout_ms=int(bootstrap_timeout_s * 1000),
-                **kafka_config,
-            )
+            self._consumer = KafkaConsumer(**self._client_config)
+        self._assigned_statically = mode == "assign"
         if mode == "assign":
             partitions = self._consumer.partitions_for_topic(topic)
             if not partitions:
@@ -104,6 +156,9 @@ class EventConsumer(Generic[M]):
             self._consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
         else:
             self._consumer.subscribe([topic], listener=_ForgetRevoked(self._positions))
+        self._watch = kafka_watch(bootstrap)
+        self._watch.watch(topic)
+        self._log_id = self._watch.identity(topic, refresh=True)  # None only if the broker went away meanwhile
 
     def poll(self, timeout_ms: int = 1000, max_records: int = 500) -> list[Record[M]]:
         """Up to `max_records` decoded events, waiting up to `timeout_ms` for the first.
@@ -111,6 +166,9 @@ class EventConsumer(Generic[M]):
         All or nothing: if dead-lettering fails, nothing is returned, the error is
         raised and the next poll reads the same records again.
         """
+        reset = self._check_log()
+        if reset is not None and self._on_reset is not None:
+            self._on_reset(reset)
         batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
         before = dict(self._positions)
         records = []
@@ -158,22 +216,58 @@ class EventConsumer(Generic[M]):
             key=raw.key.decode(errors="replace") if raw.key is not None else None,
             event=event,
             headers=dict(raw.headers or ()),
+            value=raw.value,
+        )
+
+    def dead_letter(self, record: Record[M], reason: str, kind: DeadLetterKind = "invalid") -> None:
+        """Copy `record`, byte for byte, to its topic's `.dlq` twin, `dlq.error` = reason.
+
+        For an event that decodes but cannot be used (it fails the consumer's validation,
+        kind="invalid", or processing it raised, kind="failed"); the caller then moves past
+        it. Returns once the broker acknowledged the copy; raises PublishError otherwise,
+        so a caller that lets the error out has not skipped the event.
+        """
+        key = record.key.encode() if record.key is not None else None
+        self._send_dead_letter(
+            record.topic, record.partition, record.offset, key, record.value, record.headers, reason, kind
         )
 
     def _dead_letter(self, raw: ConsumerRecord, error: DecodeError) -> None:
+        self._send_dead_letter(
+            raw.topic,
+            raw.partition,
+            raw.offset,
+            raw.key,
+            raw.value or b"",
+            dict(raw.headers or ()),
+            str(error),
+            "undecodable",
+        )
+
+    def _send_dead_letter(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes,
+        headers: dict[str, bytes],
+        reason: str,
+        kind: DeadLetterKind,
+    ) -> None:
         if self._dlq_producer is None:
             self._dlq_producer = EventProducer(self.bootstrap, client_id=f"{self.group_id}-dlq")
             self._owns_dlq_producer = True
-        headers = dict(raw.headers or ()) | {
-            DLQ_ERROR: str(error).encode(),
-            DLQ_TOPIC: raw.topic.encode(),
-            DLQ_PARTITION: str(raw.partition).encode(),
-            DLQ_OFFSET: str(raw.offset).encode(),
+        headers = headers | {
+            DLQ_ERROR: reason.encode(errors="replace"),
+            DLQ_TOPIC: topic.encode(),
+            DLQ_PARTITION: str(partition).encode(),
+            DLQ_OFFSET: str(offset).encode(),
             DLQ_GROUP: self.group_id.encode(),
         }
         # Wait for the ack: once the position moves on, the message is skipped for good.
-        self._dlq_producer.publish_bytes(Topics.dlq(raw.topic), raw.value or b"", raw.key, headers)
-        DEAD_LETTERED.labels(raw.topic).inc()
+        self._dlq_producer.publish_bytes(Topics.dlq(topic), value, key, headers)
+        DEAD_LETTERED.labels(topic, kind).inc()
 
     def commit(self, offsets: Offsets | None = None) -> None:
         """Commit for the group: by default past everything `poll` has returned, else
@@ -188,14 +282,71 @@ class EventConsumer(Generic[M]):
         """Next offset per partition past what `poll` has returned (what a checkpoint stores)."""
         return dict(self._positions)
 
-    def seek(self, offsets: Offsets) -> None:
+    def seek(self, offsets: Offsets, log_ids: dict[str, str] | None = None) -> LogReset | None:
         """Read next from `offsets`, e.g. the ones a restored checkpoint recorded.
 
+        `log_ids`: the `log_ids()` saved with those offsets. If this topic's differs from
+        the log there now, the offsets belong to a lost log: they are not applied, the
+        consumer reads the new log from its start, and the `LogReset` is returned (logged
+        and counted; `on_reset` is not called: the caller is restoring its state anyway).
+        Without `log_ids` (a checkpoint from before they were saved) nothing is checked.
         In mode="subscribe" only partitions currently assigned can be sought.
         """
+        saved = (log_ids or {}).get(self.topic)
+        current = self._log_id or self._watch.identity(self.topic, refresh=True)
+        if saved and current and saved != current:
+            self._log_id = current
+            return self._reset(saved, current, dict(offsets))
         for (topic, partition), offset in offsets.items():
             self._consumer.seek(TopicPartition(topic, partition), offset)
             self._positions[(topic, partition)] = offset
+        return None
+
+    def log_ids(self) -> dict[str, str]:
+        """{topic: log identity} of what `positions()` point into: store it beside them."""
+        return {self.topic: self._log_id} if self._log_id else {}
+
+    def _check_log(self) -> LogReset | None:
+        current = self._watch.identity(self.topic)
+        if current is None or current == self._log_id:
+            return None  # unknown (broker away, topic not created again yet) or unchanged
+        old, self._log_id = self._log_id, current
+        if old is None:
+            return None  # first sight: nothing to compare with
+        return self._reset(old, current, dict(self._positions))
+
+    def _reset(self, old: str, new: str, old_positions: Offsets) -> LogReset:
+        parts = sorted(self._consumer.assignment())
+        # Forget everything kafka-python holds for the old log (fetch sessions, buffered fetches,
+        # leader epochs, its topic id) before reading the new one from its start: a new client.
+        # Seeking alone left the old client stuck after the first record of a recreated topic in
+        # about 1 run of 5 under load. (mode="subscribe": the group's rebalance owns the
+        # assignment; seeking is all we do there.)
+        if self._assigned_statically:
+            self._consumer.close(autocommit=False)
+            self._consumer = KafkaConsumer(**self._client_config)
+            self._consumer.assign(parts)
+        try:
+            start = self._consumer.beginning_offsets(parts)
+        except Exception:  # noqa: BLE001 - a fresh log starts at 0; the next poll corrects an error
+            start = {tp: 0 for tp in parts}
+        for tp in parts:
+            self._consumer.seek(tp, start[tp])
+        self._positions.clear()
+        self._positions.update({(tp.topic, tp.partition): start[tp] for tp in parts})
+        reset = LogReset(self.topic, old, new, old_positions, dict(self._positions))
+        LOG_RESETS.labels(self.topic).inc()
+        log.error(
+            "Kafka log of %s lost: log %s replaced by %s (topic or cluster recreated); consumer group %s "
+            "reads the new log from its start instead of %s",
+            self.topic,
+            old,
+            new,
+            self.group_id,
+            {f"{t}/{p}": o for (t, p), o in old_positions.items()},
+            extra={"topic": self.topic, "old_log": old, "new_log": new, "group": self.group_id},
+        )
+        return reset
 
     def lag(self) -> Offsets:
         """Records not yet read per assigned partition (end offset − position).
@@ -214,6 +365,7 @@ class EventConsumer(Generic[M]):
 
     def close(self) -> None:
         """Leave without committing; closes the dead-letter producer if this consumer opened it."""
+        self._watch.unwatch(self.topic)
         self._consumer.close(autocommit=False)
         if self._owns_dlq_producer:
             self._dlq_producer.close()

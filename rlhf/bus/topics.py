@@ -24,10 +24,9 @@ class Topics:
         if not _LEGAL.fullmatch(prefix):
             raise ValueError(f"topic prefix {prefix!r} may use only letters, digits, '.', '_' and '-'")
         self.prefix = prefix
-        self.feedback = f"{prefix}.feedback"              # Feedback, key conversation_id
-        self.interactions = f"{prefix}.interactions"      # Interaction, key conversation_id
-        self.prompts = f"{prefix}.prompts"                # Prompt, key prompt_id
-        self.rollouts = f"{prefix}.rollouts"              # Rollout, key prompt_id
+        self.feedback = f"{prefix}.feedback"  # Feedback, key conversation_id
+        self.interactions = f"{prefix}.interactions"  # Interaction, key conversation_id
+        self.rollouts = f"{prefix}.rollouts"  # Rollout, key prompt_id
         self.policy_updates = f"{prefix}.policy-updates"  # PolicyUpdate, key "policy"
         self.reward_updates = f"{prefix}.reward-updates"  # RewardModelUpdate, key "reward"
 
@@ -36,7 +35,6 @@ class Topics:
         return {
             self.feedback: events_pb2.Feedback,
             self.interactions: events_pb2.Interaction,
-            self.prompts: events_pb2.Prompt,
             self.rollouts: events_pb2.Rollout,
             self.policy_updates: events_pb2.PolicyUpdate,
             self.reward_updates: events_pb2.RewardModelUpdate,
@@ -54,11 +52,16 @@ class Topics:
         """The dead-letter twin of `topic`, where its undecodable messages go."""
         return topic + ".dlq"
 
-    def all(self) -> list[str]:
-        """Every topic to create: the event topics and their dead-letter twins.
+    def consumed(self) -> list[str]:
+        """The event topics a service of the loop reads: feedback (reward service),
+        interactions (rollout worker), rollouts (learner), policy-updates (generators and
+        rollout workers). The one left out, reward-updates, is an announcement: the reward
+        service writes each RM version there (version, sha256, accuracy) for operators and
+        tools; no service reads it (scoring replicas that would follow it: docs/reward.md)."""
+        return [self.feedback, self.interactions, self.rollouts, self.policy_updates]
 
-        Every event topic has a consumer (reward service, rollout worker, learner,
-        generators), and any consumer can meet a poison message, so each gets a twin.
-        """
-        events = list(self.events())
-        return events + [self.dlq(t) for t in events]
+    def all(self) -> list[str]:
+        """Every topic to create: the event topics, and a dead-letter twin for each one a
+        service consumes (any consumer can meet a poison message; a topic nobody reads
+        never dead-letters anything)."""
+        return list(self.events()) + [self.dlq(t) for t in self.consumed()]

@@ -12,7 +12,7 @@ from rlhf.generation.backend import Backend
 from rlhf.generation.gate import Served, VersionGate
 from rlhf.generation.generator import Generator
 from rlhf.generation.params import Limits
-from rlhf.generation.types import Delta, InvalidRequest, Sampling, SampleOut, WeightsRefused
+from rlhf.generation.types import Delta, InvalidRequest, SampleOut, Sampling, WeightsRefused
 
 # On CPU the transformers backend out-ran vLLM in benchmarks/generation.py (docs/generation.md).
 CPU_DEFAULT_BACKEND = "transformers"
@@ -25,31 +25,55 @@ def default_backend() -> str:
 
 
 def make_backend(
-    name: str, model_dir: Path, *, max_model_len: int = 2048, max_batch: int = 32, device: str = "auto",
-    dtype: str = "float32", enable_lora: bool = True, max_lora_rank: int = 16, vllm_enforce_eager: bool = True,
-    vllm_kv_cache_gib: float = 1.0, batch_wait_ms: float = 5.0,
+    name: str,
+    model_dir: Path,
+    *,
+    max_model_len: int = 2048,
+    max_batch: int = 32,
+    device: str = "auto",
+    dtype: str = "float32",
+    enable_lora: bool = True,
+    max_lora_rank: int = 16,
+    vllm_enforce_eager: bool = True,
+    vllm_kv_cache_gib: float = 1.0,
+    batch_wait_ms: float = 5.0,
 ) -> Backend:
     """The backend `name` ("auto", "transformers" or "vllm"); nothing is loaded until `start()`."""
     name = default_backend() if name == "auto" else name
     if name == "vllm":
         from rlhf.generation.vllm_backend import VllmBackend
 
-        return VllmBackend(model_dir, max_model_len=max_model_len, max_batch=max_batch, dtype=dtype,
-                           enable_lora=enable_lora, max_lora_rank=max_lora_rank, enforce_eager=vllm_enforce_eager,
-                           kv_cache_gib=vllm_kv_cache_gib)
+        return VllmBackend(
+            model_dir,
+            max_model_len=max_model_len,
+            max_batch=max_batch,
+            dtype=dtype,
+            enable_lora=enable_lora,
+            max_lora_rank=max_lora_rank,
+            enforce_eager=vllm_enforce_eager,
+            kv_cache_gib=vllm_kv_cache_gib,
+        )
     if name == "transformers":
-        import torch
-
         from rlhf.generation.hf_backend import TransformersBackend
 
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        return TransformersBackend(model_dir, max_batch=max_batch, device=device, dtype=dtype,
-                                   batch_wait_ms=batch_wait_ms)
+        return TransformersBackend(
+            model_dir, max_batch=max_batch, device=device, dtype=dtype, batch_wait_ms=batch_wait_ms
+        )
     raise ValueError(f"backend must be auto, transformers or vllm, got {name!r}")
 
 
 __all__ = [
-    "Backend", "CPU_DEFAULT_BACKEND", "Delta", "Generator", "InvalidRequest", "Limits", "Sampling",
-    "SampleOut", "Served", "VersionGate", "WeightsRefused", "default_backend", "make_backend",
+    "Backend",
+    "CPU_DEFAULT_BACKEND",
+    "Delta",
+    "Generator",
+    "InvalidRequest",
+    "Limits",
+    "Sampling",
+    "SampleOut",
+    "Served",
+    "VersionGate",
+    "WeightsRefused",
+    "default_backend",
+    "make_backend",
 ]

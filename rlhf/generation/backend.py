@@ -12,6 +12,8 @@ from rlhf.generation.weights import WeightUpdate
 class Backend(ABC):
     #: "transformers" or "vllm"
     name: str
+    #: whether `Sampling.json_object` / `json_schema` are honoured (constrained decoding)
+    structured_outputs: bool = False
 
     @abstractmethod
     async def start(self) -> None:
@@ -22,7 +24,12 @@ class Backend(ABC):
 
     @abstractmethod
     def generate(
-        self, prompt_ids: list[int], sampling: Sampling, request_id: str, handle: Any, stream: bool = True,
+        self,
+        prompt_ids: list[int],
+        sampling: Sampling,
+        request_id: str,
+        handle: Any,
+        stream: bool = True,
     ) -> AsyncIterator[Delta]:
         """Deltas of all `sampling.n` samples, interleaved; each sample ends with a delta that
         has `finish_reason` set (with `stream=False`, that is its only delta: less work per

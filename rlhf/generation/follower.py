@@ -5,6 +5,14 @@ never-committed consumer group: on start it replays the topic (a few events per 
 loads the last PROMOTED or ROLLED_BACK version, then follows new events. PROMOTED loads a
 version newer than the one serving; ROLLED_BACK loads its version whatever it is; REJECTED is
 ignored. A refused or failed load is logged and counted; the old version keeps serving.
+
+An event is only as good as what it says: a PROMOTED / ROLLED_BACK event is checked before
+it is believed (`check`), and ignored with a counted (`rlhf_generator_policy_events_invalid_total
+{reason}`), logged reason when its version is negative, not in the weight store, not promoted
+there, or when its sha256 or format is not the manifest's. Without a weight store (a remote
+generator fed by UpdateWeights) a well-formed announcement (version ≥ 0, 64-hex sha256) is
+recorded as the lineage UpdateWeights checks against (`Generator.announced`). The event's
+`uri` (the learner's path) is not followed: a generator reads its own store by version.
 """
 
 from __future__ import annotations
@@ -17,13 +25,23 @@ from prometheus_client import Counter
 
 from rlhf.bus import EventConsumer, Topics, ensure_topics
 from rlhf.generation.generator import Generator
-from rlhf.generation.weights import FULL, LORA
 from rlhf.generation.types import WeightsRefused
+from rlhf.generation.weights import FULL, LORA, Announced
 from rlhf.v1 import common_pb2, events_pb2
+from rlhf.weightstore import BadManifest, UnknownVersion
 
 log = logging.getLogger(__name__)
 
-POLICY_EVENTS = Counter("rlhf_generator_policy_events_total", "PolicyUpdate events seen, by action and outcome", ["action", "outcome"])
+POLICY_EVENTS = Counter(
+    "rlhf_generator_policy_events_total", "PolicyUpdate events seen, by action and outcome", ["action", "outcome"]
+)
+INVALID_EVENTS = Counter(
+    "rlhf_generator_policy_events_invalid_total",
+    "PROMOTED/ROLLED_BACK events ignored because what they say is wrong, by reason "
+    "(negative_version, bad_sha256, not_in_store, bad_manifest, not_promoted, sha256_mismatch, "
+    "format_mismatch)",
+    ["reason"],
+)
 
 PROMOTED, ROLLED_BACK = events_pb2.POLICY_ACTION_PROMOTED, events_pb2.POLICY_ACTION_ROLLED_BACK
 _FORMATS = {common_pb2.WEIGHT_FORMAT_FULL: FULL, common_pb2.WEIGHT_FORMAT_LORA: LORA}
@@ -46,11 +64,11 @@ class PolicyFollower:
         while True:
             records = await asyncio.to_thread(self.consumer.poll, 500)
             for r in records:
-                if r.event.action in (PROMOTED, ROLLED_BACK):
+                if r.event.action in (PROMOTED, ROLLED_BACK) and await self._valid(r.event):
                     last = r.event
             if not records and sum((await asyncio.to_thread(self.consumer.lag)).values()) == 0:
                 break
-        if last is not None and last.version != self.gen.version:
+        if last is not None and last.version != self.gen.version and self.gen.store.root.is_dir():
             await self._load(last, replay=True)
 
     async def run(self) -> None:
@@ -64,15 +82,67 @@ class PolicyFollower:
                 continue
             for r in records:
                 ev = r.event
-                if ev.action == ROLLED_BACK or (ev.action == PROMOTED and ev.version > self.gen.version):
+                if ev.action not in (PROMOTED, ROLLED_BACK) or not await self._valid(ev):
+                    continue
+                if not self.gen.store.root.is_dir():
+                    POLICY_EVENTS.labels(events_pb2.PolicyAction.Name(ev.action), "announced").inc()
+                elif ev.action == ROLLED_BACK or ev.version > self.gen.version:
                     await self._load(ev)
                 else:
                     POLICY_EVENTS.labels(events_pb2.PolicyAction.Name(ev.action), "ignored").inc()
 
+    async def _valid(self, ev: events_pb2.PolicyUpdate) -> bool:
+        """Whether to believe a PROMOTED / ROLLED_BACK event; if not, count and log why."""
+        bad = await asyncio.to_thread(self.check, ev)
+        if bad is None:
+            return True
+        reason, detail = bad
+        action = events_pb2.PolicyAction.Name(ev.action)
+        INVALID_EVENTS.labels(reason).inc()
+        POLICY_EVENTS.labels(action, "invalid").inc()
+        log.error(
+            "policy update ignored",
+            extra={
+                "version": ev.version,
+                "action": action,
+                "reason": reason,
+                "detail": detail,
+                "event_id": ev.event_id,
+            },
+        )
+        return False
+
+    def check(self, ev: events_pb2.PolicyUpdate) -> tuple[str, str] | None:
+        """(reason, detail) if the event says something false, else None (and, without a
+        weight store, the version joins the announced lineage)."""
+        fmt = _FORMATS.get(ev.format, "")
+        if ev.version < 0:
+            return "negative_version", f"version {ev.version}"
+        store = self.gen.store
+        if not store.root.is_dir():
+            if len(ev.sha256) != 64 or any(c not in "0123456789abcdef" for c in ev.sha256.lower()):
+                return "bad_sha256", "an announcement without a 64-hex sha256 cannot be checked"
+            self.gen.announced[ev.version] = Announced(ev.sha256.lower(), fmt)
+            return None
+        try:
+            record = store.get(ev.version)
+        except UnknownVersion as e:
+            # version 0 without a store entry: the weights the generator started with
+            return None if ev.version == 0 else ("not_in_store", str(e))
+        except BadManifest as e:
+            return "bad_manifest", str(e)
+        if not record.promoted:
+            return "not_promoted", f"the store's manifest of version {ev.version} is not promoted"
+        if ev.sha256.lower() != record.sha256:
+            return "sha256_mismatch", f"event {ev.sha256[:16] or '(none)'}…, manifest {record.sha256[:16]}…"
+        if fmt and fmt != record.format:
+            return "format_mismatch", f"event {fmt!r}, manifest {record.format!r}"
+        return None
+
     async def _load(self, ev: events_pb2.PolicyUpdate, replay: bool = False) -> None:
         action = events_pb2.PolicyAction.Name(ev.action)
         try:
-            await self.gen.load_version(ev.version, ev.uri, ev.sha256, _FORMATS.get(ev.format, ""))
+            await self.gen.load_version(ev.version, "", ev.sha256, _FORMATS.get(ev.format, ""))
         except WeightsRefused as e:
             POLICY_EVENTS.labels(action, "refused").inc()
             log.error("policy update refused", extra={"version": ev.version, "reason": str(e)})

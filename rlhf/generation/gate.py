@@ -21,8 +21,8 @@ class Served:
     """What new requests run under."""
 
     version: int
-    fmt: str                 # "full" or "lora"
-    handle: Any = None       # backend-specific, e.g. the vLLM LoRARequest of the adapter
+    fmt: str  # "full" or "lora"
+    handle: Any = None  # backend-specific, e.g. the vLLM LoRARequest of the adapter
 
 
 class VersionGate:

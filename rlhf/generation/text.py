@@ -17,14 +17,16 @@ class TextTracker:
         self._stop = stop
         self._hold = max((len(s) for s in stop), default=1) - 1
         self.ids: list[int] = []
-        self.emitted = 0          # characters of text already handed out
+        self.emitted = 0  # characters of text already handed out
         self.stopped = False
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
         text = self._tok.decode(self.ids, skip_special_tokens=True)
         if self._stop:
-            cut = min((i for i in (text.find(s, max(0, self.emitted - self._hold)) for s in self._stop) if i >= 0), default=-1)
+            cut = min(
+                (i for i in (text.find(s, max(0, self.emitted - self._hold)) for s in self._stop) if i >= 0), default=-1
+            )
             if cut >= 0:
                 self.stopped = True
                 return self._take(text[:cut], len(text[:cut]))
@@ -42,6 +44,6 @@ class TextTracker:
     def _take(self, text: str, upto: int) -> str:
         if upto <= self.emitted:
             return ""
-        out = text[self.emitted:upto]
+        out = text[self.emitted : upto]
         self.emitted = upto
         return out

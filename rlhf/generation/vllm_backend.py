@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from rlhf.generation.backend import Backend
+from rlhf.generation.metrics import RequestStats
 from rlhf.generation.types import Delta, Sampling, WeightsRefused
 from rlhf.generation.weights import FULL, WeightUpdate
 
@@ -27,17 +28,31 @@ EXTENSION = "rlhf.generation.vllm_worker.WeightSwapExtension"
 
 class VllmBackend(Backend):
     name = "vllm"
+    structured_outputs = True  # SamplingParams.structured_outputs (xgrammar / guidance)
 
     def __init__(
-        self, model_dir: Path, max_model_len: int, max_batch: int, dtype: str = "auto",
-        enable_lora: bool = True, max_lora_rank: int = 16, enforce_eager: bool = True,
-        kv_cache_gib: float = 1.0, seed: int = 0,
+        self,
+        model_dir: Path,
+        max_model_len: int,
+        max_batch: int,
+        dtype: str = "auto",
+        enable_lora: bool = True,
+        max_lora_rank: int = 16,
+        enforce_eager: bool = True,
+        kv_cache_gib: float = 1.0,
+        seed: int = 0,
     ):
         self.model_dir = Path(model_dir)
         self.engine_kwargs = dict(
-            model=str(model_dir), max_model_len=max_model_len, max_num_seqs=max_batch, dtype=dtype,
-            seed=seed, enforce_eager=enforce_eager, worker_extension_cls=EXTENSION,
-            enable_lora=enable_lora, scheduling_policy="priority",  # SamplingParams.priority: people first
+            model=str(model_dir),
+            max_model_len=max_model_len,
+            max_num_seqs=max_batch,
+            dtype=dtype,
+            seed=seed,
+            enforce_eager=enforce_eager,
+            worker_extension_cls=EXTENSION,
+            enable_lora=enable_lora,
+            scheduling_policy="priority",  # SamplingParams.priority: people first
             # two adapters resident: the new version's and the one in-flight requests still use
             **({"max_lora_rank": max_lora_rank, "max_loras": 2} if enable_lora else {}),
         )
@@ -62,28 +77,61 @@ class VllmBackend(Backend):
             self.engine = None
 
     async def generate(
-        self, prompt_ids: list[int], sampling: Sampling, request_id: str, handle: Any, stream: bool = True,
+        self,
+        prompt_ids: list[int],
+        sampling: Sampling,
+        request_id: str,
+        handle: Any,
+        stream: bool = True,
     ) -> AsyncIterator[Delta]:
         from vllm import SamplingParams, TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
         params = SamplingParams(
-            n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-            max_tokens=sampling.max_tokens, stop=list(sampling.stop) or None, seed=sampling.seed,
-            logprobs=0,  # the sampled token's own log-prob, from the raw logits (logprobs_mode default)
-            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY, skip_special_tokens=True, ignore_eos=sampling.ignore_eos,
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            stop=list(sampling.stop) or None,
+            seed=sampling.seed,
+            # the sampled token's own log-prob (and the top k), from the raw logits (logprobs_mode default)
+            logprobs=sampling.top_logprobs,
+            frequency_penalty=sampling.frequency_penalty,
+            presence_penalty=sampling.presence_penalty,
+            logit_bias=dict(sampling.logit_bias) or None,
+            structured_outputs=_structured(sampling),
+            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+            skip_special_tokens=True,
+            ignore_eos=sampling.ignore_eos,
         )
-        stream = self.engine.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params, request_id, lora_request=handle,
-                                    priority=sampling.priority)
-        async for out in stream:
-            for c in out.outputs:
-                ids = list(c.token_ids)
-                lps = [float(c.logprobs[i][t].logprob) for i, t in enumerate(ids)] if ids else []
-                finish = c.finish_reason if c.finish_reason in ("stop", "length") else None
-                if c.finish_reason == "abort":
-                    raise RuntimeError(f"vLLM aborted request {request_id}")
-                if ids or c.text or finish:
-                    yield Delta(c.index, ids, lps, c.text, finish)
+        stream = self.engine.generate(
+            TokensPrompt(prompt_token_ids=list(prompt_ids)),
+            params,
+            request_id,
+            lora_request=handle,
+            priority=sampling.priority,
+        )
+        stats = RequestStats(sampling.priority)
+        try:
+            async for out in stream:
+                for c in out.outputs:
+                    ids = list(c.token_ids)
+                    lps = [float(c.logprobs[i][t].logprob) for i, t in enumerate(ids)] if ids else []
+                    top = []
+                    if sampling.top_logprobs and ids:
+                        # each step's dict holds the top k and the sampled token; rank 1 = most likely
+                        for i in range(len(ids)):
+                            ranked = sorted(c.logprobs[i].items(), key=lambda kv: kv[1].rank or 0)
+                            top.append([(int(t), float(lp.logprob)) for t, lp in ranked[: sampling.top_logprobs]])
+                    finish = c.finish_reason if c.finish_reason in ("stop", "length") else None
+                    if c.finish_reason == "abort":
+                        raise RuntimeError(f"vLLM aborted request {request_id}")
+                    if finish:
+                        stats.engine_sample(c.index, *_engine_times(out.metrics))
+                    if ids or c.text or finish:
+                        yield Delta(c.index, ids, lps, c.text, finish, top)
+        finally:
+            stats.done()
 
     def drains(self, update: WeightUpdate) -> bool:
         return update.fmt == FULL
@@ -115,3 +163,29 @@ class VllmBackend(Backend):
             await self.engine.reset_prefix_cache()
             return None
         return prepared
+
+
+def _engine_times(m: Any) -> tuple[float, float, float]:
+    """(queue, first-token, per-output-token seconds) from vLLM's per-request stats, -1 where
+    it kept none (stats logging off). Its timestamps are the engine core's monotonic clock;
+    with n > 1 they are those of the sample that finished last."""
+    if m is None or not getattr(m, "scheduled_ts", 0):
+        return -1.0, -1.0, -1.0
+    queue = m.scheduled_ts - m.queued_ts
+    ttft = m.first_token_latency if m.first_token_latency > 0 else -1.0
+    n = m.num_generation_tokens
+    tpot = (m.last_token_ts - m.first_token_ts) / (n - 1) if n > 1 else -1.0
+    return queue, ttft, tpot
+
+
+def _structured(sampling: Sampling) -> Any:
+    """vLLM's structured-outputs parameters for a JSON request, else None."""
+    if not sampling.structured:
+        return None
+    import json
+
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if sampling.json_schema:
+        return StructuredOutputsParams(json=json.loads(sampling.json_schema))
+    return StructuredOutputsParams(json_object=True)

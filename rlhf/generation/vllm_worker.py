@@ -4,7 +4,7 @@ vLLM imports this class into each worker process (`LLM(worker_extension_cls=...)
 engine reaches it with `collective_rpc("rlhf_stage_weights", args=(paths,))` etc. The worker
 reads the safetensors files itself, so no tensor crosses a process boundary. On CPU,
 `model.load_weights` after start-up fails because vLLM has repacked some weights; the model
-runner's `reload_weights` (what vLLM's own RL hooks use) handles that (DESIGN.md).
+runner's `reload_weights` (what vLLM's own RL hooks use) handles that.
 Keep imports light: this module is imported in every worker.
 """
 

@@ -19,50 +19,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlhf import jsonl
+from rlhf.durability import append_jsonl, atomic_folder, read_jsonl, write_jsonl_atomic
 from rlhf.learner.policy import PolicyWithValueHead
 from rlhf.learner.trainer import PPOTrainer
-
-Offsets = dict[tuple[str, int], int]
-
-
-def offsets_to_json(offsets: Offsets) -> list[list[Any]]:
-    return [[topic, partition, offset] for (topic, partition), offset in sorted(offsets.items())]
-
-
-def offsets_from_json(rows: Iterable[list[Any]]) -> Offsets:
-    return {(str(topic), int(partition)): int(offset) for topic, partition, offset in rows}
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 class CheckpointStore:
@@ -84,23 +49,11 @@ class CheckpointStore:
         folders = self.folders()
         seq = int(folders[-1].name.split("-")[1]) + 1 if folders else 1
         final = self.root / f"ckpt-{seq:08d}"
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-ckpt-{seq:08d}-", dir=self.root))
-        try:
-            files = {
-                "policy.safetensors": lambda p: save_file(_cpu(policy.policy_state_dict()), str(p)),
-                "value_head.safetensors": lambda p: save_file(_cpu(policy.value_head.state_dict()), str(p)),
-                "trainer.pt": lambda p: torch.save(trainer.state_dict(), p),
-                "meta.json": lambda p: p.write_text(json.dumps(meta | {"step": step}, indent=1)),
-            }
-            for name, write in files.items():
-                write(tmp / name)
-                _fsync_file(tmp / name)
-            fsync_dir(tmp)
-            os.replace(tmp, final)
-            fsync_dir(self.root)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        with atomic_folder(final, prefix=f".tmp-ckpt-{seq:08d}-") as tmp:
+            save_file(_cpu(policy.policy_state_dict()), str(tmp / "policy.safetensors"))
+            save_file(_cpu(policy.value_head.state_dict()), str(tmp / "value_head.safetensors"))
+            torch.save(trainer.state_dict(), tmp / "trainer.pt")
+            (tmp / "meta.json").write_text(json.dumps(meta | {"step": step}, indent=1))
         for old in self.folders()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
@@ -126,21 +79,15 @@ class Ledger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def append(self, entry: dict[str, Any]) -> None:
-        jsonl.append(self.path, entry)
+        append_jsonl(self.path, entry)
 
     def entries(self) -> list[dict[str, Any]]:
         # a line cut short by a crash is skipped: no checkpoint ever covers it
-        return jsonl.read(self.path)
+        return read_jsonl(self.path)
 
     def truncate_after(self, step: int) -> int:
         """Keep the entries of steps ≤ step (the restored checkpoint's); returns how many went."""
         entries = self.entries()
         keep = [e for e in entries if e["step"] <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(e) + "\n" for e in keep)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        fsync_dir(self.path.parent)
+        write_jsonl_atomic(self.path, keep)
         return len(entries) - len(keep)

@@ -1,8 +1,11 @@
 """The learner's hyper-parameters: one documented field each, defaults from the peers.
 
 `PPOConfig` is a plain pydantic model so the trainer can be built in a test or a benchmark
-without the service; the service's settings class inherits it, so every field is also an
-`RLHF_<NAME>` environment variable and a `--<name>` flag.
+without the service; the learner service carries every field of `LearnerConfig` as a setting
+`learner_<name>` (an `RLHF_LEARNER_<NAME>` environment variable, a `--learner-<name>` flag) and
+builds the config back from them (rlhf.serving.settings.config_from). The learner owns
+`batch_size × publish_every` (rollouts per version), `max_policy_lag` and `temperature`: it
+announces them to the rollout workers in every PolicyUpdate.
 
 Defaults: TRL (γ=1, λ=0.95, ε=0.2, ε_v=0.2, vf_coef=0.1, k1 in the reward), OpenRLHF
 (micro-batching, token-weighted losses), Ziegler et al. 2019 (adaptive β: target 6 nats,
@@ -13,10 +16,50 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from rlhf.tracking import TRACKING_HELP, validate_tracking
+
+GROUP_OBJECTIVES = ("grpo", "rloo", "online_dpo", "best_of_n")  # trained on whole rollout groups (Rollout.group_id)
+DISTILL_MIXES_WITH = ("ppo", "grpo", "rloo")  # objectives distill="best_of_n" adds its loss to
 
 
 class PPOConfig(BaseModel):
+    # --- objective ---------------------------------------------------------------------
+    objective: Literal["ppo", "grpo", "rloo", "online_dpo", "best_of_n"] = Field(
+        "ppo",
+        description="ppo (critic + GAE), grpo or rloo (group-relative advantages over a prompt's n samples, no "
+        "critic), online_dpo (DPO on the best and worst sample of each group by RM score), best_of_n (only the "
+        "distillation loss on each group's top sample, RAFT/ReST); all but ppo train on whole rollout groups",
+    )
+    kl_in: Literal["reward", "loss"] = Field(
+        "reward",
+        description="grpo/rloo: KL to π_ref as −β·KL in each response's reward, or as the loss term β·k3(π_θ, π_ref) "
+        "(DeepSeekMath); ppo always has it in the reward, online_dpo in the DPO loss itself",
+    )
+    dpo_beta: float = Field(0.1, description="online_dpo: β of the DPO loss (Rafailov et al. 2023)")
+    off_policy_correction: Literal["none", "tis"] = Field(
+        "none",
+        description="none: ratio against the recomputed π_old as if the rollout were on-policy; tis: decoupled PPO "
+        "(AReaL) with truncated importance weights min(π_prox/π_behav, tis_cap) toward the generator's log-probs",
+    )
+    tis_cap: float = Field(2.0, description="off_policy_correction=tis: truncation C of the importance weight")
+    distill: Literal["none", "best_of_n"] = Field(
+        "none",
+        description="best_of_n: add the NLL of each group's top-scored response (RAFT/ReST) to the ppo/grpo/rloo "
+        "loss in the same optimizer step (objective=best_of_n trains that loss alone)",
+    )
+    distill_coef: float = Field(
+        1.0,
+        description="distill=best_of_n: weight of the best-of-n NLL (nats per target token) beside the RL loss "
+        "(alone, Adam ignores a loss's scale: lr sets the step)",
+    )
+    distill_min_score: float | None = Field(
+        None,
+        description="best-of-n: a group's top response is a target only if its RM score is above this; unset: "
+        "above its group's mean score (a group of equal scores teaches nothing)",
+    )
+
     # --- model -------------------------------------------------------------------------
     finetune: Literal["lora", "full"] = Field("lora", description="train a LoRA adapter (peft) or every weight")
     lora_r: int = Field(8, description="LoRA rank")
@@ -74,6 +117,63 @@ class PPOConfig(BaseModel):
     min_lr_ratio: float = Field(0.1, description="floor of the decay, as a fraction of lr")
     seed: int = Field(0, description="seed of the minibatch shuffles and of LoRA's initial A matrices")
 
+    @model_validator(mode="after")
+    def _objective_settings(self) -> PPOConfig:
+        # errors name the setting and what to set it to: they are what `rlhf up` prints
+        if self.kl_in == "loss" and self.objective not in ("grpo", "rloo"):
+            raise ValueError(
+                f"kl_in='loss' applies to objective grpo or rloo, not {self.objective!r}: set kl_in='reward'"
+            )
+        if self.off_policy_correction == "tis":
+            if self.old_logprobs != "recompute":
+                raise ValueError(
+                    "off_policy_correction='tis' needs old_logprobs='recompute' (the proximal policy "
+                    "is the recomputed one; with 'rollout' every weight would be 1)"
+                )
+            if self.objective == "online_dpo":
+                raise ValueError(
+                    "off_policy_correction='tis' corrects a policy-gradient ratio; online_dpo has none: "
+                    "set off_policy_correction='none'"
+                )
+        if self.tis_cap <= 0:
+            raise ValueError(f"tis_cap must be > 0, got {self.tis_cap}")
+        if self.dpo_beta <= 0:
+            raise ValueError(f"dpo_beta must be > 0, got {self.dpo_beta}")
+        if self.distill == "best_of_n" and self.objective not in DISTILL_MIXES_WITH + ("best_of_n",):
+            raise ValueError(
+                f"distill='best_of_n' mixes with objective ppo, grpo or rloo, not {self.objective!r}: "
+                "set distill='none', or objective='best_of_n' to train the distillation loss alone"
+            )
+        if self.objective == "best_of_n" and self.off_policy_correction == "tis":
+            raise ValueError(
+                "off_policy_correction='tis' corrects a policy-gradient ratio; best_of_n has none: "
+                "set off_policy_correction='none'"
+            )
+        if self.objective == "best_of_n" and self.distill_coef != 1.0:
+            raise ValueError(
+                f"distill_coef ({self.distill_coef}) weighs the distillation loss against an RL loss; "
+                "objective='best_of_n' trains it alone and Adam's step ignores a loss's scale: leave "
+                "distill_coef=1 and set lr to slow it"
+            )
+        if self.distills and self.distill_coef <= 0:
+            raise ValueError(
+                f"distill_coef must be > 0 when distilling, got {self.distill_coef}: to train without "
+                "the distillation loss set distill='none'"
+            )
+        return self
+
+    @property
+    def distills(self) -> bool:
+        """The step has the best-of-n loss: alone (objective=best_of_n) or beside an RL objective."""
+        return self.objective == "best_of_n" or self.distill == "best_of_n"
+        return self
+
+    @property
+    def whole_groups(self) -> bool:
+        """Batches made of whole rollout groups (the group objectives compare a group's samples;
+        best-of-n distillation picks each group's top one, also beside ppo)."""
+        return self.objective in GROUP_OBJECTIVES or self.distills
+
 
 class LearnerConfig(PPOConfig):
     """The learner process around the PPO step: Kafka, checkpoints, versions, drift gate."""
@@ -85,12 +185,13 @@ class LearnerConfig(PPOConfig):
     checkpoint_every: int = Field(1, description="PPO steps between checkpoints (Kafka commits follow them)")
     keep_checkpoints: int = Field(2, description="checkpoints kept on disk")
     publish_every: int = Field(1, description="PPO steps per new policy version")
-    weight_store_dir: str = Field("", description="weight store folder; empty: <state_dir>/weights")
     drift_kl_budget: float = Field(
         5.0, description="drift gate: largest KL(π_new‖π_ref) per held-out response, nats, still promoted"
     )
     drift_prompts_file: str = Field(
-        "", description="held-out prompts, one per line; empty: a built-in set of 8 generic prompts"
+        "",
+        description="held-out prompts: a text file, one per line, or .jsonl prompt records (rlhf.prompts); "
+        "empty: a built-in set of 8 generic prompts",
     )
     drift_max_new_tokens: int = Field(32, description="drift gate: tokens sampled per held-out response")
     drift_samples_per_prompt: int = Field(2, description="drift gate: responses sampled per held-out prompt")
@@ -99,3 +200,9 @@ class LearnerConfig(PPOConfig):
         description="after a rejected version: go back to the serving version's weights (its rollouts stay "
         "on-policy) or keep training from the rejected weights",
     )
+    tracking: str = Field("tensorboard", description=TRACKING_HELP)  # rlhf/tracking.py
+
+    @field_validator("tracking")
+    @classmethod
+    def _tracking(cls, v: str) -> str:
+        return validate_tracking(v)

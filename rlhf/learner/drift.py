@@ -38,7 +38,7 @@ DEFAULT_HELDOUT_PROMPTS: tuple[str, ...] = (
 
 @dataclass
 class GateResult:
-    kl: float          # nats per response, mean over held-out samples
+    kl: float  # nats per response, mean over held-out samples
     budget: float
     passed: bool
     reason: str
@@ -96,7 +96,7 @@ class DriftGate:
                     max_new_tokens=self.max_new_tokens,
                     pad_token_id=self.pad_id,
                     eos_token_id=self.eos_id,
-                )[:, len(ids):]
+                )[:, len(ids) :]
                 for row in out.tolist():
                     if self.eos_id is not None and self.eos_id in row:
                         row = row[: row.index(self.eos_id) + 1]
@@ -111,8 +111,14 @@ class DriftGate:
         if not samples:
             return 0.0
         batch = collate(samples, self.pad_id).to(policy.device)
-        args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_width,
-                batch.response_width, self.temperature)
+        args = (
+            batch.input_ids,
+            batch.attention_mask,
+            batch.position_ids,
+            batch.prompt_width,
+            batch.response_width,
+            self.temperature,
+        )
         new_logp = F.log_softmax(response_logits(policy.causal_lm, *args)[0].float(), -1)  # (N, R, V)
         with policy.reference() as reference:
             ref_logp = F.log_softmax(response_logits(reference, *args)[0].float(), -1)  # (N, R, V)

@@ -3,12 +3,20 @@
 One thread runs `Learner.run`; the gRPC control plane talks to it through thread-safe
 methods (status, pause, resume, versions, rollback). Each iteration of the loop:
 
-  1. poll Rollout events; drop malformed ones and ones more than max_policy_lag
-     versions behind the current weights (counted)
-  2. once batch_size fresh rollouts are buffered, one PPO step on the oldest of them
+  1. poll Rollout events; dead-letter invalid ones (token ids outside the vocabulary,
+     non-finite values, lengths that disagree, a version never given out) and drop ones
+     more than max_policy_lag versions behind the current weights (both counted)
+  2. once batch_size fresh rollouts are buffered, one PPO step on the oldest of them; a
+     step that raises or goes non-finite is undone and its batch dead-lettered, and the
+     loop goes on (after MAX_FAILED_STEPS_IN_A_ROW of them it gives up, loudly)
   3. ledger line (event ids trained and dropped), then a checkpoint holding the Kafka
      offsets below which everything is handled, then the Kafka commit of those offsets
   4. every publish_every steps a new version: drift gate, weight store, PolicyUpdate
+
+A broker outage does not stop the loop: a poll, commit or announcement that fails is
+logged and counted (rlhf_learner_kafka_errors_total) and tried again — a commit at the
+next checkpoint (the checkpoint, not the commit, is what a restart trusts), an
+announcement at the top of the next iterations until it goes through.
 
 Exactly-once training under SIGKILL: the checkpoint is the source of truth. Restarting
 loads it, seeks the consumer to its offsets and cuts the ledger back to its step, so a
@@ -26,26 +34,33 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from kafka.errors import KafkaError
 
+from rlhf.bus import PublishError
+from rlhf.errors import FailedPrecondition, NotFound
 from rlhf.learner import metrics
-from rlhf.learner.batch import collate
-from rlhf.learner.checkpoint import CheckpointStore, Ledger, offsets_to_json
+from rlhf.learner.batch import RolloutLimits, collate
+from rlhf.learner.checkpoint import CheckpointStore, Ledger
 from rlhf.learner.config import LearnerConfig
-from rlhf.learner.drift import DEFAULT_HELDOUT_PROMPTS, DriftGate
+from rlhf.learner.drift import DEFAULT_HELDOUT_PROMPTS, DriftGate, GateResult
 from rlhf.learner.intake import LearnerState, RolloutIntake
 from rlhf.learner.policy import build_policy
 from rlhf.learner.trainer import PPOTrainer
-from rlhf.learner.versions import version_info, weight_format_proto
-from rlhf.weightstore import CorruptWeights, VersionRecord, WeightStore
+from rlhf.learner.versions import verdict, version_info, weight_format_proto
+from rlhf.prompts import load_prompt_texts
+from rlhf.tracking import Tracker, open_tracker
+from rlhf.weightstore import CorruptWeights, UnknownVersion, VersionRecord, WeightStore
 
 log = logging.getLogger(__name__)
 
-class LearnerError(Exception):
-    """A control-plane request that cannot be done; `code` is the gRPC status name."""
+# Failed PPO steps one after another before the loop stops containing them: a learner that
+# cannot train any batch (a broken device, a bad model) must exit for its supervisor to see,
+# not dead-letter every rollout while it reports SERVING.
+MAX_FAILED_STEPS_IN_A_ROW = 3
 
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
+
+# What a broker that is down or restarting raises from a poll, a commit or a publish.
+KAFKA_ERRORS = (KafkaError, PublishError)
 
 
 class Learner:
@@ -56,6 +71,7 @@ class Learner:
         state_dir: str | Path,
         bootstrap: str,
         topic_prefix: str = "rlhf",
+        weight_store: str | Path | None = None,
     ):
         from rlhf.bus import Topics
 
@@ -64,7 +80,7 @@ class Learner:
         self.state_dir = Path(state_dir)
         self.bootstrap = bootstrap
         self.topics = Topics(topic_prefix)
-        self.weights_dir = Path(cfg.weight_store_dir) if cfg.weight_store_dir else self.state_dir / "weights"
+        self.weights_dir = Path(weight_store) if weight_store else self.state_dir / "weights"
         self.state = LearnerState()
         self.last_stats: dict[str, float] = {}
         self.paused = threading.Event()
@@ -72,27 +88,27 @@ class Learner:
         self._commands: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future]] = queue.Queue()
         self.intake: RolloutIntake | None = None  # made by _recover, around the restored state
         self._loop_thread: threading.Thread | None = None
+        self._failed_in_a_row = 0  # PPO steps failed since the last one that trained
         self.consumer = self.producer = None
+        self.tracker = Tracker(None, "learner")  # start() opens the one cfg.tracking asks for
 
     # --- start-up and recovery ---------------------------------------------------------
 
     def start(self) -> None:
         """Load the model, restore the latest checkpoint, connect to Kafka (blocking)."""
         from rlhf.bus import EventConsumer, EventProducer, ensure_topics
-        from rlhf.models import chat_prompt_ids, load_tokenizer
+        from rlhf.models import chat_prompt_ids, load_tokenizer, pad_id, resolve_device, set_torch_threads
         from rlhf.v1 import events_pb2
 
         cfg = self.cfg
-        if cfg.torch_threads:
-            torch.set_num_threads(cfg.torch_threads)
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+        set_torch_threads(cfg.torch_threads)
+        device = resolve_device(cfg.device)
         self.tokenizer = load_tokenizer(self.model_dir)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.pad_id = pad_id(self.tokenizer)
         self.policy = build_policy(self.model_dir, cfg, device)
         self.trainer = PPOTrainer(self.policy, cfg)
         prompts = (
-            [line.strip() for line in Path(cfg.drift_prompts_file).read_text().splitlines() if line.strip()]
-            if cfg.drift_prompts_file else list(DEFAULT_HELDOUT_PROMPTS)
+            load_prompt_texts(path=cfg.drift_prompts_file) if cfg.drift_prompts_file else list(DEFAULT_HELDOUT_PROMPTS)
         )
         self.gate = DriftGate(
             [chat_prompt_ids(self.tokenizer, [{"role": "user", "content": p}]) for p in prompts],
@@ -108,41 +124,107 @@ class Learner:
         self.ledger = Ledger(self.state_dir / "learner" / "ledger.jsonl")
         metrics.DRIFT_KL_BUDGET.set(cfg.drift_kl_budget)
 
-        ensure_topics(self.bootstrap, [self.topics.rollouts, self.topics.dlq(self.topics.rollouts),
-                                       self.topics.policy_updates])
+        ensure_topics(
+            self.bootstrap, [self.topics.rollouts, self.topics.dlq(self.topics.rollouts), self.topics.policy_updates]
+        )
         self.producer = EventProducer(self.bootstrap, client_id="learner")
         self.consumer = EventConsumer(
-            self.bootstrap, self.topics.rollouts, events_pb2.Rollout, cfg.group_id, dlq_producer=self.producer
+            self.bootstrap,
+            self.topics.rollouts,
+            events_pb2.Rollout,
+            cfg.group_id,
+            dlq_producer=self.producer,
+            on_reset=self._on_log_reset,
         )
+        self.tracker = open_tracker(cfg.tracking, self.state_dir, "learner")
         self._recover()
 
     def _recover(self) -> None:
+        """Restore the latest checkpoint (or start fresh), finish an interrupted publication,
+        and announce the serving version again.
+
+        The re-announcement is what a generator and the rollout worker learn the version
+        from when rlhf.policy-updates lost its history (the in-memory broker restarted): a
+        normal PolicyUpdate (PROMOTED, the stored version's sha256 and format), which a
+        generator already serving it ignores and which opens a new rollout budget. If the
+        rollouts log the checkpoint's offsets point into is gone, the consumer reads the new
+        one from its start (EventConsumer.seek with the stored log ids); rollouts are
+        regenerated by the worker.
+        """
         folder = self.checkpoints.latest()
         if folder is not None:
             meta = CheckpointStore.load(folder, self.policy, self.trainer)
             self.state = LearnerState.from_json(meta["state"])
             self.last_stats = meta.get("last_stats", {})
-            self.consumer.seek(self.state.offsets)
-            log.info("restored checkpoint", extra={"checkpoint": folder.name, "step": self.state.step,
-                                                  "version": self.state.version})
+            if self.consumer.seek(self.state.offsets, log_ids=meta.get("kafka_log_ids")) is not None:
+                self.state.offsets = self.consumer.positions()  # the start of the new rollouts log
+                self.state.handled_above = {}
+            log.info(
+                "restored checkpoint",
+                extra={"checkpoint": folder.name, "step": self.state.step, "version": self.state.version},
+            )
         else:
             latest = self.store.latest()
             if latest is not None:  # a store that outlived its checkpoints: keep numbers unique
                 self.state.version = latest.version
             if not any(r.version == 0 for r in self.store.versions()):
-                self._store_version(0, parent=0, meta={"step": 0, "promoted": True, "kl_to_reference": 0.0,
-                                                       "kl_budget": self.cfg.drift_kl_budget,
-                                                       "reason": "initial policy"})
-        self.intake = RolloutIntake(self.state, self.cfg.batch_size, self.cfg.max_policy_lag)
+                initial = GateResult(kl=0.0, budget=self.cfg.drift_kl_budget, passed=True, reason="initial policy")
+                self._store_version(0, parent=0, meta=verdict(0, initial))
+        self.intake = self._new_intake()
+        self.tracker.rewind(self.state.step)  # steps past the checkpoint are trained again
         cut = self.ledger.truncate_after(self.state.step)
         if cut:
             log.info("ledger cut back to the checkpoint", extra={"entries_removed": cut})
         if self.state.pending_publish is not None:
             log.info("finishing an interrupted publication", extra={"version": self.state.pending_publish})
             self._publish(self.state.pending_publish)
+        self._announce_serving("serving version re-announced at learner start-up")
         self._export_gauges()
 
+    def _on_log_reset(self, reset) -> None:
+        """The rollouts log was lost under the running learner (rlhf.bus.LogReset, on the loop
+        thread inside poll): forget what points into it, and announce the serving version
+        again, since rlhf.policy-updates went with it."""
+        with self._lock:
+            self.intake.forget_log(reset.topic)
+            self.state.offsets = {tp: o for tp, o in self.state.offsets.items() if tp[0] != reset.topic}
+        try:
+            self._announce_serving("serving version re-announced after the Kafka log was lost")
+        except PublishError:  # the broker is flapping: training goes on, the next reset or start announces
+            log.exception(
+                "re-announcing the serving version after a lost log failed",
+                extra={"version": self.state.serving_version},
+            )
+
+    def _announce_serving(self, reason: str) -> None:
+        from rlhf.v1 import events_pb2
+
+        version = self.state.serving_version
+        try:
+            record = self.store.get(version)
+        except (UnknownVersion, CorruptWeights) as e:
+            log.error(
+                "cannot re-announce the serving version: not in the weight store",
+                extra={"version": version, "error": str(e)},
+            )
+            return
+        event = self._update_event(record, events_pb2.POLICY_ACTION_PROMOTED, reason=reason)
+        self.producer.publish(self.topics.policy_updates, event, key="policy")
+        log.info("serving version announced", extra={"version": version, "reason": reason})
+
     # --- the loop ----------------------------------------------------------------------
+
+    def _new_intake(self) -> RolloutIntake:
+        """An intake around the current state that validates against the policy's own
+        vocabulary and length, and dead-letters what it refuses."""
+        return RolloutIntake(
+            self.state,
+            self.cfg.batch_size,
+            self.cfg.max_policy_lag,
+            limits=RolloutLimits.of(self.policy.causal_lm),
+            dead_letter=self.consumer.dead_letter,
+            group_objective=self.cfg.objective if self.cfg.whole_groups else None,
+        )
 
     def run(self, stop: threading.Event) -> None:
         """Train until `stop` is set. Control-plane commands run between steps."""
@@ -153,9 +235,21 @@ class Learner:
                 if self.paused.is_set():
                     stop.wait(0.1)
                     continue
+                if self.state.pending_publish is not None:  # an announcement a broker outage held up
+                    if not self._try_publish(self.state.pending_publish):
+                        stop.wait(1.0)
+                        continue
                 if len(self.intake) < self.cfg.max_buffered_rollouts:
                     wait_ms = 0 if len(self.intake) >= self.cfg.batch_size else 200
-                    self.intake.add(self.consumer.poll(timeout_ms=wait_ms, max_records=self.cfg.batch_size * 4))
+                    try:
+                        polled = self.consumer.poll(timeout_ms=wait_ms, max_records=self.cfg.batch_size * 4)
+                    except KAFKA_ERRORS as e:  # the consumer rewound: the next poll reads the same records
+                        self._kafka_failed("poll", e)
+                        stop.wait(1.0)
+                        continue
+                    self.intake.add(polled)
+                if self.paused.is_set():  # paused during the poll: train nothing it returned
+                    continue
                 records = self.intake.take_batch()
                 if records:
                     self._train(records)
@@ -165,10 +259,15 @@ class Learner:
 
     def _train(self, records: list) -> None:
         cfg, state = self.cfg, self.state
-        # 1. the PPO step
+        # 1. the PPO step (all or nothing: a failure leaves the weights as they were)
         events = [r.event for r in records]
         lags = [state.lag(e.policy_version) for e in events]
-        stats = self.trainer.step(collate(events, self.pad_id))
+        try:
+            stats = self.trainer.step(collate(events, self.pad_id))
+        except Exception as e:  # noqa: BLE001 - contained: the batch is dead-lettered, training goes on
+            self._step_failed(records, e)
+            return
+        self._failed_in_a_row = 0
         stats["staleness_mean"] = sum(lags) / len(lags)
         stats["staleness_max"] = float(max(lags))
 
@@ -179,36 +278,100 @@ class Learner:
             state.steps_since_version += 1
             if state.steps_since_version >= cfg.publish_every:
                 state.pending_publish = state.new_version()
-            state.offsets = self.intake.safe_offsets()
+            state.offsets, state.handled_above = self.intake.safe_offsets(), self.intake.handled_above()
             self.last_stats = stats
         metrics.ROLLOUTS_TRAINED.inc(len(records))
         metrics.observe_step(stats)
+        self.tracker.log(state.step, stats)
 
         # 3. ledger, checkpoint, then the Kafka commit the checkpoint covers
-        self.ledger.append({
-            "step": state.step,
-            "version": state.lineage[-1],
-            "trained": [e.event_id for e in events],
-            **self.intake.pop_dropped(),
-            "offsets": offsets_to_json(state.offsets),
-        })
+        from rlhf.bus import offsets_to_json
+
+        self.ledger.append(
+            {
+                "step": state.step,
+                "version": state.lineage[-1],
+                "trained": [e.event_id for e in events],
+                **self.intake.pop_dropped(),
+                "offsets": offsets_to_json(state.offsets),
+            }
+        )
         if state.step % cfg.checkpoint_every == 0 or state.pending_publish is not None:
             self._checkpoint()
-        log.info("ppo step", extra={"step": state.step, "version": state.lineage[-1],
-                                     **{k: round(v, 5) for k, v in stats.items()}})
+        log.info(
+            "ppo step",
+            extra={"step": state.step, "version": state.lineage[-1], **{k: round(v, 5) for k, v in stats.items()}},
+        )
 
-        # 4. the new version, if one is due
+        # 4. the new version, if one is due (a failed announcement is retried by the loop)
         if state.pending_publish is not None:
-            self._publish(state.pending_publish)
+            self._try_publish(state.pending_publish)
         self._export_gauges()
+
+    def _try_publish(self, version: int) -> bool:
+        """`_publish`, with a broker that does not acknowledge the announcement logged and
+        counted instead of raised: the version stays pending and the loop tries again."""
+        try:
+            self._publish(version)
+        except KAFKA_ERRORS as e:
+            self._kafka_failed("publish", e, version=version)
+            return False
+        return True
+
+    def _kafka_failed(self, operation: str, error: Exception, **extra: Any) -> None:
+        metrics.KAFKA_ERRORS.labels(operation).inc()
+        log.error(
+            "Kafka %s failed; the learner keeps its state and tries again",
+            operation,
+            extra={"operation": operation, "error": f"{type(error).__name__}: {error}"[:500], **extra},
+        )
+
+    def _step_failed(self, records: list, error: Exception) -> None:
+        """Dead-letter a batch whose step raised (PPOTrainer.step has undone it), count it,
+        and carry on; the ledger's next line lists its event ids under "failed". Raises
+        once MAX_FAILED_STEPS_IN_A_ROW steps have failed one after another."""
+        self._failed_in_a_row += 1
+        reason = f"PPO step failed: {type(error).__name__}: {error}"[:2000]
+        log.error(
+            "PPO step failed; its batch is dead-lettered and training goes on",
+            exc_info=error,
+            extra={
+                "step": self.state.step,
+                "rollouts": len(records),
+                "failed_in_a_row": self._failed_in_a_row,
+                "event_ids": [r.event.event_id for r in records],
+            },
+        )
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # an out-of-memory step leaves its blocks cached
+        for rec in records:
+            self.consumer.dead_letter(rec, reason, kind="failed")
+        with self._lock:
+            self.intake.record_failed(records)
+        metrics.STEPS_FAILED.inc()
+        metrics.ROLLOUTS_FAILED.inc(len(records))
+        if self._failed_in_a_row >= MAX_FAILED_STEPS_IN_A_ROW:
+            raise RuntimeError(
+                f"{self._failed_in_a_row} PPO steps in a row failed, the last with {type(error).__name__}: "
+                f"{error}; the learner cannot train and stops (its batches are on {self.topics.rollouts}.dlq)"
+            ) from error
 
     def _checkpoint(self) -> None:
         start = time.perf_counter()
         with self._lock:
-            meta = {"state": self.state.to_json(), "last_stats": self.last_stats,
-                    "config": self.cfg.model_dump(mode="json"), "base_model": str(self.model_dir)}
+            meta = {
+                "state": self.state.to_json(),
+                "last_stats": self.last_stats,
+                "config": self.cfg.model_dump(mode="json"),
+                "base_model": str(self.model_dir),
+                # which rollouts log state.offsets point into: a lost one is read again from its start
+                "kafka_log_ids": self.consumer.log_ids(),
+            }
         self.checkpoints.save(self.state.step, self.policy, self.trainer, meta)
-        self.consumer.commit(self.state.offsets)
+        try:
+            self.consumer.commit(self.state.offsets)
+        except KAFKA_ERRORS as e:  # the checkpoint holds the offsets; the next one commits them
+            self._kafka_failed("commit", e, step=self.state.step)
         metrics.CHECKPOINT_SECONDS.observe(time.perf_counter() - start)
 
     # --- versions ----------------------------------------------------------------------
@@ -232,14 +395,12 @@ class Learner:
         state = self.state
         try:
             record = self.store.get(version)
-        except CorruptWeights:
+        except UnknownVersion:  # not stored yet: gate it now
             result = self.gate.check(self.policy)
             metrics.DRIFT_KL.set(result.kl)
+            self.tracker.log(state.step, {"drift_kl": result.kl, "drift_promoted": float(result.passed)})
             parent = state.lineage[-2] if len(state.lineage) > 1 else 0
-            record = self._store_version(version, parent, {
-                "step": state.step, "promoted": result.passed, "kl_to_reference": result.kl,
-                "kl_budget": result.budget, "reason": result.reason,
-            })
+            record = self._store_version(version, parent, verdict(state.step, result))
             metrics.VERSIONS_PUBLISHED.inc()
         promoted = bool(record.meta.get("promoted"))
         action = events_pb2.POLICY_ACTION_PROMOTED if promoted else events_pb2.POLICY_ACTION_REJECTED
@@ -249,8 +410,9 @@ class Learner:
                 state.serving_version = version
             else:
                 metrics.DRIFT_REJECTIONS.inc()
-                log.warning("drift gate rejected a version", extra={"version": version,
-                                                                   "reason": record.meta.get("reason")})
+                log.warning(
+                    "drift gate rejected a version", extra={"version": version, "reason": record.meta.get("reason")}
+                )
                 if self.cfg.on_reject == "revert":
                     self._switch_weights(state.serving_version)
             state.pending_publish = None
@@ -272,7 +434,17 @@ class Learner:
             kl_budget=float(record.meta.get("kl_budget", self.cfg.drift_kl_budget)),
             base_model=record.base_model,
             reason=reason if reason is not None else str(record.meta.get("reason", "")),
+            **self.worker_terms(),
         )
+
+    def worker_terms(self) -> dict[str, Any]:
+        """What the rollout workers must follow, announced in every PolicyUpdate and in the
+        status: this learner owns these numbers, the workers configure none of them."""
+        return {
+            "rollouts_per_version": self.cfg.batch_size * self.cfg.publish_every,
+            "max_policy_lag": self.cfg.max_policy_lag,
+            "temperature": self.cfg.temperature,
+        }
 
     def _switch_weights(self, version: int) -> None:
         """Make the training weights those of a stored version (revert or rollback)."""
@@ -295,11 +467,14 @@ class Learner:
                 "rollouts_trained": s.rollouts_trained,
                 "rollouts_dropped_stale": s.rollouts_dropped_stale,
                 "last_stats": dict(self.last_stats),
+                **self.worker_terms(),
             }
 
-    def pause(self) -> None:
+    def pause(self, timeout: float = 600.0) -> None:
+        """Stop training; returns once no step runs, so nothing polled after this is trained."""
         self.paused.set()
         metrics.PAUSED.set(1)
+        self._call_in_loop(lambda: None, timeout)  # a barrier: the iteration in flight has ended
 
     def resume(self) -> None:
         self.paused.clear()
@@ -309,7 +484,9 @@ class Learner:
         return [version_info(r) for r in self.store.versions()]
 
     def rollback(self, version: int, timeout: float = 600.0):
-        """Serve (and train on from) an earlier promoted version; returns its PolicyVersionInfo."""
+        """Serve (and train on from) an earlier promoted version; returns its PolicyVersionInfo.
+        NotFound for a version not in the weight store, FailedPrecondition for one never
+        promoted or whose stored manifest is corrupt (rlhf.errors)."""
         return self._call_in_loop(lambda: self._rollback(version), timeout)
 
     def _rollback(self, version: int):
@@ -317,11 +494,12 @@ class Learner:
 
         try:
             record = self.store.get(version)
-        except CorruptWeights:
-            raise LearnerError("NOT_FOUND", f"version {version} is not in the weight store") from None
+        except UnknownVersion:
+            raise NotFound(f"version {version} is not in the weight store") from None
+        except CorruptWeights as e:
+            raise FailedPrecondition(f"version {version} cannot be served again: {e}") from None
         if not record.meta.get("promoted"):
-            raise LearnerError(
-                "FAILED_PRECONDITION",
+            raise FailedPrecondition(
                 f"version {version} was never promoted ({record.meta.get('reason') or 'rejected'}); "
                 "roll back to a promoted version (see ListVersions)",
             )
@@ -361,6 +539,7 @@ class Learner:
         metrics.SERVING_VERSION.set(self.state.serving_version)
 
     def close(self) -> None:
+        self.tracker.close()
         if self.consumer is not None:
             self.consumer.close()
         if self.producer is not None:

@@ -1,23 +1,39 @@
 """Policy versions: weight-store records ↔ protobuf messages, and loading a version.
 
-A version's manifest `meta` holds the learner's verdict on it: {"step", "promoted",
-"kl_to_reference", "kl_budget", "reason"}. Consumers (generators, tests, the rollout
-worker) turn a PolicyUpdate back into a model with `load_version`.
+A version's manifest `meta` holds the learner's verdict on it (`verdict`): {"step",
+"promoted", "kl_to_reference", "kl_budget", "reason"}. Consumers (generators, tests, the
+rollout worker) turn a PolicyUpdate back into a model with `load_version`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from rlhf.weightstore import FULL, LORA, VersionRecord, WeightStore
+
+if TYPE_CHECKING:
+    from rlhf.learner.drift import GateResult
 
 _FORMAT_TO_PROTO = {FULL: 1, LORA: 2}  # rlhf.v1.WeightFormat: WEIGHT_FORMAT_FULL, WEIGHT_FORMAT_LORA
 
 
 def weight_format_proto(fmt: str) -> int:
     return _FORMAT_TO_PROTO[fmt]
+
+
+def verdict(step: int, result: GateResult) -> dict[str, Any]:
+    """The manifest meta of a version the drift gate judged after PPO step `step`: promoted
+    means published for serving (`VersionRecord.promoted`)."""
+    return {
+        "step": step,
+        "promoted": result.passed,
+        "kl_to_reference": result.kl,
+        "kl_budget": result.budget,
+        "reason": result.reason,
+    }
 
 
 def version_info(record: VersionRecord):
@@ -38,8 +54,9 @@ def version_info(record: VersionRecord):
     )
 
 
-def load_version(store: WeightStore, version: int, base_model_dir: str | Path, device: str = "cpu",
-                 expected_sha256: str = "") -> torch.nn.Module:
+def load_version(
+    store: WeightStore, version: int, base_model_dir: str | Path, device: str = "cpu", expected_sha256: str = ""
+) -> torch.nn.Module:
     """A plain transformers causal LM with the version's weights (LoRA merged into the base),
     sha256-checked; what a generator or a test samples from."""
     from rlhf.models import load_causal_lm

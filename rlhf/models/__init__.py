@@ -14,6 +14,7 @@ from rlhf.models.loading import (
 )
 from rlhf.models.paths import demo_gguf_path, demo_model_dir, reward_backbone_dir, rlhf_home
 from rlhf.models.prepare import greedy_reply, prepare_demo_model, resolve_model
+from rlhf.models.runtime import pad_id, resolve_device, set_torch_threads
 from rlhf.models.tiny import build_tiny_model, build_tiny_reward_backbone
 
 __all__ = [
@@ -26,10 +27,13 @@ __all__ = [
     "greedy_reply",
     "load_causal_lm",
     "load_tokenizer",
+    "pad_id",
     "prepare_demo_model",
-    "reward_backbone_dir",
+    "resolve_device",
     "resolve_model",
+    "reward_backbone_dir",
     "rlhf_home",
     "sequence_logprobs",
+    "set_torch_threads",
     "smollm2_tokenizer_dir",
 ]

@@ -1,14 +1,14 @@
-"""Atomic folder writes: a reader sees either no folder or a complete one, never half of one."""
+"""Model folders (prepared, exported, tiny, SFT checkpoints): written atomically (a reader
+sees no folder or a complete one, never half of one), marked complete, readable by all."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from rlhf import durability
 
 COMPLETE_MARKER = ".rlhf-complete"
 
@@ -32,24 +32,12 @@ def folder_lock(folder: Path) -> Iterator[None]:
 @contextlib.contextmanager
 def atomic_folder(final: Path, marker: str = "") -> Iterator[Path]:
     """Yield a temporary sibling of ``final`` to fill; on success write the completion marker
-    last and rename it into place (replacing any old ``final``). On error nothing is left."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
+    last and rename it into place (replacing any old ``final``, see
+    `rlhf.durability.atomic_folder`). On error nothing is left."""
+    with durability.atomic_folder(final) as tmp:
         yield tmp
         (tmp / COMPLETE_MARKER).write_text(marker)
         _make_readable(tmp)
-        old = None
-        if final.exists():
-            # rename(2) cannot replace a non-empty folder: move the old one aside first.
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-            os.rename(final, old / "x")
-        os.rename(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _make_readable(folder: Path) -> None:

@@ -33,9 +33,7 @@ def smollm2_tokenizer_dir(progress: Callable[[str], None] | None = None) -> Path
         if progress:
             progress(f"extracting the SmolLM2 tokenizer from {gguf.name} into {final}")
         t0 = time.perf_counter()
-        tok = transformers.AutoTokenizer.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, local_files_only=True
-        )
+        tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
         tok.model_max_length = SMOLLM2_MAX_LENGTH
         if not tok.chat_template:
             raise RuntimeError(f"{gguf} carries no chat template")
@@ -55,9 +53,7 @@ def load_gguf_causal_lm() -> transformers.PreTrainedModel:
     config without it, holding the de-quantised state dict.
     """
     gguf = demo_gguf_path()
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, local_files_only=True
-    )
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

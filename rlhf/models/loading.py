@@ -35,9 +35,7 @@ def load_causal_lm(
     path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> transformers.PreTrainedModel:
     """A causal LM from a local folder, on ``device``, in eval mode (dropout off)."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        _local_dir(path), dtype=dtype, local_files_only=True
-    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(_local_dir(path), dtype=dtype, local_files_only=True)
     return model.to(device).eval()
 
 
@@ -45,9 +43,7 @@ def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of ``messages`` rendered by the chat template, ending with the assistant
     header (``add_generation_prompt=True``), as plain Python ints."""
     # transformers 5 returns a BatchEncoding by default; ask for the bare id list.
-    ids = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=False
-    )
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     return [int(i) for i in ids]
 
 

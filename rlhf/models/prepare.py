@@ -73,9 +73,15 @@ def prepare_demo_model(force: bool = False, progress: Callable[[str], None] = pr
                     f"{SMOKE_EXPECTED!r}: the GGUF conversion is broken, nothing was installed"
                 )
             (tmp / "rlhf_prepare.json").write_text(
-                json.dumps({"source": str(gguf), "smoke_question": SMOKE_QUESTION,
-                            "smoke_reply": reply, "transformers": transformers.__version__},
-                           indent=2)
+                json.dumps(
+                    {
+                        "source": str(gguf),
+                        "smoke_question": SMOKE_QUESTION,
+                        "smoke_reply": reply,
+                        "transformers": transformers.__version__,
+                    },
+                    indent=2,
+                )
             )
         progress(f"demo model ready at {final} ({time.perf_counter() - t_all:.1f} s)")
     return final
@@ -87,10 +93,8 @@ def greedy_reply(model_dir: str | Path, question: str, max_new_tokens: int = 24)
     model = load_causal_lm(model_dir)
     prompt = chat_prompt_ids(tokenizer, [{"role": "user", "content": question}])
     with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False
-        )
-    return tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True).strip()
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True).strip()
 
 
 def resolve_model(name_or_path: str | Path) -> Path:
@@ -106,7 +110,5 @@ def resolve_model(name_or_path: str | Path) -> Path:
             "prepared by `rlhf models prepare`) or an existing folder with config.json"
         )
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model folder {path} has no config.json: expected a folder written by save_pretrained"
-        )
+        raise FileNotFoundError(f"model folder {path} has no config.json: expected a folder written by save_pretrained")
     return path.resolve()

@@ -52,9 +52,7 @@ def build_tiny_model(
     ``out_dir`` is replaced atomically if it exists.
     """
     out = Path(out_dir)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(
-        smollm2_tokenizer_dir(), local_files_only=True
-    )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(), local_files_only=True)
     tokenizer.model_max_length = max_position_embeddings
     num_heads = num_heads or max(1, hidden_size // TINY_HEAD_DIM)
     num_kv_heads = num_kv_heads or max(1, num_heads // 2)
@@ -81,8 +79,7 @@ def build_tiny_model(
         torch.manual_seed(seed)
         model = transformers.LlamaForCausalLM(config).to(dtype)
     model.generation_config = _generation_config(tokenizer)
-    marker = json.dumps({"kind": "tiny-llama", "seed": seed, "layers": num_layers,
-                         "hidden": hidden_size})
+    marker = json.dumps({"kind": "tiny-llama", "seed": seed, "layers": num_layers, "hidden": hidden_size})
     with atomic_folder(out, marker) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -116,8 +113,7 @@ def build_tiny_reward_backbone(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = transformers.BertModel(config)
-    marker = json.dumps({"kind": "tiny-bert", "seed": seed, "layers": num_layers,
-                         "hidden": hidden_size})
+    marker = json.dumps({"kind": "tiny-bert", "seed": seed, "layers": num_layers, "hidden": hidden_size})
     with atomic_folder(out, marker) as tmp:
         model.save_pretrained(tmp)
         for name in _MINILM_TOKENIZER_FILES:

@@ -10,9 +10,19 @@ on padding. The pieces, in the order a PPO step uses them:
   masked_mean, masked_var, masked_whiten      reductions over the mask
   policy_loss, value_loss                     clipped PPO losses → (loss, stats)
   explained_variance                          critic quality
+
+Beside PPO, for the learner's other objectives:
+
+  grpo_advantages, rloo_advantages            group-relative advantages, no critic (group.py)
+  best_worst_pairs, dpo_loss                  online DPO on RM-ranked pairs (dpo.py)
+  best_of_n_targets, best_of_n_loss           best-of-n distillation, RAFT / ReST (distill.py)
+  tis_weights                                 decoupled-PPO / truncated-IS off-policy weights (offpolicy.py)
 """
 
+from rlhf.ppo.distill import best_of_n_loss, best_of_n_targets
+from rlhf.ppo.dpo import best_worst_pairs, dpo_loss, sequence_logprobs
 from rlhf.ppo.gae import gae
+from rlhf.ppo.group import broadcast_to_tokens, grpo_advantages, rloo_advantages
 from rlhf.ppo.kl import (
     AdaptiveKLController,
     FixedKLController,
@@ -28,13 +38,20 @@ from rlhf.ppo.masked import (
     masked_var,
     masked_whiten,
 )
+from rlhf.ppo.offpolicy import tis_weights
 
 __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
+    "best_of_n_loss",
+    "best_of_n_targets",
+    "best_worst_pairs",
+    "broadcast_to_tokens",
+    "dpo_loss",
     "entropy_from_logits",
     "explained_variance",
     "gae",
+    "grpo_advantages",
     "kl_penalized_rewards",
     "kl_penalty",
     "logprobs_from_logits",
@@ -42,5 +59,8 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "policy_loss",
+    "rloo_advantages",
+    "sequence_logprobs",
+    "tis_weights",
     "value_loss",
 ]

@@ -17,13 +17,16 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_eps: float,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate: mean over tokens of max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)).
+    """Clipped surrogate: mean over tokens of w·max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)).
 
     logprobs      # (B, T) log π_θ(a_t|s_t), with grad
     old_logprobs  # (B, T) log π_θ_old(a_t|s_t) from the rollout
     advantages    # (B, T) (whitened) GAE advantages
     mask          # (B, T) 1 on response tokens
+    token_weights # (B, T) detached per-token weights w (off-policy correction, rlhf.ppo.offpolicy
+                  #        tis_weights); None: w = 1, the plain PPO surrogate
     stats: clipfrac  share of tokens where the clipped term is the active one
            approx_kl KL(π_old ‖ π_θ) by k3 = (ρ − 1) − log ρ (cleanrl's approx_kl)
            ratio_mean, ratio_max  of ρ = π_θ / π_old over the mask
@@ -34,7 +37,10 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    per_token = torch.maximum(unclipped, clipped)
+    if token_weights is not None:
+        per_token = per_token * token_weights.detach()
+    loss = masked_mean(per_token, mask)
     with torch.no_grad():
         stats = {
             "policy_loss": loss.detach(),

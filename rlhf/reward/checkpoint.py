@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rlhf.weightstore import VersionRecord, WeightStore, _fsync_dir
+from rlhf.durability import atomic_file
+from rlhf.weightstore import VersionRecord, WeightStore
 
 
 class RewardCheckpoints:
@@ -40,7 +40,9 @@ class RewardCheckpoints:
         latest = self.store.latest()
         return (latest.version if latest else 0) + 1
 
-    def publish(self, tensors: dict[str, torch.Tensor], parent: int, base_model: str, meta: dict[str, Any]) -> VersionRecord:
+    def publish(
+        self, tensors: dict[str, torch.Tensor], parent: int, base_model: str, meta: dict[str, Any]
+    ) -> VersionRecord:
         """Write the weights as the next version (atomic)."""
         return self.store.put(self.next_version(), tensors, parent=parent, base_model=base_model, meta=meta)
 
@@ -48,17 +50,8 @@ class RewardCheckpoints:
         """Write the trainer state of `step`, whose weights are `version` (atomic)."""
         self.states.mkdir(parents=True, exist_ok=True)
         final = self.states / f"state-{step:09d}-v{version:06d}.pt"
-        fd, tmp = tempfile.mkstemp(prefix=".state-", dir=self.states)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save({"step": step, "version": version, **state}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-            _fsync_dir(self.states)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(final, "wb") as f:
+            torch.save({"step": step, "version": version, **state}, f)
         self._prune()
         return final
 
@@ -78,7 +71,7 @@ class RewardCheckpoints:
         states = sorted(self.states.glob("state-*.pt"))
         for old in states[: -self.keep_states]:
             old.unlink(missing_ok=True)
-        named = {_version_of(p) for p in states[-self.keep_states:]}
+        named = {_version_of(p) for p in states[-self.keep_states :]}
         for record in self.store.versions()[: -self.keep_versions]:
             if record.version not in named:
                 # the manifest first: a half-deleted folder must read as absent

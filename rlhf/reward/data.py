@@ -10,6 +10,11 @@ How ratings become training signal (the choice the issue asks to document):
     and waiting for a partner that may never come would drop most of them.
 A rating that first trained pointwise and later completes a pair therefore counts in
 both forms, each once: feedback is consumed once, in arrival order, never re-labelled.
+
+An event that decodes but means nothing — no rating or comparison, a rating other than
+±1, no prompt, an empty answer, two identical answers, text over the RM's limits — is
+refused with an `Invalid` (reason class and detail); the reward service dead-letters it
+to rlhf.feedback.dlq with the detail and counts it by class.
 """
 
 from __future__ import annotations
@@ -21,8 +26,11 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+from rlhf.validation import Invalid
+
 PAIR = "pair"
 POINT = "point"
+RATING_VALUES = (1, -1)  # thumbs up, thumbs down: what the gateway accepts
 
 Messages = tuple[tuple[str, str], ...]  # ((role, content), ...)
 
@@ -47,13 +55,29 @@ class Example:
         return [self.chosen, self.rejected] if self.kind == PAIR else [self.response]
 
     def to_json(self) -> list[Any]:
-        return [self.kind, [list(m) for m in self.prompt], self.chosen, self.rejected, self.response,
-                self.label, self.event_id]
+        return [
+            self.kind,
+            [list(m) for m in self.prompt],
+            self.chosen,
+            self.rejected,
+            self.response,
+            self.label,
+            self.event_id,
+        ]
 
     @classmethod
     def from_json(cls, row: Sequence[Any]) -> "Example":
         kind, prompt, chosen, rejected, response, label, event_id = row
         return cls(kind, tuple((r, c) for r, c in prompt), chosen, rejected, response, int(label), event_id)
+
+
+@dataclass(frozen=True)
+class FeedbackLimits:
+    """The most text one feedback event may carry: the reward service's Score limits, so
+    the RM never trains on text it would refuse to score."""
+
+    max_prompt_chars: int  # all messages' content (RLHF_REWARD_MAX_PROMPT_CHARS)
+    max_response_chars: int  # each rated or compared answer (RLHF_REWARD_MAX_RESPONSE_CHARS)
 
 
 def messages_of(chat: Iterable[Any]) -> Messages:
@@ -99,41 +123,73 @@ class EventDedup:
         return list(self._ids)
 
 
+def feedback_problem(fb: Any, limits: FeedbackLimits | None = None) -> Invalid | None:
+    """Why one events_pb2.Feedback cannot train the RM, or None if it can (text lengths
+    are checked only against `limits`). The reasons, the label of rlhf_feedback_invalid_total:
+    no_rating_or_comparison, empty_prompt, empty_response, too_long, identical_responses,
+    rating_out_of_range."""
+    which = fb.WhichOneof("kind")
+    if which not in ("comparison", "rating"):
+        return Invalid("no_rating_or_comparison", "kind: the event holds neither a rating nor a comparison")
+    if not fb.prompt:
+        return Invalid("empty_prompt", "prompt: no messages; feedback rates an answer to a prompt")
+    prompt_chars = sum(len(m.content) for m in fb.prompt)
+    if limits is not None and prompt_chars > limits.max_prompt_chars:
+        return Invalid(
+            "too_long",
+            f"prompt: {prompt_chars} characters > limit {limits.max_prompt_chars} (RLHF_REWARD_MAX_PROMPT_CHARS)",
+        )
+    answers = (
+        (("comparison.chosen", fb.comparison.chosen), ("comparison.rejected", fb.comparison.rejected))
+        if which == "comparison"
+        else (("rating.response", fb.rating.response),)
+    )
+    for field, text in answers:
+        if not text:
+            return Invalid("empty_response", f"{field} is empty")
+        if limits is not None and len(text) > limits.max_response_chars:
+            return Invalid(
+                "too_long",
+                f"{field}: {len(text)} characters > limit {limits.max_response_chars} (RLHF_REWARD_MAX_RESPONSE_CHARS)",
+            )
+    if which == "comparison" and fb.comparison.chosen == fb.comparison.rejected:
+        return Invalid("identical_responses", "comparison: chosen and rejected are the same text")
+    if which == "rating" and fb.rating.value not in RATING_VALUES:
+        return Invalid("rating_out_of_range", f"rating.value: {fb.rating.value}, must be +1 (up) or -1 (down)")
+    return None
+
+
 class FeedbackConverter:
     """Feedback events → Examples, remembering the last ratings of recent prompts to pair them."""
 
-    def __init__(self, max_prompts: int = 10_000, per_prompt: int = 4):
+    def __init__(self, max_prompts: int = 10_000, per_prompt: int = 4, limits: FeedbackLimits | None = None):
         self.max_prompts = max_prompts
         self.per_prompt = per_prompt
+        self.limits = limits
         # prompt key → [(response, value)], most recent last; LRU over prompts
         self._ratings: OrderedDict[str, list[tuple[str, int]]] = OrderedDict()
 
-    def convert(self, fb: Any) -> tuple[str, list[Example], str]:
+    def convert(self, fb: Any) -> tuple[str, list[Example], Invalid | None]:
         """(kind, examples, problem) for one events_pb2.Feedback. kind is "comparison",
-        "thumbs" or "unknown"; problem is "" or why the event carries no training signal."""
-        prompt = messages_of(fb.prompt)
+        "thumbs" or "unknown"; problem is None, or why the event carries no training signal
+        (then there are no examples)."""
         which = fb.WhichOneof("kind")
+        kind = {"comparison": "comparison", "rating": "thumbs"}.get(which, "unknown")
+        problem = feedback_problem(fb, self.limits)
+        if problem is not None:
+            return kind, [], problem
+        prompt = messages_of(fb.prompt)
         if which == "comparison":
             c = fb.comparison
-            if not c.chosen or not c.rejected:
-                return "comparison", [], "empty_response"
-            if c.chosen == c.rejected:
-                return "comparison", [], "identical_responses"
-            return "comparison", [Example(PAIR, prompt, chosen=c.chosen, rejected=c.rejected, event_id=fb.event_id)], ""
-        if which == "rating":
-            r = fb.rating
-            if not r.response:
-                return "thumbs", [], "empty_response"
-            if r.value == 0:
-                return "thumbs", [], "zero_rating"
-            return "thumbs", [self._rate(prompt, r.response, 1 if r.value > 0 else -1, fb.event_id)], ""
-        return "unknown", [], "no_rating_or_comparison"
+            return kind, [Example(PAIR, prompt, chosen=c.chosen, rejected=c.rejected, event_id=fb.event_id)], None
+        r = fb.rating
+        return kind, [self._rate(prompt, r.response, r.value, fb.event_id)], None
 
     def _rate(self, prompt: Messages, response: str, value: int, event_id: str) -> Example:
         key = prompt_key(prompt)
         seen = self._ratings.pop(key, [])
         partner = next((resp for resp, v in reversed(seen) if v == -value and resp != response), None)
-        seen = (seen + [(response, value)])[-self.per_prompt:]
+        seen = (seen + [(response, value)])[-self.per_prompt :]
         self._ratings[key] = seen
         while len(self._ratings) > self.max_prompts:
             self._ratings.popitem(last=False)

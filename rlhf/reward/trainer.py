@@ -2,7 +2,7 @@
 
 A step, in order:
   1. progressive validation: score the new examples with the current weights, before
-     training on them; their accuracy is the online accuracy (rlhf_rm_accuracy)
+     training on them; their accuracy is the online accuracy (rlhf_rm_accuracy_ratio)
   2. update the score normaliser with those (eval-mode) raw scores
   3. mix in a uniform sample of older examples from the replay buffer
   4. Bradley-Terry loss on pairs + pointwise logistic loss on lone ratings, one AdamW step
@@ -11,32 +11,21 @@ A step, in order:
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import torch
 
-from rlhf.reward.data import PAIR, EventDedup, Example, FeedbackConverter, ReplayBuffer
-from rlhf.reward.loss import bradley_terry_loss, pointwise_logistic_loss
+from rlhf.reward.config import TrainerConfig
+from rlhf.reward.data import PAIR, EventDedup, Example, FeedbackConverter, FeedbackLimits, ReplayBuffer
+from rlhf.reward.loss import bradley_terry_loss, odin_disentangle_loss, pointwise_logistic_loss
 from rlhf.reward.model import RewardModel
 from rlhf.reward.normalizer import ScoreNormalizer
 
-
-@dataclass
-class TrainerConfig:
-    lr: float = 2e-5                  # AdamW learning rate
-    weight_decay: float = 0.0         # AdamW weight decay
-    batch_size: int = 16              # new examples per step
-    replay_ratio: float = 1.0         # replayed examples per new example in a step
-    replay_capacity: int = 20_000     # examples kept for replay
-    max_grad_norm: float = 1.0        # gradient clipping (global L2 norm)
-    accuracy_window: int = 512        # validated examples the online accuracy averages
-    norm_window: float = 10_000       # effective memory of the score normaliser, in scores
-    norm_clip: float = 5.0            # normalised scores are clipped to ±norm_clip
-    dedup_capacity: int = 200_000     # event ids remembered for de-duplication
-    seed: int = 0                     # replay sampling
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,19 +33,23 @@ class Ingested:
     """What a batch of feedback events turned into."""
 
     examples: list[Example]
-    kinds: dict[str, int]             # events per kind ("comparison", "thumbs", "unknown")
+    kinds: dict[str, int]  # events per kind ("comparison", "thumbs", "unknown")
     duplicates: int
-    invalid: dict[str, int]           # events without training signal, per reason
+    invalid: dict[str, int]  # events without training signal, per reason class
+    refused: list[tuple[int, str]] = field(default_factory=list)  # (index in the input, why): to dead-letter
 
 
 class OnlineRewardTrainer:
     def __init__(self, model: RewardModel, cfg: TrainerConfig):
         self.model = model
         self.cfg = cfg
+        if cfg.length_debias == "odin":
+            # before the optimiser is built, so that it trains the length head too
+            model.add_length_head(seed=cfg.seed + 1)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.buffer = ReplayBuffer(cfg.replay_capacity, seed=cfg.seed)
+        self.buffer = ReplayBuffer(cfg.replay_size, seed=cfg.seed)
         self.dedup = EventDedup(cfg.dedup_capacity)
-        self.converter = FeedbackConverter()
+        self.converter = FeedbackConverter(limits=FeedbackLimits(cfg.max_prompt_chars, cfg.max_response_chars))
         self.normalizer = ScoreNormalizer(window=cfg.norm_window, clip=cfg.norm_clip)
         self.correct: deque[int] = deque(maxlen=cfg.accuracy_window)  # 1 = validated right
         self.online_accuracy = 0.0  # mean of `correct`, kept as a float other threads can read
@@ -65,23 +58,26 @@ class OnlineRewardTrainer:
         self.pairs_seen = 0
 
     def ingest(self, events: Iterable[Any]) -> Ingested:
-        """Feedback events → new examples, dropping event ids seen before."""
+        """Feedback events → new examples, dropping event ids seen before; events without
+        training signal are counted by reason and listed in `refused` for the dead-letter topic."""
         out = Ingested([], {}, 0, {})
-        for fb in events:
+        for i, fb in enumerate(events):
             if not self.dedup.add(fb.event_id):
                 out.duplicates += 1
                 continue
             kind, examples, problem = self.converter.convert(fb)
             out.kinds[kind] = out.kinds.get(kind, 0) + 1
-            if problem:
-                out.invalid[problem] = out.invalid.get(problem, 0) + 1
+            if problem is not None:
+                out.invalid[problem.reason] = out.invalid.get(problem.reason, 0) + 1
+                out.refused.append((i, str(problem)))
+                log.warning("feedback event refused", extra={"event_id": fb.event_id, "reason": str(problem)})
             out.examples.extend(examples)
         return out
 
     def train(self, examples: list[Example]) -> Iterator[dict[str, float]]:
-        """One step per `batch_size` new examples, lazily: the stats of each step as it is
+        """One step per `train_batch_size` new examples, lazily: the stats of each step as it is
         taken, so a caller can publish or checkpoint between steps."""
-        bs = self.cfg.batch_size
+        bs = self.cfg.train_batch_size
         for i in range(0, len(examples), bs):
             yield self.train_step(examples[i : i + bs])
 
@@ -100,8 +96,11 @@ class OnlineRewardTrainer:
         batch = new + self.buffer.sample(round(self.cfg.replay_ratio * len(new)))
         # 4. one optimiser step on the mixed batch
         self.model.train()
-        scores = self._scores(batch)  # (n_texts,) with grad
-        loss, stats = self._loss(batch, scores)
+        if self.cfg.length_debias == "odin":
+            loss, stats = self._odin_loss(batch)
+        else:
+            scores = self._scores(batch)  # (n_texts,) with grad
+            loss, stats = self._loss(batch, scores)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
@@ -115,9 +114,14 @@ class OnlineRewardTrainer:
         self.pairs_seen += n_pairs
         out = {k: float(v) for k, v in stats.items()}
         out.update(
-            loss=float(loss.detach()), grad_norm=float(grad_norm), new_examples=len(new), new_pairs=n_pairs,
-            replayed=len(batch) - len(new), validation_accuracy=sum(right) / len(right),
-            online_accuracy=self.online_accuracy, step_seconds=time.perf_counter() - t0,
+            loss=float(loss.detach()),
+            grad_norm=float(grad_norm),
+            new_examples=len(new),
+            new_pairs=n_pairs,
+            replayed=len(batch) - len(new),
+            validation_accuracy=sum(right) / len(right),
+            online_accuracy=self.online_accuracy,
+            step_seconds=time.perf_counter() - t0,
         )
         return out
 
@@ -140,7 +144,12 @@ class OnlineRewardTrainer:
                 labels.append(float(e.label))
                 i += 1
         idx = lambda xs: torch.tensor(xs, dtype=torch.long, device=scores.device)  # noqa: E731
-        return scores[idx(chosen)], scores[idx(rejected)], scores[idx(points)], torch.tensor(labels, device=scores.device)
+        return (
+            scores[idx(chosen)],
+            scores[idx(rejected)],
+            scores[idx(points)],
+            torch.tensor(labels, device=scores.device),
+        )
 
     def _correct(self, examples: list[Example], scores: torch.Tensor) -> list[int]:
         chosen, rejected, points, labels = self._split(examples, scores)
@@ -164,6 +173,24 @@ class OnlineRewardTrainer:
             stats.update(s)
         return loss / max(1, n_pairs + n_points), stats
 
+    def _odin_loss(self, examples: list[Example]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """ODIN (rlhf.reward.loss.odin_disentangle_loss): the ranking and pointwise losses on
+        r_Q + r_L, plus the terms that put length into r_L and keep it out of r_Q. Validation,
+        the normaliser and serving see r_Q alone (RewardModel.forward)."""
+        prompts = [e.prompt for e in examples for _ in e.texts()]
+        texts = [t for e in examples for t in e.texts()]
+        quality, length = self.model.score_heads(prompts, texts)  # (n_texts,) each, with grad
+        loss, stats = self._loss(examples, quality + length)
+        lengths = torch.tensor(
+            [len(t.split()) for t in texts], dtype=quality.dtype, device=quality.device
+        )  # (n_texts,)
+        head_q, head_l = self.model.head.weight.squeeze(0), self.model.length_head.weight.squeeze(0)  # (H,) each
+        extra, odin_stats = odin_disentangle_loss(
+            quality, length, lengths, head_q, head_l, self.cfg.odin_length_weight, self.cfg.odin_ortho_weight
+        )
+        stats.update(odin_stats)
+        return loss + extra, stats
+
     def state_dict(self) -> dict[str, Any]:
         """Everything but the model weights (those go to the weight store)."""
         return {
@@ -176,11 +203,19 @@ class OnlineRewardTrainer:
             "dedup": self.dedup.state(),
             "converter": self.converter.state(),
             "buffer": self.buffer.state(),
-            "config": asdict(self.cfg),
+            "config": self.cfg.model_dump(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        saved_debias = state.get("config", {}).get("length_debias", "none")
+        if saved_debias == self.cfg.length_debias:
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:  # the length head comes or goes: AdamW's moments no longer match the parameters
+            log.warning(
+                "length_debias changed from %r to %r: the RM optimiser starts with fresh moments",
+                saved_debias,
+                self.cfg.length_debias,
+            )
         for group in self.optimizer.param_groups:  # the settings of this run win over the checkpoint's
             group["lr"], group["weight_decay"] = self.cfg.lr, self.cfg.weight_decay
         self.step = state["step"]

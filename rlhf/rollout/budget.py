@@ -1,16 +1,36 @@
 """Backpressure: the rollout worker never runs more than `max_policy_lag` versions ahead.
 
 The learner turns every `rollouts_per_version` rollouts into one new policy version (its
-PPO batch × publish_every). If the worker keeps sampling from version V while the learner
-moves on, the k-th batch of rollouts from V is trained on when the learner is at V + k. So
+PPO batch × publish_every). Both numbers are the learner's: it announces them in every
+PolicyUpdate (with the sampling temperature its log-probs assume), and the worker follows
+the latest announcement; until the first one arrives the worker makes nothing (the learner
+announces its serving version when it starts, and the worker reads rlhf.policy-updates from
+the start, so a running learner's terms are known at once). If the worker keeps sampling from
+version V while the learner moves on, the k-th batch of rollouts from V is trained on when the learner is at V + k. So
 the worker may produce at most
 
     budget = rollouts_per_version × (max_policy_lag + 1)
 
-rollouts per policy version, and then waits until the loop has moved on: a newer version is
-served by the generator, or the learner announced a newer version on rlhf.policy-updates
-(PROMOTED, or REJECTED by the drift gate: either way it consumed a batch). With
-max_policy_lag = 0 the worker produces exactly one learner batch per version: on-policy PPO.
+rollouts per policy version, and then waits until the learner reports that the loop moved
+on: a PolicyUpdate on rlhf.policy-updates, whatever its action (PROMOTED or REJECTED: the
+learner consumed a batch either way; ROLLED_BACK: an operator moved the serving version).
+Each announcement starts a new budget. With max_policy_lag = 0 the worker produces exactly
+one learner batch per version: on-policy PPO.
+
+Only the learner's announcements count, and their version *numbers* are never compared: the
+version a generator reports (in a Generate response or GetInfo) does not move the budget, so
+a generator made to serve a bogus version 999999 cannot hold the worker back until the
+learner "catches up", and a rollback to an older number resumes it like any other
+announcement. An announcement with a negative version is ignored (counted by the caller).
+
+One more way the loop moves on without an announcement: the learner *drops* rollouts (stale:
+sampled before a rollback reached the generator, or off its lineage) instead of training on
+them, and may then wait for fresh ones while the worker waits for a version. So the worker
+also reads the learner's own counts (LearnerService.GetStatus: rollouts trained and dropped
+stale): when the learner has dropped some of this budget's rollouts and what is left of it
+(produced, not yet trained or dropped) is less than one learner batch, it cannot make a
+version from them, and a new budget opens (`learner_counts`). Without drops it never
+fires, so normal backpressure is exactly the announcement rule above.
 """
 
 from __future__ import annotations
@@ -19,22 +39,70 @@ import asyncio
 
 
 class PolicyBudget:
-    def __init__(self, rollouts_per_version: int, max_policy_lag: int):
-        if rollouts_per_version < 1 or max_policy_lag < 0:
-            raise ValueError("rollouts_per_version must be ≥ 1 and max_policy_lag ≥ 0")
-        self.budget = rollouts_per_version * (max_policy_lag + 1)
-        self.version = -1          # newest version seen served or announced
-        self.produced = 0          # rollouts produced since `version` appeared
-        self.reserved = 0          # rollouts being produced now
+    def __init__(self, rollouts_per_version: int | None = None, max_policy_lag: int | None = None):
+        """Without numbers the budget is closed until an announcement brings them."""
+        self.per_version = 0  # the learner's rollouts per version (0: not announced yet)
+        self.budget = 0
+        if rollouts_per_version is not None:
+            self.set_terms(rollouts_per_version, max_policy_lag or 0)
+        self.version = -1  # the version of the learner's last announcement (-1: none yet)
+        self.announcements = 0  # learner announcements seen
+        self.produced = 0  # rollouts produced since the last announcement
+        self.reserved = 0  # rollouts being produced now
+        self.releases = 0  # budgets opened by the learner's counts (see the module docstring)
+        self._base: tuple[int, int] | None = None  # learner (trained, dropped) when this budget opened
         self._changed = asyncio.Event()
 
-    def observe(self, version: int) -> bool:
-        """A version was seen (a Generate response, GetInfo, a PolicyUpdate); True if newer."""
-        if version <= self.version:
+    def set_terms(self, rollouts_per_version: int, max_policy_lag: int) -> None:
+        if rollouts_per_version < 1 or max_policy_lag < 0:
+            raise ValueError("rollouts_per_version must be ≥ 1 and max_policy_lag ≥ 0")
+        self.per_version = rollouts_per_version
+        self.budget = rollouts_per_version * (max_policy_lag + 1)
+
+    @property
+    def known(self) -> bool:
+        """The learner's numbers are known (announced, or given at construction)."""
+        return self.per_version > 0
+
+    def advance(
+        self,
+        version: int,
+        counts: tuple[int, int] | None = None,
+        rollouts_per_version: int = 0,
+        max_policy_lag: int = 0,
+    ) -> bool:
+        """The learner announced `version` (any action): a new budget starts, under the
+        numbers the announcement carries (`rollouts_per_version` 0: it carries none, the last
+        ones stay). `counts`: the learner's (rollouts trained, dropped stale) read just
+        before, if it was reachable. False (and nothing changes) for a negative version,
+        which no learner announces."""
+        if version < 0:
             return False
-        self.version, self.produced = version, 0
-        self._changed.set()
+        if rollouts_per_version > 0:
+            self.set_terms(rollouts_per_version, max(0, max_policy_lag))
+        self.version = version
+        self.announcements += 1
+        self._open(counts)
         return True
+
+    def learner_counts(self, trained: int, dropped: int) -> bool:
+        """The learner's GetStatus counts, read while held back; True if they open a new
+        budget (it dropped rollouts and cannot make a batch from the rest)."""
+        if not self.known:
+            return False
+        if self._base is None or trained < self._base[0] or dropped < self._base[1]:
+            self._base = (trained, dropped)  # first sight, or a learner restored from an older checkpoint
+            return False
+        handled = (trained - self._base[0]) + (dropped - self._base[1])
+        if dropped > self._base[1] and self.produced - handled < self.per_version:
+            self.releases += 1
+            self._open((trained, dropped))
+            return True
+        return False
+
+    def _open(self, counts: tuple[int, int] | None) -> None:
+        self.produced, self._base = 0, counts
+        self._changed.set()
 
     @property
     def remaining(self) -> int:
@@ -42,7 +110,10 @@ class PolicyBudget:
 
     def try_reserve(self, n: int) -> bool:
         """Claim room for `n` rollouts (a group is never split across the limit's edge: a
-        group larger than what is left waits, unless it alone is larger than the budget)."""
+        group larger than what is left waits, unless it alone is larger than the budget).
+        Nothing while the learner's numbers are unknown."""
+        if not self.known:
+            return False
         if self.remaining >= n or (self.produced + self.reserved == 0):
             self.reserved += n
             return True
@@ -53,7 +124,7 @@ class PolicyBudget:
         self.produced += produced
 
     async def changed(self, timeout: float) -> None:
-        """Wait until a newer version is observed, or `timeout` seconds."""
+        """Wait until the learner announces a version, or `timeout` seconds."""
         self._changed.clear()
         try:
             await asyncio.wait_for(self._changed.wait(), timeout)

@@ -6,12 +6,30 @@ import random
 from collections import deque
 from dataclasses import dataclass
 
+from rlhf.validation import Invalid
+
 
 @dataclass(frozen=True)
 class PromptItem:
     prompt_id: str
-    messages: list[dict]          # [{"role": ..., "content": ...}]
-    source: str                   # "live" or "prompt_set"
+    messages: list[dict]  # [{"role": ..., "content": ...}]
+    source: str  # "live" or "prompt_set"
+
+
+def live_prompt_problem(messages: list[dict], max_chars: int) -> Invalid | None:
+    """Why a live prompt (an Interaction's messages) must not be sent to Generate, or None.
+
+    The reasons: "empty" (no messages, or nothing in them) and "too_long" (more characters
+    than the reward service would score, so the group could only be dropped later).
+    """
+    if not messages:
+        return Invalid("empty", "prompt: no messages")
+    chars = sum(len(m["content"]) for m in messages)
+    if chars == 0:
+        return Invalid("empty", "prompt: every message is empty")
+    if chars > max_chars:
+        return Invalid("too_long", f"prompt: {chars} characters > limit {max_chars}")
+    return None
 
 
 class PromptMixer:

@@ -14,6 +14,7 @@ request waits at most `max_wait_ms` for company.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -21,19 +22,27 @@ from typing import Callable, Generic, Sequence, TypeVar
 
 from prometheus_client import Counter, Histogram
 
+from rlhf.errors import Internal, Unavailable
+
 T = TypeVar("T")
 R = TypeVar("R")
 
 BATCH_ITEMS = Histogram(
-    "rlhf_batcher_batch_items", "Items per model call of a micro-batcher", ["name"],
+    "rlhf_batcher_batch_items",
+    "Items per model call of a micro-batcher",
+    ["name"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
 )
 BATCH_REQUESTS = Histogram(
-    "rlhf_batcher_batch_requests", "Requests coalesced into one model call", ["name"],
+    "rlhf_batcher_batch_requests",
+    "Requests coalesced into one model call",
+    ["name"],
     buckets=(1, 2, 4, 8, 16, 32, 64),
 )
 QUEUE_SECONDS = Histogram(
-    "rlhf_batcher_queue_seconds", "Time a request waits before its batch starts", ["name"],
+    "rlhf_batcher_queue_seconds",
+    "Time a request waits before its batch starts",
+    ["name"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 FAILED = Counter("rlhf_batcher_failed_batches_total", "Model calls that raised", ["name"])
@@ -51,8 +60,13 @@ class _Pending(Generic[T, R]):
 
 
 class MicroBatcher(Generic[T, R]):
-    def __init__(self, fn: Callable[[list[T]], Sequence[R]], max_batch_items: int = 64,
-                 max_wait_ms: float = 2.0, name: str = "batcher"):
+    def __init__(
+        self,
+        fn: Callable[[list[T]], Sequence[R]],
+        max_batch_items: int = 64,
+        max_wait_ms: float = 2.0,
+        name: str = "batcher",
+    ):
         if max_batch_items < 1:
             raise ValueError(f"max_batch_items must be >= 1, got {max_batch_items}")
         self.fn, self.max_batch_items, self.max_wait_s, self.name = fn, max_batch_items, max_wait_ms / 1000, name
@@ -103,7 +117,7 @@ class MicroBatcher(Generic[T, R]):
                         if not p.future.done():
                             p.future.set_exception(BatcherClosed(f"{self.name} batcher is closed"))
                     raise
-                except Exception as e:  # every caller of this batch gets the error
+                except Exception as e:  # noqa: BLE001 - every caller of this batch gets the error
                     FAILED.labels(self.name).inc()
                     for p in batch:
                         if not p.future.done():
@@ -148,18 +162,14 @@ class MicroBatcher(Generic[T, R]):
         self._executor.shutdown(wait=True)
 
 
-async def submit_or_abort(batcher: "MicroBatcher", items: Sequence, context, service: str, what: str) -> list:
-    """`batcher.submit(items)` for a gRPC handler: a closing batcher answers UNAVAILABLE
-    (the client retries another replica), any other failure INTERNAL with a message and
+async def submit_or_raise(batcher: "MicroBatcher", items: Sequence, service: str, what: str) -> list:
+    """`batcher.submit(items)` for a gRPC handler: a closing batcher raises Unavailable
+    (the client retries another replica), any other failure Internal with a message and
     the trace in our log, never in the client's."""
-    import logging
-
-    import grpc
-
     try:
         return await batcher.submit(items)
     except BatcherClosed:
-        await context.abort(grpc.StatusCode.UNAVAILABLE, f"{service} service is shutting down; retry another replica")
+        raise Unavailable(f"{service} service is shutting down; retry another replica") from None
     except Exception:
         logging.getLogger(f"services.{service}").exception("%s failed", what)
-        await context.abort(grpc.StatusCode.INTERNAL, f"{what} failed; the {service} service log has the cause")
+        raise Internal(f"{what} failed; the {service} service log has the cause") from None

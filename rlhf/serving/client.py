@@ -1,11 +1,15 @@
-"""Client side of the scaffold: channels with retries on UNAVAILABLE, and health checks."""
+"""Client side of the scaffold: channels with retries on UNAVAILABLE (and, given the control
+token, its `authorization` metadata on every call: rlhf/serving/auth.py), and health checks."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rlhf.serving.auth import control_metadata
 
 # Retry only UNAVAILABLE (the server is not there yet or is restarting): every other code
 # is an answer, and retrying it would repeat work or hide a caller's mistake.
@@ -37,12 +41,62 @@ def channel_options(max_message_mb: int = 64) -> list[tuple[str, object]]:
     ]
 
 
-def aio_channel(address: str, max_message_mb: int = 64) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=channel_options(max_message_mb))
+class _SyncDetails(grpc.ClientCallDetails):
+    def __init__(self, details: Any, extra: tuple[tuple[str, str], ...]):
+        self.method, self.timeout, self.credentials = details.method, details.timeout, details.credentials
+        self.metadata = tuple(details.metadata or ()) + extra
+        self.wait_for_ready = details.wait_for_ready
+        self.compression = getattr(details, "compression", None)
 
 
-def sync_channel(address: str, max_message_mb: int = 64) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=channel_options(max_message_mb))
+class _SyncBearer(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    def __init__(self, token: str):
+        self.extra = control_metadata(token)
+
+    def _call(self, continuation, details, request):
+        return continuation(_SyncDetails(details, self.extra), request)
+
+    intercept_unary_unary = intercept_unary_stream = _call
+    intercept_stream_unary = intercept_stream_stream = _call
+
+
+class _AioBearer(
+    grpc.aio.UnaryUnaryClientInterceptor,
+    grpc.aio.UnaryStreamClientInterceptor,
+    grpc.aio.StreamUnaryClientInterceptor,
+    grpc.aio.StreamStreamClientInterceptor,
+):
+    def __init__(self, token: str):
+        self.extra = control_metadata(token)
+
+    async def _call(self, continuation, details, request):
+        metadata = grpc.aio.Metadata(*(tuple(details.metadata or ()) + self.extra))
+        return await continuation(
+            grpc.aio.ClientCallDetails(
+                details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+            ),
+            request,
+        )
+
+    intercept_unary_unary = intercept_unary_stream = _call
+    intercept_stream_unary = intercept_stream_stream = _call
+
+
+def aio_channel(address: str, max_message_mb: int = 64, control_token: str = "") -> grpc.aio.Channel:
+    """A grpc.aio channel; with `control_token`, every call carries it (control RPCs need it)."""
+    interceptors = [_AioBearer(control_token)] if control_token else None
+    return grpc.aio.insecure_channel(address, options=channel_options(max_message_mb), interceptors=interceptors)
+
+
+def sync_channel(address: str, max_message_mb: int = 64, control_token: str = "") -> grpc.Channel:
+    """A blocking channel; with `control_token`, every call carries it (control RPCs need it)."""
+    channel = grpc.insecure_channel(address, options=channel_options(max_message_mb))
+    return grpc.intercept_channel(channel, _SyncBearer(control_token)) if control_token else channel
 
 
 def check_health(address: str, service: str = "", timeout: float = 2.0) -> str:
@@ -53,5 +107,9 @@ def check_health(address: str, service: str = "", timeout: float = 2.0) -> str:
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
             )
         except grpc.RpcError as e:
-            return "UNREACHABLE" if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) else e.code().name
+            return (
+                "UNREACHABLE"
+                if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                else e.code().name
+            )
     return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)

@@ -108,7 +108,7 @@ class Prompt(_message.Message):
     def __init__(self, schema_version: _Optional[int] = ..., event_id: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., prompt_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., source: _Optional[str] = ...) -> None: ...
 
 class Rollout(_message.Message):
-    __slots__ = ("schema_version", "event_id", "created_unix_ms", "prompt_id", "prompt_token_ids", "response_token_ids", "logprobs", "ref_logprobs", "score", "raw_score", "policy_version", "rm_version", "finish_reason", "source", "prompt", "response", "group_id")
+    __slots__ = ("schema_version", "event_id", "created_unix_ms", "prompt_id", "prompt_token_ids", "response_token_ids", "logprobs", "ref_logprobs", "score", "raw_score", "policy_version", "rm_version", "finish_reason", "source", "prompt", "response", "group_id", "group_size")
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,7 @@ class Rollout(_message.Message):
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
     event_id: str
     created_unix_ms: int
@@ -143,10 +144,11 @@ class Rollout(_message.Message):
     prompt: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
     response: str
     group_id: str
-    def __init__(self, schema_version: _Optional[int] = ..., event_id: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., prompt_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., response_token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., ref_logprobs: _Optional[_Iterable[float]] = ..., score: _Optional[float] = ..., raw_score: _Optional[float] = ..., policy_version: _Optional[int] = ..., rm_version: _Optional[int] = ..., finish_reason: _Optional[str] = ..., source: _Optional[str] = ..., prompt: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., response: _Optional[str] = ..., group_id: _Optional[str] = ...) -> None: ...
+    group_size: int
+    def __init__(self, schema_version: _Optional[int] = ..., event_id: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., prompt_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., response_token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., ref_logprobs: _Optional[_Iterable[float]] = ..., score: _Optional[float] = ..., raw_score: _Optional[float] = ..., policy_version: _Optional[int] = ..., rm_version: _Optional[int] = ..., finish_reason: _Optional[str] = ..., source: _Optional[str] = ..., prompt: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., response: _Optional[str] = ..., group_id: _Optional[str] = ..., group_size: _Optional[int] = ...) -> None: ...
 
 class PolicyUpdate(_message.Message):
-    __slots__ = ("schema_version", "event_id", "created_unix_ms", "version", "parent_version", "step", "uri", "sha256", "format", "action", "kl_to_reference", "kl_budget", "base_model", "reason")
+    __slots__ = ("schema_version", "event_id", "created_unix_ms", "version", "parent_version", "step", "uri", "sha256", "format", "action", "kl_to_reference", "kl_budget", "base_model", "reason", "rollouts_per_version", "max_policy_lag", "temperature")
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +163,9 @@ class PolicyUpdate(_message.Message):
     KL_BUDGET_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUTS_PER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_POLICY_LAG_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
     event_id: str
     created_unix_ms: int
@@ -175,7 +180,10 @@ class PolicyUpdate(_message.Message):
     kl_budget: float
     base_model: str
     reason: str
-    def __init__(self, schema_version: _Optional[int] = ..., event_id: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., version: _Optional[int] = ..., parent_version: _Optional[int] = ..., step: _Optional[int] = ..., uri: _Optional[str] = ..., sha256: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.WeightFormat, str]] = ..., action: _Optional[_Union[PolicyAction, str]] = ..., kl_to_reference: _Optional[float] = ..., kl_budget: _Optional[float] = ..., base_model: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    rollouts_per_version: int
+    max_policy_lag: int
+    temperature: float
+    def __init__(self, schema_version: _Optional[int] = ..., event_id: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., version: _Optional[int] = ..., parent_version: _Optional[int] = ..., step: _Optional[int] = ..., uri: _Optional[str] = ..., sha256: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.WeightFormat, str]] = ..., action: _Optional[_Union[PolicyAction, str]] = ..., kl_to_reference: _Optional[float] = ..., kl_budget: _Optional[float] = ..., base_model: _Optional[str] = ..., reason: _Optional[str] = ..., rollouts_per_version: _Optional[int] = ..., max_policy_lag: _Optional[int] = ..., temperature: _Optional[float] = ...) -> None: ...
 
 class RewardModelUpdate(_message.Message):
     __slots__ = ("schema_version", "event_id", "created_unix_ms", "version", "train_step", "uri", "sha256", "online_accuracy", "score_mean", "score_std", "pairs_seen")

@@ -30,7 +30,7 @@ class RollbackRequest(_message.Message):
     def __init__(self, version: _Optional[int] = ...) -> None: ...
 
 class LearnerStatus(_message.Message):
-    __slots__ = ("paused", "step", "policy_version", "serving_version", "kl_coef", "rollouts_trained", "rollouts_dropped_stale", "last_stats")
+    __slots__ = ("paused", "step", "policy_version", "serving_version", "kl_coef", "rollouts_trained", "rollouts_dropped_stale", "last_stats", "rollouts_per_version", "max_policy_lag", "temperature")
     class LastStatsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,9 @@ class LearnerStatus(_message.Message):
     ROLLOUTS_TRAINED_FIELD_NUMBER: _ClassVar[int]
     ROLLOUTS_DROPPED_STALE_FIELD_NUMBER: _ClassVar[int]
     LAST_STATS_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUTS_PER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_POLICY_LAG_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     paused: bool
     step: int
     policy_version: int
@@ -54,7 +57,10 @@ class LearnerStatus(_message.Message):
     rollouts_trained: int
     rollouts_dropped_stale: int
     last_stats: _containers.ScalarMap[str, float]
-    def __init__(self, paused: _Optional[bool] = ..., step: _Optional[int] = ..., policy_version: _Optional[int] = ..., serving_version: _Optional[int] = ..., kl_coef: _Optional[float] = ..., rollouts_trained: _Optional[int] = ..., rollouts_dropped_stale: _Optional[int] = ..., last_stats: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    rollouts_per_version: int
+    max_policy_lag: int
+    temperature: float
+    def __init__(self, paused: _Optional[bool] = ..., step: _Optional[int] = ..., policy_version: _Optional[int] = ..., serving_version: _Optional[int] = ..., kl_coef: _Optional[float] = ..., rollouts_trained: _Optional[int] = ..., rollouts_dropped_stale: _Optional[int] = ..., last_stats: _Optional[_Mapping[str, float]] = ..., rollouts_per_version: _Optional[int] = ..., max_policy_lag: _Optional[int] = ..., temperature: _Optional[float] = ...) -> None: ...
 
 class PolicyVersionInfo(_message.Message):
     __slots__ = ("version", "step", "created_unix_ms", "uri", "sha256", "format", "kl_to_reference", "promoted", "reason")

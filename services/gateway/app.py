@@ -20,6 +20,13 @@ from services.gateway.state import Gateway
 
 log = logging.getLogger("gateway")
 STATIC = Path(__file__).parent / "static"
+# The web page runs only its own scripts (app.js and the vendored marked/DOMPurify, same
+# origin): an answer that slips markup past the sanitizer still cannot run inline script,
+# load a remote one, or beacon out through an <img> to another host.
+PAGE_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
@@ -52,7 +59,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         gw: Gateway = app.state.gw
         ready = app.state.ready and gw.generator_status == "SERVING"
         response.status_code = 200 if ready else 503
-        return {"status": "SERVING" if ready else "NOT_SERVING", "generator": gw.generator_status}
+        # Kafka is reported, not required: feedback keeps going into the outbox while it is away
+        kafka = "SERVING" if gw.relay.publisher.watch.healthy else "NOT_SERVING"
+        return {"status": "SERVING" if ready else "NOT_SERVING", "generator": gw.generator_status, "kafka": kafka}
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
@@ -60,13 +69,23 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
-        return FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache"})
+        return FileResponse(
+            STATIC / "index.html", headers={"cache-control": "no-cache", "content-security-policy": PAGE_CSP}
+        )
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    authenticate = load_hook(settings.auth_hook) if settings.auth_hook else static_keys(settings.api_keys) if settings.api_keys else None
+    authenticate = (
+        load_hook(settings.auth_hook)
+        if settings.auth_hook
+        else static_keys(settings.api_keys)
+        if settings.api_keys
+        else None
+    )
     limiter = RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst) if settings.rate_limit_rps > 0 else None
     # added last = outermost: metrics see every answer, the guard's refusals included
-    app.add_middleware(GuardMiddleware, authenticate=authenticate, limiter=limiter, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        GuardMiddleware, authenticate=authenticate, limiter=limiter, max_body_bytes=settings.max_body_bytes
+    )
     app.add_middleware(MetricsMiddleware, known_paths=[r.path for r in app.routes if hasattr(r, "path")])
     return app

@@ -21,6 +21,7 @@ import uvicorn
 
 from rlhf.serving import load_settings
 from rlhf.serving.logs import setup_logging
+from rlhf.tracing import setup_tracing, shutdown_tracing
 from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
 
@@ -32,7 +33,11 @@ __all__ = ["GatewaySettings", "create_app", "main", "serve"]
 async def serve(settings: GatewaySettings) -> int:
     app = create_app(settings)
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.http_port, log_config=None, lifespan="on",
+        app,
+        host=settings.host,
+        port=settings.http_port,
+        log_config=None,
+        lifespan="on",
         timeout_graceful_shutdown=max(1, int(settings.drain_seconds)),
     )
     server = uvicorn.Server(config)
@@ -64,4 +69,8 @@ async def serve(settings: GatewaySettings) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     settings = load_settings(GatewaySettings, sys.argv[1:] if argv is None else argv, prog="rlhf-gateway")
     setup_logging("gateway", settings.log_level, settings.log_format)
-    return asyncio.run(serve(settings))
+    setup_tracing("gateway", settings)
+    try:
+        return asyncio.run(serve(settings))
+    finally:
+        shutdown_tracing()

@@ -49,3 +49,21 @@ class MetricsMiddleware:
             path = getattr(route, "path", None) or (scope["path"] if scope["path"] in self.known else "other")
             REQUESTS.labels(path, str(code)).inc()
             REQUEST_SECONDS.labels(path).observe(time.perf_counter() - start)
+
+
+COMPARE_SELECTIONS = Counter(
+    "rlhf_gateway_compare_selections_total",
+    "Comparisons (n=2) shown as a pair chosen from compare_candidates samples, by the selection that applied",
+    ["selection"],
+)  # selection: rm_uncertain | rm_extremes | diverse | first (a fallback)
+COMPARE_FALLBACKS = Counter(
+    "rlhf_gateway_compare_fallbacks_total",
+    "RM-selected comparisons (rm_uncertain, rm_extremes) and best-of-n chats that showed the first sample(s) "
+    "instead, by reason (the Score call's gRPC code, or bad_scores)",
+    ["reason"],
+)
+BEST_OF_SELECTIONS = Counter(
+    "rlhf_gateway_best_of_selections_total",
+    "One-answer chats served as the reward model's best of serve_best_of samples, by the selection that applied",
+    ["selection"],
+)  # selection: rm_best | first (a fallback)

@@ -9,15 +9,46 @@ from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
 
 from rlhf.serving import CommonSettings
+from rlhf.serving.settings import GeneratorAddress, RewardAddress
 
 
-class GatewaySettings(CommonSettings):
+class GatewaySettings(RewardAddress, GeneratorAddress, CommonSettings):
+    # the generator has its own max_n and default_max_tokens; `rlhf up` gives every service the
+    # same environment, so the gateway's limits have names of their own
+    renamed = {"max_n": "max_choices", "default_max_tokens": "default_max_completion_tokens"}
+
     # --- network -----------------------------------------------------------------------
     http_port: int = Field(8000, description="HTTP port of the API and web page (also serves /metrics)")
-    generator_addr: str = Field("127.0.0.1:50051", description="GenerationService address")
     generate_timeout_seconds: float = Field(120.0, description="deadline of one Generate call to the generator")
     model_name: str = Field(
         "", description="model id shown in /v1/models and completions; empty = the generator's model name"
+    )
+    score_timeout_seconds: float = Field(
+        10.0, description="deadline of one Score call; past it the comparison falls back to the first two"
+    )
+
+    # --- comparisons (n=2): which two of compare_candidates samples are shown ----------
+    compare_candidates: int = Field(
+        2,
+        ge=2,
+        le=16,
+        description="answers sampled when a request asks for exactly 2 (a comparison); "
+        "2 = no choice, today's behaviour",
+    )
+    compare_selection: Literal["first", "rm_uncertain", "rm_extremes", "diverse"] = Field(
+        "first",
+        description="which 2 of compare_candidates are shown: first two, the pair the reward model (at reward_addr) "
+        "is least sure about, its best and worst, or the most different pair (shingle Jaccard)",
+    )
+
+    # --- serving: RM-reranked best-of-n ------------------------------------------------
+    serve_best_of: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="answers sampled for a one-answer chat (n=1); the one the reward model (at reward_addr) scores "
+        "highest is served. Users see what the RM learned before the policy does, at best_of times the "
+        "generation tokens and one Score call per chat; 1 = off. Comparisons (n=2) are not reranked",
     )
 
     # --- who may call, and how often ---------------------------------------------------
@@ -29,31 +60,54 @@ class GatewaySettings(CommonSettings):
         "",
         description='"module:function" called as fn(api_key | None, headers) -> principal | None; replaces api_keys',
     )
-    rate_limit_rps: float = Field(0.0, description="/v1 requests per second each key (or client address) may make; 0 = no limit")
+    rate_limit_rps: float = Field(
+        0.0, description="/v1 requests per second each key (or client address) may make; 0 = no limit"
+    )
     rate_limit_burst: int = Field(20, description="requests a key may make at once before the rate limit applies")
 
     # --- request limits (413/422 with the limit named) ---------------------------------
     max_body_bytes: int = Field(1_000_000, description="largest request body accepted, bytes")
     max_messages: int = Field(128, description="most chat messages in one request")
     max_chars: int = Field(64_000, description="most characters of message content in one request")
-    max_n: int = Field(4, description="most choices (n) one completion request may ask for")
+    max_choices: int = Field(4, description="most choices (n) one completion request may ask for")
     max_tokens_limit: int = Field(1024, description="largest max_tokens a request may ask for")
-    default_max_tokens: int = Field(0, description="max_tokens when a request gives none; 0 = the generator's default")
+    default_max_completion_tokens: int = Field(
+        0, description="max_tokens when a request gives none; 0 = the generator's default"
+    )
     max_feedback_chars: int = Field(16_000, description="most characters in a feedback comment or corrected answer")
+    max_json_depth: int = Field(
+        64,
+        ge=1,
+        le=512,
+        description="deepest nesting of arrays and objects in a request body (the parser itself stops near 1000)",
+    )
 
     # --- durable outbox and relay to Kafka ---------------------------------------------
-    outbox_path: Path | None = Field(None, description="SQLite outbox and served-response store; default <state_dir>/gateway/outbox.db")
+    outbox_path: Path | None = Field(
+        None, description="SQLite outbox and served-response store; default <state_dir>/gateway/outbox.db"
+    )
     outbox_synchronous: Literal["FULL", "NORMAL"] = Field(
-        "FULL", description="durability of a feedback commit: FULL fsyncs (survives a power cut), NORMAL survives a process crash"
+        "FULL",
+        description="durability of a feedback commit: FULL fsyncs (survives a power cut), "
+        "NORMAL survives a process crash",
     )
     interaction_synchronous: Literal["FULL", "NORMAL"] = Field(
-        "NORMAL", description="durability of a served response + its Interaction event: NORMAL saves an fsync per completion"
+        "NORMAL",
+        description="durability of a served response + its Interaction event: NORMAL saves an fsync per completion",
     )
-    relay_interval_seconds: float = Field(0.2, description="how often the relay looks for pending events (it is also woken on each commit)")
+    relay_interval_seconds: float = Field(
+        0.2, description="how often the relay looks for pending events (it is also woken on each commit)"
+    )
     relay_batch: int = Field(500, description="most events the relay publishes per round")
-    relay_max_backoff_seconds: float = Field(10.0, description="longest wait between relay retries while the broker is down")
-    relay_publish_timeout_seconds: float = Field(10.0, description="how long the relay waits for the broker's acknowledgements")
-    outbox_retention_seconds: float = Field(3600.0, description="how long acknowledged events stay in the outbox before pruning")
+    relay_max_backoff_seconds: float = Field(
+        10.0, description="longest wait between relay retries while the broker is down"
+    )
+    relay_publish_timeout_seconds: float = Field(
+        10.0, description="how long the relay waits for the broker's acknowledgements"
+    )
+    outbox_retention_seconds: float = Field(
+        3600.0, description="how long acknowledged events stay in the outbox before pruning"
+    )
     response_retention_hours: float = Field(168.0, description="how long served responses can still receive feedback")
 
     @field_validator("api_keys", mode="before")

@@ -1,5 +1,5 @@
 """The gateway's long-lived parts, opened at start-up and closed after the drain: the
-generator channel, the SQLite store with its outbox, and the relay thread to Kafka."""
+generator and reward channels, the SQLite store with its outbox, and the relay thread to Kafka."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rlhf.bus import Topics
 from rlhf.outbox import KafkaPublisher, Outbox, Relay
 from rlhf.serving.client import aio_channel
-from rlhf.v1 import generation_pb2, generation_pb2_grpc
+from rlhf.v1 import generation_pb2, generation_pb2_grpc, reward_pb2_grpc
 from services.gateway.settings import GatewaySettings
 from services.gateway.store import GatewayStore
 
@@ -32,18 +32,25 @@ class Gateway:
         self.outbox = Outbox(settings.outbox_file(), settings.outbox_synchronous)
         self.relay = Relay(
             self.outbox,
-            KafkaPublisher(settings.kafka_bootstrap, "rlhf-gateway", topics=[self.topics.feedback, self.topics.interactions]),
+            KafkaPublisher(
+                settings.kafka_bootstrap, "rlhf-gateway", topics=[self.topics.feedback, self.topics.interactions]
+            ),
             interval=settings.relay_interval_seconds,
             batch=settings.relay_batch,
             max_backoff=settings.relay_max_backoff_seconds,
             publish_timeout=settings.relay_publish_timeout_seconds,
             retention=settings.outbox_retention_seconds,
         )
-        self.store = GatewayStore(self.outbox, self.topics, on_commit=self.relay.wake,
-                                  completion_synchronous=settings.interaction_synchronous)
+        self.store = GatewayStore(
+            self.outbox, self.topics, on_commit=self.relay.wake, completion_synchronous=settings.interaction_synchronous
+        )
         self.channel = aio_channel(settings.generator_addr)
         self.generator = generation_pb2_grpc.GenerationServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
+        # only compare_selection=rm_uncertain|rm_extremes and serve_best_of call it; a channel connects
+        # on first use, so an absent reward service costs nothing until then (and then a counted fallback)
+        self.reward_channel = aio_channel(settings.reward_addr)
+        self.reward = reward_pb2_grpc.RewardServiceStub(self.reward_channel)
         self._watch: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -90,3 +97,4 @@ class Gateway:
         self.store.close()
         self.outbox.close()
         await self.channel.close()
+        await self.reward_channel.close()

@@ -64,7 +64,9 @@ class GatewayStore:
         # and never waits for the writer
         self._read = connect(outbox.path)
 
-    async def _commit(self, job: Callable[[sqlite3.Connection], object], synchronous: Synchronous | None = None) -> object:
+    async def _commit(
+        self, job: Callable[[sqlite3.Connection], object], synchronous: Synchronous | None = None
+    ) -> object:
         result = await asyncio.wrap_future(self.outbox.submit(job, synchronous))
         self.on_commit()
         return result
@@ -89,7 +91,8 @@ class GatewayStore:
 
         def job(conn: sqlite3.Connection) -> None:
             conn.executemany(
-                "INSERT INTO responses (id, conversation_id, prompt, text, policy_version, created) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO responses (id, conversation_id, prompt, text, policy_version, created) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 [(rid, conversation_id, prompt_json, text, policy_version, now) for rid, text in responses],
             )
             Outbox.put(conn, event.event_id, self.topics.interactions, conversation_id, payload)
@@ -102,7 +105,9 @@ class GatewayStore:
             "SELECT id, conversation_id, prompt, text, policy_version FROM responses WHERE id = ?", (response_id,)
         ).fetchone()
         if row is None:
-            raise ApiError(404, f"{field}: no served response has id {response_id!r} (or it is older than the retention)", field)
+            raise ApiError(
+                404, f"{field}: no served response has id {response_id!r} (or it is older than the retention)", field
+            )
         return Served(*row)
 
     async def add_feedback(self, fb: RatingIn | ComparisonIn) -> events_pb2.Feedback:
@@ -116,7 +121,9 @@ class GatewayStore:
                 events_pb2.Feedback,
                 conversation_id=r.conversation_id,
                 prompt=_chat(json.loads(r.prompt)),
-                rating=events_pb2.Rating(response_id=r.id, response=r.text, value=fb.value, policy_version=r.policy_version),
+                rating=events_pb2.Rating(
+                    response_id=r.id, response=r.text, value=fb.value, policy_version=r.policy_version
+                ),
                 **common,
             )
         else:
@@ -125,7 +132,11 @@ class GatewayStore:
             chosen = self.lookup(fb.chosen_id, "chosen_id")
             rejected = self.lookup(fb.rejected_id, "rejected_id")
             if chosen.prompt != rejected.prompt:
-                raise ApiError(422, "rejected_id: answers a different prompt than chosen_id; compare answers to the same prompt", "rejected_id")
+                raise ApiError(
+                    422,
+                    "rejected_id: answers a different prompt than chosen_id; compare answers to the same prompt",
+                    "rejected_id",
+                )
             event = new_event(
                 events_pb2.Feedback,
                 conversation_id=chosen.conversation_id,
@@ -141,12 +152,16 @@ class GatewayStore:
                 **common,
             )
         payload = encode(event)
-        await self._commit(lambda c: Outbox.put(c, event.event_id, self.topics.feedback, event.conversation_id, payload))
+        await self._commit(
+            lambda c: Outbox.put(c, event.event_id, self.topics.feedback, event.conversation_id, payload)
+        )
         return event
 
     async def prune_responses(self, older_than_s: float) -> int:
         cutoff = time.time() - older_than_s
-        return await self._commit(lambda c: c.execute("DELETE FROM responses WHERE created < ?", (cutoff,)).rowcount, "NORMAL")  # type: ignore[return-value]
+        return await self._commit(
+            lambda c: c.execute("DELETE FROM responses WHERE created < ?", (cutoff,)).rowcount, "NORMAL"
+        )  # type: ignore[return-value]
 
     def close(self) -> None:
         self._read.close()

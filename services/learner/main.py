@@ -8,7 +8,6 @@ Wiring only: the loop is `rlhf.learner.Learner`, the math `rlhf.ppo`. Every fiel
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import os
 import signal
@@ -17,33 +16,14 @@ import threading
 from typing import Sequence
 
 import grpc
-from pydantic import Field, create_model
 
-from rlhf.learner import Learner, LearnerConfig
-from rlhf.serving import GrpcServiceSettings, Service, load_settings, run_service
+from rlhf.learner import Learner
+from rlhf.learner.servicer import LearnerServicer
+from rlhf.serving import Service, load_settings, run_service
 from rlhf.v1 import learner_pb2_grpc
-from services.learner.servicer import LearnerServicer
+from services.learner.settings import LearnerSettings, _LearnerSettingsBase
 
 log = logging.getLogger(__name__)
-
-PREFIX = "learner_"
-
-
-class _LearnerSettingsBase(GrpcServiceSettings):
-    port: int = Field(50054, description="gRPC port")
-    metrics_port: int = Field(9104, description="Prometheus /metrics HTTP port; 0 disables it")
-    model: str = Field("demo", description='initial policy and π_ref: "demo" (SmolLM2-135M-Instruct) or a folder')
-
-    def learner_config(self) -> LearnerConfig:
-        return LearnerConfig(**{name: getattr(self, PREFIX + name) for name in LearnerConfig.model_fields})
-
-
-LearnerSettings = create_model(
-    "LearnerSettings",
-    __base__=_LearnerSettingsBase,
-    __doc__="Settings of the learner service: the gRPC/Kafka basics plus every LearnerConfig field.",
-    **{PREFIX + name: (f.annotation, copy.deepcopy(f)) for name, f in LearnerConfig.model_fields.items()},
-)
 
 
 class LearnerService(Service):
@@ -53,20 +33,28 @@ class LearnerService(Service):
     def __init__(self, settings: _LearnerSettingsBase):
         self.settings = settings
         self.learner: Learner | None = None
+        self.servicer = LearnerServicer()  # answers UNAVAILABLE until start() hands it the learner
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
-        learner_pb2_grpc.add_LearnerServiceServicer_to_server(LearnerServicer(self), server)
+        learner_pb2_grpc.add_LearnerServiceServicer_to_server(self.servicer, server)
 
     async def start(self) -> None:
         from rlhf.models import resolve_model
 
         s = self.settings
         model_dir = await asyncio.to_thread(resolve_model, s.model)
-        learner = Learner(s.learner_config(), model_dir, s.state_dir, s.kafka_bootstrap, s.topic_prefix)
+        learner = Learner(
+            s.learner_config(),
+            model_dir,
+            s.state_dir,
+            s.kafka_bootstrap,
+            s.topic_prefix,
+            weight_store=s.weight_store_path(),
+        )
         await asyncio.to_thread(learner.start)  # weights loaded, checkpoint restored, consumer assigned
-        self.learner = learner
+        self.learner = self.servicer.learner = learner
         self._thread = threading.Thread(target=self._run, name="ppo-loop", daemon=True)
         self._thread.start()
 

@@ -1,16 +1,15 @@
 """The whole loop in real processes, tiny models: `rlhf up --tiny` with fast settings, then
 
-  feedback (rlhf simulate through the gateway) → RM update (reward service) → rollouts
-  scored by the new RM → PPO step (learner) → drift gate → new version loaded by the
-  generator → a chat answer through the gateway reports the new version;
-  `rlhf eval` reports it too; LearnerService.Rollback brings an earlier version back and
-  the next chat answer reports that one. A second test: a drift budget nothing meets, every
-  trained version refused, the served version stays 0.
+feedback (rlhf simulate through the gateway) → RM update (reward service) → rollouts
+scored by the new RM → PPO step (learner) → drift gate → new version loaded by the
+generator → a chat answer through the gateway reports the new version;
+`rlhf eval` reports it too; LearnerService.Rollback brings an earlier version back and
+the next chat answer reports that one. A second test: a drift budget nothing meets, every
+trained version refused, the served version stays 0.
 """
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,9 +18,18 @@ import httpx
 import pytest
 
 from rlhf.bus import EventConsumer, Topics
+from rlhf.serving.auth import control_token_from
 from rlhf.serving.client import sync_channel
-from rlhf.v1 import events_pb2, generation_pb2, generation_pb2_grpc, learner_pb2, learner_pb2_grpc, reward_pb2, reward_pb2_grpc
-from tests.procs import ROOT, free_port, wait_for, wait_for_line
+from rlhf.v1 import (
+    events_pb2,
+    generation_pb2,
+    generation_pb2_grpc,
+    learner_pb2,
+    learner_pb2_grpc,
+    reward_pb2,
+    reward_pb2_grpc,
+)
+from tests.procs import ROOT, stop_up, up_command, up_ports, wait_for, wait_for_line
 
 pytestmark = pytest.mark.slow
 
@@ -39,12 +47,12 @@ FAST = {
     "RLHF_LEARNER_DRIFT_MAX_NEW_TOKENS": "8",
     "RLHF_LEARNER_DRIFT_SAMPLES_PER_PROMPT": "1",
     "RLHF_LEARNER_TORCH_THREADS": "1",
-    "RLHF_SAMPLES_PER_PROMPT": "2",
+    "RLHF_ROLLOUT_SAMPLES_PER_PROMPT": "2",
     "RLHF_ROLLOUT_MAX_TOKENS": "8",
-    "RLHF_ROLLOUTS_PER_VERSION": "4",
     "RLHF_ROLLOUT_CONCURRENCY": "1",
-    "RLHF_MIN_RM_EXAMPLES": "2",
-    "RLHF_DEFAULT_MAX_TOKENS": "12",
+    "RLHF_ROLLOUT_MIN_RM_EXAMPLES": "2",
+    "RLHF_DEFAULT_MAX_TOKENS": "12",  # the generator's
+    "RLHF_DEFAULT_MAX_COMPLETION_TOKENS": "12",  # the gateway's
     "RLHF_TORCH_THREADS": "1",
     "RLHF_REWARD_TORCH_THREADS": "1",
     "RLHF_REFERENCE_TORCH_THREADS": "1",
@@ -52,8 +60,9 @@ FAST = {
 
 
 def _cli(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rlhf.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "rlhf.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _last_json(out: str) -> dict:
@@ -63,29 +72,34 @@ def _last_json(out: str) -> dict:
 @pytest.fixture
 def stack(tmp_path, request):
     """`rlhf up --tiny` with FAST settings (and the test's overrides, via indirect params)."""
-    base = 20000 + free_port() % 20000
-    metrics = 41000 + free_port() % 10000
+    ports = up_ports()
     state = tmp_path / "state"
     overrides = getattr(request, "param", {})
     env = {**os.environ, **FAST, **overrides, "RLHF_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
-    args = ["--tiny", "--state-dir", str(state), "--broker-port", str(free_port()), "--http-port", str(free_port()),
-            "--base-port", str(base), "--metrics-base-port", str(metrics), "--timeout", "400"]
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf.cli", "up", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        up_command(state, ports, "--timeout", "400"),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     seen: list[str] = []
     try:
         wait_for_line(proc, "all services SERVING", 500, seen)
         up = json.loads((state / "up.json").read_text())
-        yield {"env": env, "state": state, "up": up, "urls": {s["name"]: (f"http://127.0.0.1:{s['port']}" if s["http"]
-                                                                         else f"127.0.0.1:{s['port']}") for s in up["services"]},
-               "logs": state / "logs"}
+        yield {
+            "env": env,
+            "state": state,
+            "up": up,
+            "urls": {
+                s["name"]: (f"http://127.0.0.1:{s['port']}" if s["http"] else f"127.0.0.1:{s['port']}")
+                for s in up["services"]
+            },
+            "logs": state / "logs",
+        }
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_up(proc)
 
 
 def _print_logs(stack) -> None:
@@ -97,8 +111,11 @@ def _print_logs(stack) -> None:
 
 
 def _chat_version(gateway: str) -> int:
-    r = httpx.post(f"{gateway}/v1/chat/completions", timeout=120,
-                   json={"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8})
+    r = httpx.post(
+        f"{gateway}/v1/chat/completions",
+        timeout=120,
+        json={"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8},
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["choices"][0]["response_id"]
@@ -109,7 +126,9 @@ def _chat_version(gateway: str) -> int:
 def test_feedback_to_new_version_in_chat_then_rollback(stack, tmp_path):
     env, urls = stack["env"], stack["urls"]
     gateway = urls["gateway"]
-    learner_ch, gen_ch, reward_ch = sync_channel(urls["learner"]), sync_channel(urls["generator"]), sync_channel(urls["reward"])
+    token = control_token_from(stack["state"])  # what `rlhf up` gave its children (Rollback, Pause need it)
+    learner_ch, gen_ch = sync_channel(urls["learner"], control_token=token), sync_channel(urls["generator"])
+    reward_ch = sync_channel(urls["reward"])
     learner = learner_pb2_grpc.LearnerServiceStub(learner_ch)
     generator = generation_pb2_grpc.GenerationServiceStub(gen_ch)
     reward = reward_pb2_grpc.RewardServiceStub(reward_ch)
@@ -118,16 +137,34 @@ def test_feedback_to_new_version_in_chat_then_rollback(stack, tmp_path):
         assert reward.GetInfo(reward_pb2.RewardInfoRequest(), timeout=30).rm_version == 0
 
         # 1. simulated users give feedback through the real gateway
-        sim = _cli(env, "simulate", "--oracle", "prefers_concise", "--feedback", "8", "--mode", "mixed",
-                   "--gateway", gateway, "--max-tokens", "12", "--concurrency", "2")
+        sim = _cli(
+            env,
+            "simulate",
+            "--oracle",
+            "prefers_concise",
+            "--feedback",
+            "8",
+            "--mode",
+            "mixed",
+            "--gateway",
+            gateway,
+            "--max-tokens",
+            "12",
+            "--concurrency",
+            "2",
+        )
         assert sim.returncode == 0, sim.stdout + sim.stderr
         counts = _last_json(sim.stdout)
         assert counts["feedback_accepted"] == 8 and counts["errors"] == 0
         assert "[simulate] 8/8 feedback" in sim.stdout  # progress lines
 
         # 2. the reward service trained on it and published a new RM version
-        info = wait_for(lambda: (i := reward.GetInfo(reward_pb2.RewardInfoRequest(), timeout=30)).rm_version >= 1 and i,
-                        180, "RM version after feedback", every=1)
+        info = wait_for(
+            lambda: (i := reward.GetInfo(reward_pb2.RewardInfoRequest(), timeout=30)).rm_version >= 1 and i,
+            180,
+            "RM version after feedback",
+            every=1,
+        )
         assert info.train_step >= 1
 
         # 3. rollouts scored by the new RM reach the learner, PPO steps publish promoted versions
@@ -139,8 +176,12 @@ def test_feedback_to_new_version_in_chat_then_rollback(stack, tmp_path):
         status = learner.GetStatus(learner_pb2.GetStatusRequest(), timeout=30)
         assert status.step >= 2 and status.rollouts_trained >= 8
         assert "kl" in status.last_stats and "score_mean" in status.last_stats
-        with EventConsumer(stack["up"]["kafka_bootstrap"], Topics("rlhf").rollouts, events_pb2.Rollout, group_id="e2e-reader") as c:
-            rollouts = wait_for(lambda: [r.event for r in c.poll(timeout_ms=2000)] or None, 60, "rollouts on Kafka", every=1)
+        with EventConsumer(
+            stack["up"]["kafka_bootstrap"], Topics("rlhf").rollouts, events_pb2.Rollout, group_id="e2e-reader"
+        ) as c:
+            rollouts = wait_for(
+                lambda: [r.event for r in c.poll(timeout_ms=2000)] or None, 60, "rollouts on Kafka", every=1
+            )
             seen = list(rollouts)
             deadline = time.monotonic() + 120
             while not any(r.rm_version >= 1 and r.policy_version >= 1 for r in seen) and time.monotonic() < deadline:
@@ -151,18 +192,38 @@ def test_feedback_to_new_version_in_chat_then_rollback(stack, tmp_path):
 
         # 4. PPO steps after those rollouts made newer versions, the generator swapped one in,
         #    and a chat answer through the gateway reports it
-        version = wait_for(lambda: (v := _chat_version(gateway)) > after and v, 240,
-                           "a chat answer from a version trained after the RM update", every=2)
+        version = wait_for(
+            lambda: (v := _chat_version(gateway)) > after and v,
+            240,
+            "a chat answer from a version trained after the RM update",
+            every=2,
+        )
         assert version in {v.version for v in promoted()}
 
         # 5. rlhf eval sees the served version (its last stdout line is one JSON object)
-        ev = _cli(env, "eval", "--oracle", "prefers_concise", "--n", "2", "--samples", "2", "--max-tokens", "8",
-                  "--state-dir", str(stack["state"]), "--run-dir", str(tmp_path / "eval"))
+        ev = _cli(
+            env,
+            "eval",
+            "--oracle",
+            "prefers_concise",
+            "--n",
+            "2",
+            "--samples",
+            "2",
+            "--max-tokens",
+            "8",
+            "--state-dir",
+            str(stack["state"]),
+            "--run-dir",
+            str(tmp_path / "eval"),
+        )
         print(sim.stdout[-1500:], ev.stdout[-3000:], sep="\n")  # what a user sees, in the CI log
         assert ev.returncode == 0, ev.stdout + ev.stderr
         record = _last_json(ev.stdout)
         assert record["policy_version"] >= 1 and record["n_prompts"] == 2
-        assert 0.0 <= record["win_rate"] <= 1.0 and record["kl_to_reference"] == pytest.approx(record["kl_to_reference"])
+        assert 0.0 <= record["win_rate"] <= 1.0 and record["kl_to_reference"] == pytest.approx(
+            record["kl_to_reference"]
+        )
         assert (tmp_path / "eval" / "eval.jsonl").exists() and (tmp_path / "eval" / "eval.png").exists()
 
         # 6. Rollback (learner paused so no newer version races it): the served version follows
@@ -170,8 +231,12 @@ def test_feedback_to_new_version_in_chat_then_rollback(stack, tmp_path):
         target = good[0].version
         info = learner.Rollback(learner_pb2.RollbackRequest(version=target), timeout=120)
         assert info.version == target
-        wait_for(lambda: generator.GetInfo(generation_pb2.GetInfoRequest(), timeout=30).policy_version == target, 120,
-                 "generator serving the rolled-back version", every=1)
+        wait_for(
+            lambda: generator.GetInfo(generation_pb2.GetInfoRequest(), timeout=30).policy_version == target,
+            120,
+            "generator serving the rolled-back version",
+            every=1,
+        )
         assert _chat_version(gateway) == target
         assert learner.GetStatus(learner_pb2.GetStatusRequest(), timeout=30).serving_version == target
     except BaseException:
@@ -199,9 +264,31 @@ def _drift_gate_checks(stack, learner) -> None:
     # the feedback comes from `rlhf experiment win-rate`: its simulated users, its eval rounds,
     # its verdict — not reached, since no trained version is ever served
     run = stack["state"].parent / "win-rate"
-    exp = _cli(env, "experiment", "win-rate", "--oracle", "prefers_concise", "--feedback", "4", "--users", "2",
-               "--max-tokens", "12", "--n", "2", "--samples", "1", "--every", "1", "--max-minutes", "0.3",
-               "--state-dir", str(stack["state"]), "--run-dir", str(run))
+    exp = _cli(
+        env,
+        "experiment",
+        "win-rate",
+        "--oracle",
+        "prefers_concise",
+        "--feedback",
+        "4",
+        "--users",
+        "2",
+        "--max-tokens",
+        "12",
+        "--n",
+        "2",
+        "--samples",
+        "1",
+        "--every",
+        "1",
+        "--max-minutes",
+        "0.3",
+        "--state-dir",
+        str(stack["state"]),
+        "--run-dir",
+        str(run),
+    )
     assert exp.returncode == 3, exp.stdout + exp.stderr
     summary = _last_json(exp.stdout)
     assert summary["reached"] is False and summary["feedback_events"] == 4 and summary["policy_version"] == 0
@@ -217,7 +304,9 @@ def _drift_gate_checks(stack, learner) -> None:
         return len(trained) >= 2 and trained
 
     versions = wait_for(refused, 400, "two trained versions through the drift gate", every=2)
-    assert all(not v.promoted for v in versions), [(v.version, v.promoted, v.kl_to_reference, v.reason) for v in versions]
+    assert all(not v.promoted for v in versions), [
+        (v.version, v.promoted, v.kl_to_reference, v.reason) for v in versions
+    ]
     assert all("exceeds budget" in v.reason and v.kl_to_reference > 1e-7 for v in versions)
     status = learner.GetStatus(learner_pb2.GetStatusRequest(), timeout=30)
     assert status.serving_version == 0 and status.step >= 2

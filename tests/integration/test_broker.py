@@ -83,7 +83,7 @@ def test_run_broker_forever_stops_cleanly_on_a_signal(stop_signal):
         (child,) = psutil.Process(proc.pid).children()
 
         proc.send_signal(stop_signal)
-        assert proc.wait(30) == 0
+        assert proc.wait(90) == 0  # on a loaded machine Tansu can take a while to stop
         assert not psutil.pid_exists(child.pid)
     finally:
         if proc.poll() is None:
@@ -93,7 +93,10 @@ def test_run_broker_forever_stops_cleanly_on_a_signal(stop_signal):
 
 def test_broker_dies_with_a_sigkilled_parent():
     """No orphan even when the owner cannot run stop() or atexit (PR_SET_PDEATHSIG)."""
-    code = "from rlhf.broker import EmbeddedBroker\nb = EmbeddedBroker(); b.start(); print(b.pid, flush=True)\nimport time; time.sleep(120)"
+    code = (
+        "from rlhf.broker import EmbeddedBroker\nb = EmbeddedBroker(); b.start(); print(b.pid, flush=True)\n"
+        "import time; time.sleep(120)"
+    )
     owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     pid = int(owner.stdout.readline())
     owner.kill()

@@ -35,34 +35,74 @@ def sample_events() -> dict[str, object]:
             conversation_id="c1",
             prompt=CHAT,
             comparison=events_pb2.Comparison(
-                chosen_id="r1", chosen="Paris.", rejected_id="r2", rejected="Lyon.",
-                chosen_policy_version=3, rejected_policy_version=2,
+                chosen_id="r1",
+                chosen="Paris.",
+                rejected_id="r2",
+                rejected="Lyon.",
+                chosen_policy_version=3,
+                rejected_policy_version=2,
             ),
             comment="better",
             source="web",
         ),
         "interactions": new_event(
-            events_pb2.Interaction, conversation_id="c1", prompt=CHAT,
-            response_ids=["r1", "r2"], responses=["Paris.", "Lyon."], policy_version=3,
+            events_pb2.Interaction,
+            conversation_id="c1",
+            prompt=CHAT,
+            response_ids=["r1", "r2"],
+            responses=["Paris.", "Lyon."],
+            policy_version=3,
         ),
-        "prompts": new_event(events_pb2.Prompt, prompt_id="p1", messages=CHAT, source="prompt_set"),
         "rollouts": new_event(
-            events_pb2.Rollout, prompt_id="p1", prompt_token_ids=[1, 2, 3], response_token_ids=[4, 5],
-            logprobs=[-0.5, -1.25], ref_logprobs=[-0.75, -1.0], score=0.5, raw_score=2.0,
-            policy_version=3, rm_version=7, finish_reason="stop", source="live", prompt=CHAT,
-            response="Paris.", group_id="g1",
+            events_pb2.Rollout,
+            prompt_id="p1",
+            prompt_token_ids=[1, 2, 3],
+            response_token_ids=[4, 5],
+            logprobs=[-0.5, -1.25],
+            ref_logprobs=[-0.75, -1.0],
+            score=0.5,
+            raw_score=2.0,
+            policy_version=3,
+            rm_version=7,
+            finish_reason="stop",
+            source="live",
+            prompt=CHAT,
+            response="Paris.",
+            group_id="g1",
         ),
         "policy_updates": new_event(
-            events_pb2.PolicyUpdate, version=4, parent_version=3, step=120, uri="/weights/v4",
-            sha256="ab" * 32, format=common_pb2.WEIGHT_FORMAT_LORA,
-            action=events_pb2.POLICY_ACTION_PROMOTED, kl_to_reference=0.03, kl_budget=0.1,
-            base_model="SmolLM2-135M-Instruct", reason="passed drift gate",
+            events_pb2.PolicyUpdate,
+            version=4,
+            parent_version=3,
+            step=120,
+            uri="/weights/v4",
+            sha256="ab" * 32,
+            format=common_pb2.WEIGHT_FORMAT_LORA,
+            action=events_pb2.POLICY_ACTION_PROMOTED,
+            kl_to_reference=0.03,
+            kl_budget=0.1,
+            base_model="SmolLM2-135M-Instruct",
+            reason="passed drift gate",
         ),
         "reward_updates": new_event(
-            events_pb2.RewardModelUpdate, version=7, train_step=50, uri="/rm/v7", sha256="cd" * 32,
-            online_accuracy=0.71, score_mean=0.1, score_std=1.3, pairs_seen=400,
+            events_pb2.RewardModelUpdate,
+            version=7,
+            train_step=50,
+            uri="/rm/v7",
+            sha256="cd" * 32,
+            online_accuracy=0.71,
+            score_mean=0.1,
+            score_std=1.3,
+            pairs_seen=400,
         ),
     }
+
+
+def scratch_topic(broker, topics) -> str:
+    """A topic of this test's prefix that no service uses (and its twin), for the bus alone."""
+    topic = topics.prefix + ".scratch"
+    ensure_topics(broker.bootstrap, [topic, topics.dlq(topic)])
+    return topic
 
 
 def poll_until(consumer: EventConsumer, n: int, deadline_s: float = 30.0) -> list:
@@ -73,8 +113,8 @@ def poll_until(consumer: EventConsumer, n: int, deadline_s: float = 30.0) -> lis
     return records
 
 
-def counter(name: str, topic: str) -> float:
-    return REGISTRY.get_sample_value(name, {"topic": topic}) or 0.0
+def counter(name: str, topic: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, {"topic": topic, **labels}) or 0.0
 
 
 def closed_port() -> int:
@@ -139,11 +179,11 @@ def test_poison_messages_are_dead_lettered_and_skipped(broker, topics):
         assert headers["dlq.offset"] == str(offset).encode()
         assert headers["dlq.group"] == b"reward"
         assert why in headers["dlq.error"].decode()
-    assert counter("rlhf_kafka_dlq_messages_total", topic) == 3
+    assert counter("rlhf_kafka_dlq_messages_total", topic, reason="undecodable") == 3
 
 
 def test_a_failed_dead_letter_loses_nothing(broker, topics):
-    topic = topics.prompts
+    topic = scratch_topic(broker, topics)
     good = new_event(events_pb2.Prompt, prompt_id="p")
     raw = KafkaProducer(bootstrap_servers=broker.bootstrap)
     for value in (b"\xff" * 200, encode(good)):
@@ -159,11 +199,11 @@ def test_a_failed_dead_letter_loses_nothing(broker, topics):
                 assert c.positions() == {}
     with EventConsumer(broker.bootstrap, topic, events_pb2.Prompt, group_id="g") as consumer:
         assert [r.event for r in poll_until(consumer, 1)] == [good]
-    assert counter("rlhf_kafka_dlq_messages_total", topic) == 1
+    assert counter("rlhf_kafka_dlq_messages_total", topic, reason="undecodable") == 1
 
 
 def test_commit_resumes_a_new_consumer_exactly_after_the_committed_offset(broker, topics):
-    topic = topics.prompts
+    topic = scratch_topic(broker, topics)
     events = [new_event(events_pb2.Prompt, prompt_id=f"p{i}") for i in range(6)]
     with EventProducer(broker.bootstrap) as producer:
         producer.publish_many([(topic, e, e.prompt_id) for e in events])
@@ -254,12 +294,13 @@ def test_ensure_topics_twice_is_fine(broker):
 
 
 def test_publish_raises_when_the_event_cannot_be_written(broker, topics):
+    topic = scratch_topic(broker, topics)
     big = new_event(events_pb2.Prompt, prompt_id="p", source="x" * 4000)
     with EventProducer(broker.bootstrap, max_request_size=1024) as producer:
         with pytest.raises(PublishError, match="MessageSizeTooLarge"):
-            producer.publish(topics.prompts, big, "p")
+            producer.publish(topic, big, "p")
         with pytest.raises(PublishError, match="1 of 2 events"):
-            producer.publish_many([(topics.prompts, big, "p"), (topics.prompts, new_event(events_pb2.Prompt), "q")])
+            producer.publish_many([(topic, big, "p"), (topic, new_event(events_pb2.Prompt), "q")])
 
 
 def test_unreachable_broker_and_missing_topic_say_what_to_fix(broker):

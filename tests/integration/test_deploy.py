@@ -25,8 +25,14 @@ BIN = Path(sys.executable).parent
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ["cpu-demo", "gpu"]
 GRPC_PORTS = {"generator": 50051, "reward": 50052, "reference": 50053, "learner": 50054, "rollout": 50055}
-SETTINGS = {"generator": "GeneratorSettings", "reward": "RewardSettings", "reference": "ReferenceSettings",
-            "learner": "LearnerSettings", "rollout": "RolloutSettings", "gateway": "GatewaySettings"}
+SETTINGS = {
+    "generator": "GeneratorSettings",
+    "reward": "RewardSettings",
+    "reference": "ReferenceSettings",
+    "learner": "LearnerSettings",
+    "rollout": "RolloutSettings",
+    "gateway": "GatewaySettings",
+}
 
 
 def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -35,7 +41,7 @@ def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 def settings_env(service: str) -> set[str]:
     """The RLHF_* variables a service reads: its pydantic-settings fields, prefixed."""
-    cls = getattr(importlib.import_module(f"services.{service}.main"), SETTINGS[service])
+    cls = getattr(importlib.import_module(f"services.{service}.settings"), SETTINGS[service])
     return {f"RLHF_{name.upper()}" for name in cls.model_fields}
 
 
@@ -45,11 +51,21 @@ def unknown_rlhf_vars(service: str, env: dict[str, str]) -> list[str]:
 
 # ---- docker-compose ---------------------------------------------------------------------------
 
+
 def compose_config(profile: str) -> dict:
     """The resolved file, with the defaults of every ${VAR}: nothing of this shell leaks in."""
     clean = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp")}
-    result = run(str(BIN / "docker-compose"), "-f", "docker-compose.yml", "--profile", profile, "config", "--format", "json",
-                 env=clean)
+    result = run(
+        str(BIN / "docker-compose"),
+        "-f",
+        "docker-compose.yml",
+        "--profile",
+        profile,
+        "config",
+        "--format",
+        "json",
+        env=clean,
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -95,8 +111,11 @@ def test_compose_runs_every_service_with_health_checks(compose):
 
 def test_compose_sets_only_variables_the_services_read(compose):
     _, cfg = compose
-    wrong = {name: unknown_rlhf_vars(service, svc["environment"])
-             for name, (service, svc) in rlhf_services(cfg).items() if unknown_rlhf_vars(service, svc["environment"])}
+    wrong = {
+        name: unknown_rlhf_vars(service, svc["environment"])
+        for name, (service, svc) in rlhf_services(cfg).items()
+        if unknown_rlhf_vars(service, svc["environment"])
+    }
     assert wrong == {}, f"RLHF_* variables no setting reads (typo, or a setting that was renamed): {wrong}"
 
 
@@ -112,15 +131,19 @@ def test_compose_kafka_is_apache_kraft_single_node_with_a_durable_volume(compose
 
 def test_compose_named_volumes_for_weights_checkpoints_outbox(compose):
     _, cfg = compose
-    mounts = {name: {v["source"]: v["target"] for v in svc.get("volumes", []) if v["type"] == "volume"}
-              for name, (_, svc) in rlhf_services(cfg).items()}
+    mounts = {
+        name: {v["source"]: v["target"] for v in svc.get("volumes", []) if v["type"] == "volume"}
+        for name, (_, svc) in rlhf_services(cfg).items()
+    }
     assert mounts["learner"]["weights"] == "/var/lib/rlhf/weights"
     assert mounts["learner"]["learner-checkpoints"] == "/var/lib/rlhf"
     assert mounts["reward"]["reward-checkpoints"] == "/var/lib/rlhf"
     assert mounts["gateway"]["gateway-outbox"] == "/var/lib/rlhf"
     generator = next(m for n, m in mounts.items() if n.startswith("generator"))
     assert generator["weights"] == "/var/lib/rlhf/weights"
-    assert {"weights", "learner-checkpoints", "reward-checkpoints", "gateway-outbox", "kafka-data"} <= set(cfg["volumes"])
+    assert {"weights", "learner-checkpoints", "reward-checkpoints", "gateway-outbox", "kafka-data"} <= set(
+        cfg["volumes"]
+    )
 
 
 def test_compose_profiles_pick_a_cpu_or_a_gpu_generator(compose):
@@ -152,6 +175,7 @@ def _seconds(duration: str) -> float:
 
 
 # ---- Kubernetes -------------------------------------------------------------------------------
+
 
 def render(overlay: str) -> list[dict]:
     result = run(str(BIN / "kubectl"), "kustomize", str(K8S / "overlays" / overlay))
@@ -196,7 +220,9 @@ def test_every_service_runs_with_native_probes_and_a_drain_window(manifests):
     _, docs = manifests
     workloads = rlhf_workloads(docs)
     assert sorted(s for s, _, _ in workloads.values()) == sorted(SERVICES)
-    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("rlhf-config"))["data"]
+    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("rlhf-config"))[
+        "data"
+    ]
     for name, (service, w, c) in workloads.items():
         pod = w["spec"]["template"]["spec"]
         if service == "gateway":
@@ -235,8 +261,11 @@ def test_state_lives_in_statefulsets_and_claims(manifests):
     assert "weights" in by_kind(docs, "PersistentVolumeClaim")
     for service in ("learner", "generator"):
         w = workloads[service][1]
-        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
-                  for v in w["spec"]["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v}
+        claims = {
+            v["name"]: v["persistentVolumeClaim"]["claimName"]
+            for v in w["spec"]["template"]["spec"]["volumes"]
+            if "persistentVolumeClaim" in v
+        }
         assert claims["weights"] == "weights", service
 
 
@@ -277,7 +306,9 @@ def test_prometheus_finds_every_service_through_a_metrics_service(manifests):
 
 def test_kubernetes_sets_only_variables_the_services_read(manifests):
     _, docs = manifests
-    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("rlhf-config"))["data"]
+    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("rlhf-config"))[
+        "data"
+    ]
     wrong = {}
     for name, (service, _, c) in rlhf_workloads(docs).items():
         env = {**config, **{e["name"]: e.get("value") for e in c.get("env", [])}}
@@ -302,7 +333,9 @@ def test_gpu_overlay_puts_generators_and_learner_on_gpus():
 def test_cpu_demo_overlay_needs_no_gpu_and_brings_its_kafka():
     docs = render("cpu-demo")
     assert "nvidia.com/gpu" not in json.dumps(docs)
-    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("rlhf-config"))["data"]
+    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("rlhf-config"))[
+        "data"
+    ]
     host, port = config["RLHF_KAFKA_BOOTSTRAP"].split(":")
     kafka_svc = by_kind(docs, "Service")[host]
     assert int(port) in {p["port"] for p in kafka_svc["spec"]["ports"]}
@@ -324,6 +357,7 @@ def test_strimzi_example_serves_the_configured_bootstrap():
 
 
 # ---- the image --------------------------------------------------------------------------------
+
 
 def dockerfile_stages() -> dict[str, list[str]]:
     stages, current = {}, None
@@ -367,9 +401,10 @@ def test_build_context_holds_what_the_dockerfile_copies():
 def test_topic_creation_command_runs_against_a_broker(tmp_path):
     """The one-shot topic command of compose and of the Kubernetes Job, run for real
     against the embedded broker: every topic of the loop exists afterwards."""
+    from kafka import KafkaAdminClient
+
     from rlhf.broker import EmbeddedBroker
     from rlhf.bus.topics import Topics
-    from kafka import KafkaAdminClient
     from tests.procs import free_port
 
     compose_args = compose_config("cpu")["services"]["kafka-topics"]["command"]
@@ -395,6 +430,7 @@ def test_topic_creation_command_runs_against_a_broker(tmp_path):
 
 
 # ---- the guide --------------------------------------------------------------------------------
+
 
 def test_every_compose_variable_is_documented():
     """Configuration is documented in one place: docs/deployment.md names each ${VAR}."""

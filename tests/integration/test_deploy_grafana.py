@@ -29,7 +29,9 @@ def test_dashboards_are_generated_from_the_builder():
     expected = builder().rendered()
     assert sorted(expected) == [p.name for p in DASHBOARDS]
     for path in DASHBOARDS:
-        assert path.read_text() == expected[path.name], f"{path.name} is stale: run python deploy/grafana/build_dashboards.py"
+        assert path.read_text() == expected[path.name], (
+            f"{path.name} is stale: run python deploy/grafana/build_dashboards.py"
+        )
 
 
 def test_the_three_dashboards_the_issue_names():
@@ -58,6 +60,25 @@ def test_dashboard_is_well_formed(path):
         assert p["targets"], p["title"]
         for t in p["targets"]:
             assert t["expr"].strip() and t["datasource"]["uid"] == "${datasource}", p["title"]
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_panels_show_what_they_chart(path):
+    """The SDK's defaults are not ours: a time series hides its legend unless told, so
+    check what an operator would see — a legend under each chart, one last value per stat,
+    the unit and bounds the builder declares."""
+    declared = {p.title: p for p in builder().DASHBOARDS[path.name].items if hasattr(p, "targets")}
+    panels = [p for p in json.loads(path.read_text())["panels"] if p["type"] != "row"]
+    assert sorted(p["title"] for p in panels) == sorted(declared)
+    for p in panels:
+        want = declared[p["title"]]
+        if p["type"] == "timeseries":
+            assert p["options"]["legend"] == {**p["options"]["legend"], "showLegend": True, "displayMode": "list"}
+        else:
+            assert p["type"] == "stat" and p["options"]["reduceOptions"]["calcs"] == ["lastNotNull"]
+        defaults = p["fieldConfig"]["defaults"]
+        assert defaults["unit"] == want.unit and defaults.get("min") == want.min and defaults.get("max") == want.max
+        assert [(t["expr"], t["legendFormat"]) for t in p["targets"]] == want.targets, p["title"]
 
 
 def test_provisioning_matches_the_compose_mounts():

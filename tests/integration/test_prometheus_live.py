@@ -16,7 +16,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import urllib.parse
 import urllib.request
@@ -28,9 +27,14 @@ import yaml
 
 from rlhf.launcher import read_endpoints
 from tests.integration.test_prometheus_promql import (
-    PROMETHEUS_DIR, RULE_FILES, dashboard_queries, exported_names, missing_metrics, rule_queries,
+    PROMETHEUS_DIR,
+    RULE_FILES,
+    dashboard_queries,
+    exported_names,
+    missing_metrics,
+    rule_queries,
 )
-from tests.procs import ROOT, free_port
+from tests.procs import ROOT, free_port, stop_up, up_command, up_ports
 from tests.procs import wait_for as _wait_for  # polled at this file's pace below
 
 pytestmark = pytest.mark.slow
@@ -50,14 +54,17 @@ class Up:
     """`rlhf up --tiny` as a child process, its output collected by a thread."""
 
     def __init__(self, state_dir: Path):
-        base, metrics = 20000 + free_port() % 20000, 41000 + free_port() % 10000
+        ports = up_ports()
         self.state_dir = state_dir
-        args = ["--tiny", "--state-dir", str(state_dir), "--broker-port", str(free_port()),
-                "--http-port", str(free_port()), "--base-port", str(base), "--metrics-base-port", str(metrics),
-                "--timeout", "420"]
         env = {**os.environ, "RLHF_HOME": str(state_dir.parent / "home"), "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "rlhf.cli", "up", *args], cwd=ROOT, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(
+            up_command(state_dir, ports, "--timeout", "420"),
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self.lines: list[str] = []
         self.ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
@@ -74,13 +81,7 @@ class Up:
         assert self.proc.poll() is None and any("all services SERVING" in ln for ln in self.lines), "".join(self.lines)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_up(self.proc)
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +113,17 @@ def prometheus(stack, tmp_path_factory):
         job["static_configs"] = [{"targets": [target]}]
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
     log = open(tmp / "prometheus.log", "wb")
-    proc = subprocess.Popen([exe, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{port}"],
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            exe,
+            f"--config.file={tmp / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
     log.close()
     url = f"http://127.0.0.1:{port}"
     try:
@@ -145,6 +154,7 @@ def test_prometheus_scrapes_every_service(prometheus):
     def all_up():
         result = {r["metric"]["job"]: r["value"][1] for r in query(prometheus, "up")}
         return all(result.get(job) == "1" for job in SERVICE_JOBS) and result
+
     result = wait_for(all_up, 90, "every job up == 1")
     assert set(SERVICE_JOBS) <= set(result)
 
@@ -154,46 +164,71 @@ def test_prometheus_api_returns_the_loop_metrics(stack, prometheus):
     http_get(f"{stack['gateway'].url}/healthz")
     with grpc.insecure_channel(stack["reward"].address) as channel:
         from rlhf.v1 import reward_pb2, reward_pb2_grpc
+
         try:
             reward_pb2_grpc.RewardServiceStub(channel).GetInfo(reward_pb2.RewardInfoRequest(), timeout=30)
         except grpc.RpcError:
             pass  # an error answer is counted too: the series exists either way
 
-    ready = wait_for(lambda: len(query(prometheus, "rlhf_service_ready == 1")) >= 5 and query(prometheus, "rlhf_service_ready"),
-                     60, "rlhf_service_ready == 1 from the five gRPC services")
+    ready = wait_for(
+        lambda: len(query(prometheus, "rlhf_service_ready == 1")) >= 5 and query(prometheus, "rlhf_service_ready"),
+        60,
+        "rlhf_service_ready == 1 from the five gRPC services",
+    )
     assert {r["metric"]["job"] for r in ready} == {"generator", "reward", "reference", "learner", "rollout"}
     info = query(prometheus, "rlhf_service_info")
     assert {r["metric"]["service"] for r in info} >= {"generator", "reward", "reference", "learner", "rollout"}
 
-    rpc = wait_for(lambda: query(prometheus, 'rlhf_grpc_server_handled_total{job="reward", method="GetInfo"}'),
-                   30, "the GetInfo RPC counted by Prometheus")
+    rpc = wait_for(
+        lambda: query(prometheus, 'rlhf_grpc_server_handled_total{job="reward", method="GetInfo"}'),
+        30,
+        "the GetInfo RPC counted by Prometheus",
+    )
     assert rpc[0]["metric"]["code"]
-    gateway = wait_for(lambda: query(prometheus, 'rlhf_gateway_requests_total{job="gateway", route="/healthz"}'),
-                       30, "the gateway request counted by Prometheus")
+    gateway = wait_for(
+        lambda: query(prometheus, 'rlhf_gateway_requests_total{job="gateway", route="/healthz"}'),
+        30,
+        "the gateway request counted by Prometheus",
+    )
     assert float(gateway[0]["value"][1]) >= 1
-    latency = wait_for(lambda: query(prometheus, 'histogram_quantile(0.5, sum by (le) (rlhf_gateway_request_seconds_bucket{job="gateway"}))'),
-                       30, "the gateway latency histogram")
+    latency = wait_for(
+        lambda: query(
+            prometheus, 'histogram_quantile(0.5, sum by (le) (rlhf_gateway_request_seconds_bucket{job="gateway"}))'
+        ),
+        30,
+        "the gateway latency histogram",
+    )
     assert float(latency[0]["value"][1]) >= 0
     assert query(prometheus, 'rlhf_outbox_backlog{job="gateway"}'), "the gateway's outbox gauge"
 
 
 def test_alert_rules_load_and_evaluate_against_live_data(prometheus):
-    names = {r.get("alert") or r.get("record") for path in RULE_FILES
-             for g in yaml.safe_load(path.read_text())["groups"] for r in g["rules"]}
+    names = {
+        r.get("alert") or r.get("record")
+        for path in RULE_FILES
+        for g in yaml.safe_load(path.read_text())["groups"]
+        for r in g["rules"]
+    }
 
     def evaluated():
         rules = [r for g in api(prometheus, "rules")["groups"] for r in g["rules"]]
         # never evaluated: lastEvaluation is Go's zero time and health "unknown"
         done = [r for r in rules if not r.get("lastEvaluation", "0001").startswith("0001") and r["health"] != "unknown"]
         return len(done) == len(names) and rules
+
     rules = wait_for(evaluated, 60, "every rule evaluated once")
     assert {r["name"] for r in rules} == names
     broken = {r["name"]: r.get("lastError") for r in rules if r["health"] != "ok"}
     assert broken == {}
     # every service is up and SERVING: no availability alert may even be pending (one would
     # be, at once, if the rules and the scrape config disagreed on job or label names)
-    availability = {r["alert"] for path in RULE_FILES for g in yaml.safe_load(path.read_text())["groups"]
-                    if g["name"] == "rlhf-availability" for r in g["rules"]}
+    availability = {
+        r["alert"]
+        for path in RULE_FILES
+        for g in yaml.safe_load(path.read_text())["groups"]
+        if g["name"] == "rlhf-availability"
+        for r in g["rules"]
+    }
     assert availability >= {"RlhfServiceDown", "RlhfServiceMissing", "RlhfServiceNotReady"}
     raised = [a["labels"]["alertname"] for a in api(prometheus, "alerts")["alerts"]]
     assert availability.isdisjoint(raised), raised

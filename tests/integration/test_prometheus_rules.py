@@ -24,6 +24,8 @@ REQUIRED_ALERTS = {
     "outbox backlog": "RlhfOutboxBacklog",
     "policy version stuck": "RlhfPolicyVersionStuck",
     "service down": "RlhfServiceDown",
+    "Kafka unreachable": "RlhfKafkaDown",
+    "lost Kafka log": "RlhfKafkaLogLost",
 }
 
 
@@ -34,8 +36,13 @@ def promtool(*args: str) -> subprocess.CompletedProcess:
 
 
 def alerts() -> dict[str, dict]:
-    return {r["alert"]: r for path in RULE_FILES for g in yaml.safe_load(path.read_text())["groups"]
-            for r in g["rules"] if "alert" in r}
+    return {
+        r["alert"]: r
+        for path in RULE_FILES
+        for g in yaml.safe_load(path.read_text())["groups"]
+        for r in g["rules"]
+        if "alert" in r
+    }
 
 
 @pytest.mark.parametrize("config", ["prometheus.yml", "prometheus-k8s.yml"])

@@ -48,8 +48,12 @@ def test_padded_batching_matches_to_float_rounding(tiny_model_dir, direct):
 
 @pytest.fixture(scope="module")
 def reference_service(tiny_model_dir, tmp_path_factory):
-    env = {"RLHF_MODEL": str(tiny_model_dir), "RLHF_REFERENCE_MAX_ITEMS": "16", "RLHF_REFERENCE_MAX_TOKENS": "64",
-           "RLHF_REFERENCE_TORCH_THREADS": "1"}
+    env = {
+        "RLHF_MODEL": str(tiny_model_dir),
+        "RLHF_REFERENCE_MAX_ITEMS": "16",
+        "RLHF_REFERENCE_MAX_TOKENS": "64",
+        "RLHF_REFERENCE_TORCH_THREADS": "1",
+    }
     with run_service("reference", tmp_path_factory.mktemp("reference"), env=env) as svc:
         yield svc
 
@@ -57,9 +61,12 @@ def reference_service(tiny_model_dir, tmp_path_factory):
 def log_probs(address: str, prompts, responses) -> list[torch.Tensor]:
     with sync_channel(address) as ch:
         resp = reference_pb2_grpc.ReferenceServiceStub(ch).LogProbs(
-            reference_pb2.LogProbsRequest(items=[
-                reference_pb2.LogProbsItem(prompt_token_ids=p, response_token_ids=r) for p, r in zip(prompts, responses)
-            ]),
+            reference_pb2.LogProbsRequest(
+                items=[
+                    reference_pb2.LogProbsItem(prompt_token_ids=p, response_token_ids=r)
+                    for p, r in zip(prompts, responses)
+                ]
+            ),
             timeout=60,
         )
     return [torch.tensor(list(x.logprobs), dtype=torch.float32) for x in resp.results]
@@ -91,7 +98,10 @@ def test_get_info(reference_service, tiny_model_dir):
     "items, field",
     [
         ([([1], [2])] * 17, "items: 17 items > limit 16"),
-        ([([1, 2], [3]), ([1] * 40, [2] * 25)], "items[1]: prompt_token_ids + response_token_ids = 65 tokens > limit 64"),
+        (
+            [([1, 2], [3]), ([1] * 40, [2] * 25)],
+            "items[1]: prompt_token_ids + response_token_ids = 65 tokens > limit 64",
+        ),
         ([([], [3])], "items[0].prompt_token_ids: empty"),
         ([([1], [49152])], "items[0].response_token_ids: token ids must be in [0, 49152)"),
         ([([-1], [2])], "items[0].prompt_token_ids: token ids must be in [0, 49152)"),

@@ -15,8 +15,8 @@ import grpc
 import pytest
 
 from rlhf.bus import EventConsumer, EventProducer
-from rlhf.reward.synthetic import SyntheticPreference
 from rlhf.serving.client import sync_channel
+from rlhf.testing.preferences import SyntheticPreference
 from rlhf.v1 import common_pb2, events_pb2, reward_pb2, reward_pb2_grpc
 from rlhf.weightstore import sha256_file
 from tests.procs import run_service, wait_for
@@ -52,9 +52,9 @@ def metric(svc, name: str) -> float:
 
 
 def score(address: str, items: list[tuple[list[dict], str]]) -> reward_pb2.ScoreResponse:
-    req = reward_pb2.ScoreRequest(items=[
-        reward_pb2.ScoreItem(prompt=[common_pb2.ChatMessage(**m) for m in p], response=r) for p, r in items
-    ])
+    req = reward_pb2.ScoreRequest(
+        items=[reward_pb2.ScoreItem(prompt=[common_pb2.ChatMessage(**m) for m in p], response=r) for p, r in items]
+    )
     return stub(address).Score(req, timeout=60)
 
 
@@ -69,8 +69,14 @@ def test_feedback_trains_the_rm_versions_are_announced_and_duplicates_change_not
     gen, held = SyntheticPreference(seed=1), SyntheticPreference(seed=2)
     events = [gen.comparison_event() for _ in range(320)]
     test_pairs = [held.pair() for _ in range(100)]
-    env = env_for(broker, topics, RLHF_REWARD_PUBLISH_EVERY_STEPS="5", RLHF_REWARD_MAX_ITEMS="256",
-                  RLHF_REWARD_MAX_RESPONSE_CHARS="500", RLHF_REWARD_MAX_PROMPT_CHARS="1000")
+    env = env_for(
+        broker,
+        topics,
+        RLHF_REWARD_PUBLISH_EVERY_STEPS="5",
+        RLHF_REWARD_MAX_ITEMS="256",
+        RLHF_REWARD_MAX_RESPONSE_CHARS="500",
+        RLHF_REWARD_MAX_PROMPT_CHARS="1000",
+    )
     with run_service("reward", tmp_path, env=env) as svc, EventProducer(broker.bootstrap) as producer:
         before, _ = held_out_accuracy(svc.address, test_pairs)
         assert info(svc.address).rm_version == 0
@@ -91,8 +97,10 @@ def test_feedback_trains_the_rm_versions_are_announced_and_duplicates_change_not
         accuracy, first = held_out_accuracy(svc.address, test_pairs)
         assert accuracy > 0.8 > before, (before, accuracy)
         assert first.rm_version == version
-        assert trained.online_accuracy > 0.5 and metric(svc, "rlhf_rm_accuracy") == pytest.approx(trained.online_accuracy)
-        assert metric(svc, 'rlhf_feedback_events_total{kind="comparison"}') == 320
+        assert trained.online_accuracy > 0.5 and metric(svc, "rlhf_rm_accuracy_ratio") == pytest.approx(
+            trained.online_accuracy
+        )
+        assert metric(svc, 'rlhf_reward_feedback_events_total{kind="comparison"}') == 320
         assert metric(svc, "rlhf_rm_pairs_total") == 320 and metric(svc, "rlhf_rm_version") == version
         # normalised scores use the version's running mean/std and are clipped
         assert all(abs(s) <= 5.0 for s in first.scores) and list(first.scores) != list(first.raw_scores)
@@ -100,8 +108,11 @@ def test_feedback_trains_the_rm_versions_are_announced_and_duplicates_change_not
         # 2. every version was announced, pointing at checksummed weights
         with EventConsumer(broker.bootstrap, topics.reward_updates, events_pb2.RewardModelUpdate, "test") as c:
             updates = []
-            wait_for(lambda: updates.extend(r.event for r in c.poll(timeout_ms=500)) or len(updates) >= version,
-                     30, "updates")
+            wait_for(
+                lambda: updates.extend(r.event for r in c.poll(timeout_ms=500)) or len(updates) >= version,
+                30,
+                "updates",
+            )
         assert [u.version for u in updates] == list(range(1, version + 1))
         steps = [u.train_step for u in updates]
         assert steps[-1] == step and all(0 < b - a <= 5 for a, b in zip([0] + steps, steps))
@@ -121,16 +132,25 @@ def test_feedback_trains_the_rm_versions_are_announced_and_duplicates_change_not
         prompt = gen.prompt()
         up, down = gen.rating_event(prompt, good=True), gen.rating_event(prompt, good=False)
         producer.publish_many([(topics.feedback, e, e.conversation_id) for e in (up, down)])
-        wait_for(lambda: metric(svc, 'rlhf_feedback_events_total{kind="thumbs"}') == 2
-                 and metric(svc, "rlhf_rm_pointwise_total") == 1, 60, "thumbs trained", detail=svc.log)
+        wait_for(
+            lambda: (
+                metric(svc, 'rlhf_reward_feedback_events_total{kind="thumbs"}') == 2
+                and metric(svc, "rlhf_rm_pointwise_total") == 1
+            ),
+            60,
+            "thumbs trained",
+            detail=svc.log,
+        )
         assert info(svc.address).pairs_seen == 321  # the second rating paired with the first
 
         # 5. oversized input names the field and the limit
         for items, field in [
             ([(gen.prompt(), "x")] * 257, "items: 257 items > limit 256"),
             ([(gen.prompt(), "x" * 501)], "items[0].response: 501 characters > limit 500"),
-            ([(gen.prompt(), "ok"), ([{"role": "user", "content": "q" * 1001}], "ok")],
-             "items[1].prompt: 1001 characters > limit 1000"),
+            (
+                [(gen.prompt(), "ok"), ([{"role": "user", "content": "q" * 1001}], "ok")],
+                "items[1].prompt: 1001 characters > limit 1000",
+            ),
         ]:
             with pytest.raises(grpc.RpcError) as e:
                 score(svc.address, items)
@@ -145,9 +165,16 @@ def test_sigkill_mid_training_resumes_from_the_checkpoint(broker, topics, tmp_pa
         # all on the topic before the service starts: every poll returns a full batch
         producer.publish_many([(topics.feedback, e, e.conversation_id) for e in events])
     # one step per poll; checkpoint at step 10 only (never on idle, never by the clock)
-    env = env_for(broker, topics, RLHF_REWARD_TRAIN_BATCH_SIZE="8", RLHF_REWARD_MAX_POLL_RECORDS="8",
-                  RLHF_REWARD_PUBLISH_EVERY_STEPS="5", RLHF_REWARD_CHECKPOINT_EVERY_STEPS="10",
-                  RLHF_REWARD_CHECKPOINT_EVERY_SECONDS="100000", RLHF_REWARD_CHECKPOINT_WHEN_IDLE="false")
+    env = env_for(
+        broker,
+        topics,
+        RLHF_REWARD_TRAIN_BATCH_SIZE="8",
+        RLHF_REWARD_MAX_POLL_RECORDS="8",
+        RLHF_REWARD_PUBLISH_EVERY_STEPS="5",
+        RLHF_REWARD_CHECKPOINT_EVERY_STEPS="10",
+        RLHF_REWARD_CHECKPOINT_EVERY_SECONDS="100000",
+        RLHF_REWARD_CHECKPOINT_WHEN_IDLE="false",
+    )
     with run_service("reward", tmp_path, env=env) as svc:
         wait_for(lambda: info(svc.address).pairs_seen == 104, 120, "all 104 pairs trained", detail=svc.log)
         assert info(svc.address).train_step == 13
@@ -160,13 +187,15 @@ def test_sigkill_mid_training_resumes_from_the_checkpoint(broker, topics, tmp_pa
         restored = info(svc.address)
         # resumed from the checkpoint, exactly (the replay of 81-104 may have begun)
         assert restored.rm_version == 2 and restored.train_step >= 10
-        wait_for(lambda: info(svc.address).pairs_seen == 104, 120, "the uncheckpointed 24 pairs re-trained", detail=svc.log)
+        wait_for(
+            lambda: info(svc.address).pairs_seen == 104, 120, "the uncheckpointed 24 pairs re-trained", detail=svc.log
+        )
         time.sleep(1.0)  # anything more would show up now
         final = info(svc.address)
         # only the 3 lost steps were redone: events up to the checkpoint were not re-trained
         assert (final.train_step, final.pairs_seen) == (13, 104)
         assert metric(svc, "rlhf_rm_train_steps_total") == 3
-        assert metric(svc, 'rlhf_feedback_events_total{kind="comparison"}') == 24
+        assert metric(svc, 'rlhf_reward_feedback_events_total{kind="comparison"}') == 24
         assert svc.stop(signal.SIGTERM) == 0  # a graceful stop checkpoints what is left
     states = sorted((tmp_path / "state-reward" / "reward" / "trainer").glob("state-*.pt"))
     assert states[-1].name.startswith("state-000000013-")

@@ -13,14 +13,26 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlhf.generation import Generator, Limits, Sampling, SampleOut, Served, VersionGate, WeightsRefused, make_backend
-from rlhf.generation.adapters import make_random_lora
+from rlhf.generation import Generator, Limits, SampleOut, Sampling, Served, VersionGate, WeightsRefused, make_backend
 from rlhf.generation.params import sampling_from
 from rlhf.generation.text import TextTracker
-from rlhf.generation.types import InvalidRequest
-from rlhf.generation.weights import check_full, check_lora, receive_stream, store_version, tensor_shapes, verify_sha256
+from rlhf.generation.types import InvalidRequest, NotPublished
+from rlhf.generation.weights import (
+    Announced,
+    check_full,
+    check_lora,
+    max_update_bytes,
+    published,
+    receive_stream,
+    store_version,
+    tensor_shapes,
+    verify_sha256,
+)
 from rlhf.models import build_tiny_model, load_causal_lm, load_tokenizer, sequence_logprobs
+from rlhf.testing.lora import make_random_lora
 from rlhf.weightstore import WeightStore
+
+PROMOTED = {"promoted": True}  # what the learner writes into a version the drift gate passed
 
 LIMITS = Limits(max_model_len=100, default_max_tokens=20, max_max_tokens=50, max_n=4)
 
@@ -39,15 +51,18 @@ def test_sampling_defaults():
     assert sampling(prompt_len=95).max_tokens == 5
 
 
-@pytest.mark.parametrize("kw,field,limit", [
-    (dict(n=5), "params.n", "4"),
-    (dict(temperature=-0.1), "params.temperature", "2"),
-    (dict(top_p=0.0), "params.top_p", "(0, 1]"),
-    (dict(max_tokens=51), "params.max_tokens", "50"),
-    (dict(max_tokens=40, prompt_len=70), "params.max_tokens", "at most 30"),
-    (dict(prompt_len=100), "prompt", "max_model_len is 100"),
-    (dict(stop=[""]), "params.stop", "64"),
-])
+@pytest.mark.parametrize(
+    "kw,field,limit",
+    [
+        (dict(n=5), "params.n", "4"),
+        (dict(temperature=-0.1), "params.temperature", "2"),
+        (dict(top_p=0.0), "params.top_p", "(0, 1]"),
+        (dict(max_tokens=51), "params.max_tokens", "50"),
+        (dict(max_tokens=40, prompt_len=70), "params.max_tokens", "at most 30"),
+        (dict(prompt_len=100), "prompt", "max_model_len is 100"),
+        (dict(stop=[""]), "params.stop", "64"),
+    ],
+)
 def test_sampling_limits_name_field_and_limit(kw, field, limit):
     with pytest.raises(InvalidRequest) as e:
         sampling(**kw)
@@ -98,7 +113,11 @@ def test_gate_drains_in_flight_and_holds_new_requests():
         return log
 
     assert asyncio.run(scenario()) == [
-        ("a", "start", 0), ("a", "end", 0), ("swap", "start", 0), ("b", "start", 1), ("b", "end", 1),
+        ("a", "start", 0),
+        ("a", "end", 0),
+        ("swap", "start", 0),
+        ("b", "start", 1),
+        ("b", "end", 1),
     ]
 
 
@@ -141,14 +160,29 @@ def test_check_lora_rank_and_shapes(tiny_model_dir, tmp_path):
 
 def test_receive_stream_checks_size_and_sha(tmp_path):
     data = b"x" * 1000
+    read = []
 
     async def chunks():
         for i in range(0, len(data), 300):
-            yield data[i:i + 300]
+            read.append(i)
+            yield data[i : i + 300]
+
+    async def endless():
+        while True:
+            read.append(1)
+            yield b"y" * (1 << 20)
 
     def receive(**kw):
-        args = dict(header_version=3, fmt="full", sha256=hashlib.sha256(data).hexdigest(), total_bytes=len(data),
-                    adapter_config_json="", data=chunks(), work_dir=tmp_path)
+        args = dict(
+            header_version=3,
+            fmt="full",
+            sha256=hashlib.sha256(data).hexdigest(),
+            total_bytes=len(data),
+            adapter_config_json="",
+            data=chunks(),
+            work_dir=tmp_path,
+            max_bytes=2000,
+        )
         return asyncio.run(receive_stream(**(args | kw)))
 
     folder = receive()
@@ -157,30 +191,92 @@ def test_receive_stream_checks_size_and_sha(tmp_path):
         receive(sha256="ab" * 32)
     with pytest.raises(WeightsRefused, match="total_bytes=999"):
         receive(total_bytes=999)
-    with pytest.raises(WeightsRefused, match="adapter_config_json"):
-        receive(fmt="lora")
+    # refused on the header: not one block of the stream is read, not one byte written
+    read.clear()
+    with pytest.raises(WeightsRefused, match="header.adapter_config_json"):
+        receive(fmt="lora", data=endless())
+    with pytest.raises(WeightsRefused, match="header.adapter_config_json: not JSON"):
+        receive(fmt="lora", adapter_config_json="{r: 8", data=endless())
+    with pytest.raises(WeightsRefused, match="header.total_bytes: required"):
+        receive(total_bytes=0, data=endless())
+    with pytest.raises(WeightsRefused, match="header.total_bytes: 2001 is over 2000"):
+        receive(total_bytes=2001, data=endless())
+    assert read == []
+    # a stream longer than it announced stops at the first block past the total
+    with pytest.raises(WeightsRefused, match="more than header.total_bytes=1500"):
+        receive(total_bytes=1500, data=endless())
+    assert len(read) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]  # refused folders are removed
+
+
+def test_update_size_caps_come_from_the_model(tiny_model_dir, tmp_path):
+    base = tensor_shapes([tiny_model_dir / "model.safetensors"])
+    full_file = (tiny_model_dir / "model.safetensors").stat().st_size  # fp32, the model it replaces
+    cap = max_update_bytes("full", base, "", 16)
+    assert full_file <= cap < full_file * 1.5
+    _, cfg = make_random_lora(tiny_model_dir, tmp_path / "lora", rank=8, seed=1)
+    adapter = (tmp_path / "lora" / "adapter_model.safetensors").stat().st_size
+    lora_cap = max_update_bytes("lora", base, json.dumps(cfg), 16)
+    assert adapter <= lora_cap < cap
+    assert max_update_bytes("lora", base, json.dumps(cfg | {"r": 2}), 16) < lora_cap  # the bound follows r
+    for bad, needle in [(cfg | {"r": 32}, "outside 1..16"), (cfg | {"r": "8"}, "outside 1..16"), ({}, "integer r")]:
+        with pytest.raises(WeightsRefused, match=needle):
+            max_update_bytes("lora", base, json.dumps(bad), 16)
+    with pytest.raises(WeightsRefused, match="needs it"):
+        max_update_bytes("lora", base, "", 16)
+
+
+def test_only_versions_the_learner_published_are_served(tiny_model_dir, tmp_path):
+    tensors = load_file(str(tiny_model_dir / "model.safetensors"))
+    store = WeightStore(tmp_path / "w")
+    ok = store.put(1, tensors, meta={"promoted": True, "reason": ""})
+    store.put(2, tensors, meta={"promoted": False, "reason": "KL 9.1 exceeds budget 5.0"})
+    store.put(3, tensors)  # no verdict at all: not published either
+    assert published(store, 1, {}) == (ok.sha256, "full")
+    with pytest.raises(NotPublished, match=r"not promoted \(KL 9.1 exceeds budget 5.0\)"):
+        published(store, 2, {})
+    with pytest.raises(NotPublished, match="not promoted"):
+        published(store, 3, {})
+    with pytest.raises(NotPublished, match="version 999999 was never published"):  # with a store, only the store counts
+        published(store, 999999, {999999: Announced("ab" * 32, "full")})
+    with pytest.raises(WeightsRefused, match="version: must be ≥ 0"):
+        published(store, -1, {})
+    # no weight store here (a remote generator): what the follower saw announced is the lineage
+    remote = WeightStore(tmp_path / "absent")
+    assert published(remote, 7, {7: Announced("cd" * 32, "lora")}) == ("cd" * 32, "lora")
+    with pytest.raises(NotPublished, match="has no weight store"):
+        published(remote, 8, {7: Announced("cd" * 32, "lora")})
+    # a malformed manifest names its file and field
+    (store.folder(4)).mkdir()
+    (store.folder(4) / "manifest.json").write_text("not json")
+    with pytest.raises(WeightsRefused, match="v000004/manifest.json is not JSON"):
+        published(store, 4, {})
 
 
 def test_store_version_names_the_digests_to_check_and_the_uri(tiny_model_dir, tmp_path):
     store = WeightStore(tmp_path / "w")
-    record = store.put(5, load_file(str(tiny_model_dir / "model.safetensors")))
+    record = store.put(5, load_file(str(tiny_model_dir / "model.safetensors")), meta=PROMOTED)
     update = store_version(store, 5, sha256="AB" * 32)
     assert (update.version, update.fmt, update.folder) == (5, "full", Path(record.path))
     assert update.sha256 == (record.sha256, "AB" * 32)
-    assert store_version(WeightStore(tmp_path / "elsewhere"), 5, uri=record.path).folder == Path(record.path)
+    assert store_version(store, 5, uri=f"file://{record.path}").folder == Path(record.path)
     verify_sha256(update.files[0], record.sha256)
     with pytest.raises(WeightsRefused, match="sha256 mismatch"):
         verify_sha256(update.files[0], *update.sha256)
-    with pytest.raises(WeightsRefused, match="does not hold version 6"):
+    # a uri outside this generator's store is refused: it serves only what the learner published there
+    elsewhere = WeightStore(tmp_path / "elsewhere")
+    elsewhere.put(5, load_file(str(tiny_model_dir / "model.safetensors")), meta=PROMOTED)
+    with pytest.raises(WeightsRefused, match="uri: .* is not version 5's folder"):
+        store_version(store, 5, uri=str(elsewhere.folder(5)))
+    with pytest.raises(WeightsRefused, match="is not version 6's folder"):
         store_version(store, 6, uri=record.path)
-    with pytest.raises(WeightsRefused, match="not in the weight store"):
+    with pytest.raises(NotPublished, match="version 7 was never published"):
         store_version(store, 7)
 
 
 def test_a_corrupt_store_version_is_refused_and_version_0_keeps_serving(tiny_model_dir, tmp_path):
     store = WeightStore(tmp_path / "weights")
-    record = store.put(3, load_file(str(tiny_model_dir / "model.safetensors")))
+    record = store.put(3, load_file(str(tiny_model_dir / "model.safetensors")), meta=PROMOTED)
     with open(record.weights_path, "r+b") as f:  # flip one byte after the manifest was written
         f.seek(-1, 2)
         last = f.read(1)
@@ -200,8 +296,13 @@ def test_a_corrupt_store_version_is_refused_and_version_0_keeps_serving(tiny_mod
 
 def run_generator(model_dir: Path, tmp_path: Path, body):
     async def main():
-        gen = Generator(make_backend("transformers", model_dir), model_dir, Limits(max_model_len=256),
-                        tmp_path / "weights", tmp_path / "work")
+        gen = Generator(
+            make_backend("transformers", model_dir),
+            model_dir,
+            Limits(max_model_len=256),
+            tmp_path / "weights",
+            tmp_path / "work",
+        )
         await gen.start()
         try:
             return await body(gen)
@@ -214,7 +315,8 @@ def run_generator(model_dir: Path, tmp_path: Path, body):
 async def collect(gen: Generator, ids: list[int], s: Sampling) -> tuple[int, list[SampleOut]]:
     outs, version = [SampleOut(i) for i in range(s.n)], -1
     async with aclosing(gen.generate(ids, s, "t")) as stream:
-        async for version, d in stream:
+        async for chunk_version, d in stream:
+            version = chunk_version
             outs[d.index].add(d)
     return version, outs
 
@@ -240,9 +342,9 @@ def test_merged_lora_matches_peft_and_base_is_restored(tiny_model_dir, tmp_path)
 
     tensors, cfg = make_random_lora(tiny_model_dir, tmp_path / "lora", rank=8, seed=1)
     store = WeightStore(tmp_path / "weights")
-    store.put(1, tensors, fmt="lora", adapter_config=cfg)
+    store.put(1, tensors, fmt="lora", adapter_config=cfg, meta=PROMOTED)
     other = build_tiny_model(tmp_path / "other", seed=1, initializer_range=0.2)
-    store.put(2, load_file(str(other / "model.safetensors")))
+    store.put(2, load_file(str(other / "model.safetensors")), meta=PROMOTED)
 
     async def body(gen):
         ids = gen.chat_ids([{"role": "user", "content": "hi"}])
@@ -319,3 +421,49 @@ def test_waiting_people_go_before_queued_background_work(tiny_model_dir):
         return finished
 
     assert asyncio.run(body()) == ["background-running", "person", "background-1", "background-2"]
+
+
+def test_the_follower_believes_only_what_the_store_confirms(tiny_model_dir, tmp_path):
+    """PolicyFollower.check on real (unstarted) generators: with a weight store, an event must
+    match a promoted manifest; without one, a well-formed announcement joins the lineage
+    that UpdateWeights is checked against."""
+    from rlhf.generation.follower import PolicyFollower
+    from rlhf.v1 import common_pb2, events_pb2
+
+    def follower(store_root: Path) -> PolicyFollower:
+        gen = Generator(
+            make_backend("transformers", tiny_model_dir),
+            tiny_model_dir,
+            Limits(max_model_len=256),
+            store_root,
+            tmp_path / "work",
+        )
+        return PolicyFollower(gen, bootstrap="127.0.0.1:1", topic="unused")
+
+    def event(**kw):
+        return events_pb2.PolicyUpdate(
+            **{"action": events_pb2.POLICY_ACTION_PROMOTED, "format": common_pb2.WEIGHT_FORMAT_FULL, **kw}
+        )
+
+    store = WeightStore(tmp_path / "weights")
+    tensors = load_file(str(tiny_model_dir / "model.safetensors"))
+    good = store.put(1, tensors, meta=PROMOTED)
+    store.put(2, tensors, meta={"promoted": False})
+    f = follower(store.root)
+    assert f.check(event(version=1, sha256=good.sha256)) is None
+    assert f.check(event(version=0)) is None  # the initial weights, no store entry
+    for ev, reason in [
+        (event(version=-1, sha256=good.sha256), "negative_version"),
+        (event(version=999999, sha256=good.sha256), "not_in_store"),
+        (event(version=2, sha256=store.get(2).sha256), "not_promoted"),
+        (event(version=1, sha256="0" * 64), "sha256_mismatch"),
+        (event(version=1, sha256=good.sha256, format=common_pb2.WEIGHT_FORMAT_LORA), "format_mismatch"),
+    ]:
+        assert f.check(ev)[0] == reason, reason
+    assert f.gen.announced == {}
+
+    remote = follower(tmp_path / "no-store-here")
+    assert remote.check(event(version=7, sha256="AB" * 32)) is None
+    assert remote.check(event(version=8, sha256="short"))[0] == "bad_sha256"
+    assert remote.gen.announced == {7: Announced("ab" * 32, "full")}
+    assert published(remote.gen.store, 7, remote.gen.announced) == ("ab" * 32, "full")

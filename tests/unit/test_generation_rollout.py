@@ -9,28 +9,69 @@ import json
 import grpc
 import pytest
 
-from rlhf.rollout import EVAL, TRAIN, PolicyBudget, PromptMixer, WorkerConfig, build_prompt_sets, call_with_retry, load_prompts
+from rlhf.rollout import (
+    EVAL,
+    TRAIN,
+    PolicyBudget,
+    PromptMixer,
+    WorkerConfig,
+    build_prompt_sets,
+    call_with_retry,
+    load_prompts,
+)
 from rlhf.rollout.worker import GroupDropped
 from rlhf.v1 import generation_pb2, generation_pb2_grpc
 
 
-def test_budget_allows_lag_plus_one_batches_per_version():
-    b = PolicyBudget(rollouts_per_version=4, max_policy_lag=1)
-    b.observe(0)
+def _spend(b: PolicyBudget) -> int:
     granted = 0
     while b.try_reserve(2):
         b.settle(2, 2)
         granted += 2
-    assert granted == 8 and b.remaining == 0
-    assert not b.observe(0)              # the same version again changes nothing
-    assert b.observe(3) and b.remaining == 8
+    return granted
+
+
+def test_budget_allows_lag_plus_one_batches_per_version():
+    b = PolicyBudget(rollouts_per_version=4, max_policy_lag=1)
+    assert _spend(b) == 8 and b.remaining == 0
+    assert b.advance(3) and b.remaining == 8  # the learner announced a version: one more budget
     assert PolicyBudget(16, 0).budget == 16  # lag 0: one learner batch per version, on-policy
+
+
+def test_budget_follows_the_learners_announcements_not_version_numbers():
+    """Any announcement opens a budget, whatever its number: a bogus 999999 (or a generator
+    serving one) cannot make the worker wait for the learner to catch up with it, and a
+    rollback to an older version resumes the worker like any other announcement."""
+    b = PolicyBudget(rollouts_per_version=2, max_policy_lag=0)
+    assert b.advance(999999) and _spend(b) == 2
+    assert b.advance(7) and b.version == 7 and _spend(b) == 2  # lower than 999999: still a new budget
+    assert b.advance(4) and _spend(b) == 2  # a rollback to 4
+    assert b.advance(4) and _spend(b) == 2  # the same number again: the learner moved on
+    assert not b.advance(-1) and b.remaining == 0 and b.version == 4  # no learner announces a negative version
+    assert b.announcements == 4
+
+
+def test_budget_reopens_when_the_learner_drops_rollouts_and_cannot_make_a_batch():
+    """After a rollback the learner drops the rollouts sampled before the generator swapped
+    (stale) and waits for fresh ones; without a new version nothing would be announced."""
+    b = PolicyBudget(rollouts_per_version=4, max_policy_lag=1)
+    b.advance(5, counts=(100, 0))
+    assert _spend(b) == 8
+    assert not b.learner_counts(104, 0)  # trained a batch: its version is about to be announced
+    assert not b.learner_counts(108, 0)  # no drops: only an announcement opens a budget
+    assert b.remaining == 0 and b.releases == 0
+    b.advance(1, counts=(108, 0))  # ROLLED_BACK 1
+    assert _spend(b) == 8
+    assert not b.learner_counts(108, 3)  # 3 stale dropped, 5 left: still a batch to make
+    assert b.learner_counts(108, 6)  # 6 dropped, 2 left: less than a batch, so a new budget
+    assert b.remaining == 8 and b.releases == 1
+    assert not b.learner_counts(50, 0)  # a learner restored from an older checkpoint: a new base
 
 
 def test_budget_counts_reservations_in_flight():
     b = PolicyBudget(rollouts_per_version=2, max_policy_lag=0)
     assert b.try_reserve(2) and not b.try_reserve(2)
-    b.settle(2, 0)                        # the group failed: its room comes back
+    b.settle(2, 0)  # the group failed: its room comes back
     assert b.try_reserve(2)
 
 
@@ -79,10 +120,11 @@ async def _call(failures: int, code: grpc.StatusCode) -> tuple[object, int]:
         # a plain channel: the retries under test are the worker's, not the channel's
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = generation_pb2_grpc.GenerationServiceStub(channel)
-            cfg = WorkerConfig(initial_backoff_s=0.01, max_backoff_s=0.05)
+            cfg = WorkerConfig(initial_backoff_seconds=0.01, max_backoff_seconds=0.05)
             try:
-                result = await call_with_retry("get_info", stub.GetInfo, generation_pb2.GetInfoRequest(), 5, cfg,
-                                               asyncio.Event())
+                result = await call_with_retry(
+                    "get_info", stub.GetInfo, generation_pb2.GetInfoRequest(), 5, cfg, asyncio.Event()
+                )
             except GroupDropped as e:
                 result = e
         return result, servicer.calls
@@ -98,3 +140,25 @@ def test_retries_unavailable_with_backoff():
 def test_other_errors_are_not_retried():
     result, calls = asyncio.run(_call(1, grpc.StatusCode.INVALID_ARGUMENT))
     assert isinstance(result, GroupDropped) and "INVALID_ARGUMENT" in str(result) and calls == 1
+
+
+def test_retries_log_one_line_each(caplog):
+    with caplog.at_level("WARNING", logger="rlhf.rollout.worker"):
+        result, calls = asyncio.run(_call(2, grpc.StatusCode.UNAVAILABLE))
+    retries = [r for r in caplog.records if r.getMessage() == "service unavailable, retrying"]
+    assert result.policy_version == 7 and calls == 3
+    assert [(r.stage, r.attempt) for r in retries] == [("get_info", 1), ("get_info", 2)]
+
+
+def test_retry_wait_doubles_with_jitter_up_to_the_max():
+    import tenacity
+
+    from rlhf.rollout.worker import retry_wait
+
+    wait = retry_wait(WorkerConfig(initial_backoff_seconds=0.5, max_backoff_seconds=4.0))
+    state = tenacity.RetryCallState(tenacity.Retrying(), None, (), {})
+    for attempt, backoff in [(1, 0.5), (2, 1.0), (3, 2.0), (4, 4.0), (5, 4.0), (9, 4.0)]:
+        state.attempt_number = attempt
+        waits = [wait(state) for _ in range(200)]
+        assert all(backoff / 2 <= w <= backoff for w in waits), (attempt, min(waits), max(waits))
+        assert max(waits) - min(waits) > backoff / 10  # jittered, not a constant

@@ -50,6 +50,7 @@ def params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 # --- batches ----------------------------------------------------------------------------
 
+
 def test_collate_left_pads_prompts_and_right_pads_responses():
     a, b = rollout(0, 2, 3), rollout(1, 4, 1)
     batch = collate([a, b], PAD)
@@ -75,22 +76,25 @@ def test_select_cuts_columns_that_are_padding_in_every_row():
 def test_invalid_rollouts_are_named():
     good = rollout(0, 2, 3)
     assert invalid_reason(good) is None
-    assert "empty response" in invalid_reason(SimpleNamespace(**{**vars(good), "response_token_ids": [],
-                                                                   "logprobs": [], "ref_logprobs": []}))
-    assert "logprobs" in invalid_reason(SimpleNamespace(**{**vars(good), "logprobs": [0.0]}))
+    assert "response_token_ids is empty" in str(
+        invalid_reason(SimpleNamespace(**{**vars(good), "response_token_ids": [], "logprobs": [], "ref_logprobs": []}))
+    )
+    assert "logprobs" in str(invalid_reason(SimpleNamespace(**{**vars(good), "logprobs": [0.0]})))
     with pytest.raises(ValueError, match="r0"):
         collate([SimpleNamespace(**{**vars(good), "prompt_token_ids": []})], PAD)
 
 
 # --- the policy -------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("finetune", ["lora", "full"])
 def test_policy_logprobs_match_a_plain_forward(tiny_model_dir, finetune):
     policy = build_policy(tiny_model_dir, small_config(finetune=finetune))
     reference = load_causal_lm(tiny_model_dir)
     batch = collate(rollouts(4), PAD)
-    logits, values = policy(batch.input_ids, batch.attention_mask, batch.position_ids,
-                            batch.prompt_width, batch.response_width)
+    logits, values = policy(
+        batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_width, batch.response_width
+    )
     assert logits.shape[:2] == values.shape == batch.response_mask.shape
     from rlhf.ppo import logprobs_from_logits
 
@@ -109,13 +113,27 @@ def test_lora_trains_only_the_adapter_and_the_value_head(tiny_model_dir):
 
 # --- the PPO step -----------------------------------------------------------------------
 
+
 def test_step_reports_every_metric_and_changes_the_policy(tiny_model_dir):
     policy = build_policy(tiny_model_dir, small_config())
     trainer = PPOTrainer(policy, small_config())
     before = params(policy)
     stats = trainer.step(collate(rollouts(), PAD))
-    for key in ("kl", "kl_coef", "reward_mean", "score_mean", "entropy", "clipfrac", "approx_kl", "value_loss",
-                "explained_variance", "response_length", "tokens_per_second", "policy_loss", "grad_norm"):
+    for key in (
+        "kl",
+        "kl_coef",
+        "reward_mean",
+        "score_mean",
+        "entropy",
+        "clipfrac",
+        "approx_kl",
+        "value_loss",
+        "explained_variance",
+        "response_length",
+        "tokens_per_second",
+        "policy_loss",
+        "grad_norm",
+    ):
         assert key in stats and isinstance(stats[key], float), key
     assert stats["score_mean"] == 0.5
     assert 0 < stats["entropy"] <= math.log(policy.causal_lm.config.vocab_size) + 1e-3
@@ -131,6 +149,23 @@ def test_first_minibatch_starts_on_policy_when_recomputing(tiny_model_dir):
     # one minibatch, one optimizer step: the loss was taken at ρ = 1 exactly
     assert stats["clipfrac"] == 0.0
     assert abs(stats["approx_kl"]) < 1e-6 and abs(stats["ratio_mean"] - 1) < 1e-6
+
+
+def test_a_non_finite_padded_slot_stays_out_of_the_behaviour_pass(tiny_model_dir):
+    cfg = small_config()
+    trainer = PPOTrainer(build_policy(tiny_model_dir, cfg), cfg)
+    batch = collate(rollouts(), PAD)
+    forward = trainer._forward
+
+    def poisoned(mb):  # what a padded position may hold in fp16: inf logits, a NaN value
+        logits, values = forward(mb)
+        pad = ~mb.response_mask.bool()  # (b, R)
+        return logits.masked_fill(pad.unsqueeze(-1), float("inf")), values.masked_fill(pad, float("nan"))
+
+    trainer._forward = poisoned
+    mask = batch.response_mask.bool()
+    for out in trainer._behaviour_pass(batch):  # log π, V, entropy: each (B, R)
+        assert torch.isfinite(out).all() and not out[~mask].any()
 
 
 def test_micro_batches_accumulate_to_the_minibatch_gradient(tiny_model_dir):
@@ -172,6 +207,7 @@ def test_batch_sizes_must_nest():
 
 
 # --- checkpoints and the ledger ---------------------------------------------------------
+
 
 @pytest.mark.parametrize("finetune", ["lora", "full"])
 def test_resuming_from_a_checkpoint_continues_exactly(tiny_model_dir, tmp_path, finetune):
@@ -239,6 +275,7 @@ def test_learner_state_lag_follows_the_lineage():
 
 
 # --- drift gate and published versions --------------------------------------------------
+
 
 @pytest.mark.parametrize("finetune", ["lora", "full"])
 def test_drift_gate_is_zero_at_the_reference_and_refuses_a_drifted_policy(tiny_model_dir, finetune):

@@ -128,9 +128,7 @@ def test_batch_sequence_logprobs_equals_unbatched(model, tokenizer, padding_side
         tokenizer.encode("Hello! How can I help you today?", add_special_tokens=False),
         [],  # an empty response has no log-probs
     ]
-    batched = batch_sequence_logprobs(
-        model, prompts, responses, tokenizer.pad_token_id, padding_side=padding_side
-    )
+    batched = batch_sequence_logprobs(model, prompts, responses, tokenizer.pad_token_id, padding_side=padding_side)
     assert [t.shape[0] for t in batched] == [len(r) for r in responses]
     for p, r, got in zip(prompts, responses, batched):
         torch.testing.assert_close(got, sequence_logprobs(model, p, r), atol=1e-5, rtol=1e-5)

@@ -40,7 +40,10 @@ def test_tiny_model_generates_in_vllm_with_hf_logprobs(tiny_model_dir):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run(
         [sys.executable, "-m", "rlhf.models.check_vllm", str(tiny_model_dir), "--max-tokens", "8"],
-        capture_output=True, text=True, timeout=540, env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     match = re.search(r"max \|logprob vLLM - HF\| over the completion: (\S+)", proc.stdout)

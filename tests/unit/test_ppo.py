@@ -44,10 +44,7 @@ def ragged():
     """Three rows: right-padded, left-padded, and one with a hole in the middle."""
     g = torch.Generator().manual_seed(0)
     values = torch.randn(3, 6, generator=g)
-    mask = torch.tensor(
-        [[1, 1, 1, 1, 0, 0],
-         [0, 0, 1, 1, 1, 1],
-         [1, 1, 0, 1, 1, 0]], dtype=torch.float32)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1], [1, 1, 0, 1, 1, 0]], dtype=torch.float32)
     return values, mask
 
 
@@ -61,6 +58,7 @@ def test_importable_without_grpc_or_kafka():
 
 
 # --- masked reductions -----------------------------------------------------------------
+
 
 def test_masked_mean_hand_computed():
     values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
@@ -109,6 +107,7 @@ def test_reductions_ignore_padded_values(ragged, fill):
 
 # --- log-probs and entropy -------------------------------------------------------------
 
+
 def test_logprobs_from_logits_hand_computed():
     logits = torch.tensor([[[0.0, math.log(3.0)], [0.0, 0.0]]])  # p = (1/4, 3/4), (1/2, 1/2)
     labels = torch.tensor([[1, 0]])
@@ -137,6 +136,7 @@ def test_entropy_from_logits():
 
 
 # --- KL ---------------------------------------------------------------------------------
+
 
 def test_kl_estimators_hand_computed():
     lp = torch.tensor([[math.log(0.5)]])
@@ -176,11 +176,13 @@ def test_kl_penalized_rewards_score_on_last_unmasked_token():
     mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]])
     scores = torch.tensor([10.0, 20.0, 30.0])
     rewards = kl_penalized_rewards(scores, logprobs, ref, mask, kl_coef=0.1)
-    expected = torch.tensor([
-        [-0.05, 0.0, 0.1 + 10.0, 0.0],  # k1 = 0.5, 0, −1; score at index 2
-        [0.0, 0.0, 20.0, 0.0],          # left padding: last unmasked is index 2
-        [0.0, 0.0, 0.0, 0.0],           # no response tokens: nothing to reward
-    ])
+    expected = torch.tensor(
+        [
+            [-0.05, 0.0, 0.1 + 10.0, 0.0],  # k1 = 0.5, 0, −1; score at index 2
+            [0.0, 0.0, 20.0, 0.0],  # left padding: last unmasked is index 2
+            [0.0, 0.0, 0.0, 0.0],  # no response tokens: nothing to reward
+        ]
+    )
     assert close(rewards, expected)
 
 
@@ -205,6 +207,7 @@ def test_kl_penalized_rewards_ignore_padded_logprobs(ragged):
 
 
 # --- GAE --------------------------------------------------------------------------------
+
 
 def test_gae_hand_computed():
     rewards = torch.tensor([[0.0, 0.0, 1.0]])
@@ -250,12 +253,14 @@ def test_gae_skips_padding_like_the_compacted_sequence(ragged):
     for row in range(3):
         keep = mask[row].bool()
         compact_adv, compact_ret = gae(
-            rewards[row, keep][None], values[row, keep][None], torch.ones(1, int(keep.sum())), 0.9, 0.8)
+            rewards[row, keep][None], values[row, keep][None], torch.ones(1, int(keep.sum())), 0.9, 0.8
+        )
         assert close(adv[row, keep], compact_adv[0])
         assert close(ret[row, keep], compact_ret[0])
 
 
 # --- policy loss ------------------------------------------------------------------------
+
 
 def test_policy_loss_at_ratio_one_is_minus_mean_advantage():
     lp = torch.tensor([[-1.0, -2.0, -3.0]])
@@ -284,11 +289,11 @@ def test_policy_loss_hand_computed_clipping():
 @pytest.mark.parametrize(
     "ratio, advantage, has_grad",
     [
-        (1.5, 1.0, False),   # above 1+ε, advantage positive: clipped, no push further
+        (1.5, 1.0, False),  # above 1+ε, advantage positive: clipped, no push further
         (0.5, -1.0, False),  # below 1−ε, advantage negative: clipped
-        (1.5, -1.0, True),   # above 1+ε but advantage negative: pull back, unclipped
-        (0.5, 1.0, True),    # below 1−ε but advantage positive: unclipped
-        (1.1, 1.0, True),    # inside the trust region
+        (1.5, -1.0, True),  # above 1+ε but advantage negative: pull back, unclipped
+        (0.5, 1.0, True),  # below 1−ε but advantage positive: unclipped
+        (1.1, 1.0, True),  # inside the trust region
         (0.9, -1.0, True),
     ],
 )
@@ -311,13 +316,15 @@ def test_policy_loss_padding_gets_no_gradient_and_no_influence(ragged):
     loss.backward()
     assert torch.all(lp.grad[mask == 0] == 0)
     dirty_loss, dirty_stats = policy_loss(
-        poison(values * 0.1, mask, NAN), poison(old, mask, INF), poison(adv, mask, NAN), mask, 0.2)
+        poison(values * 0.1, mask, NAN), poison(old, mask, INF), poison(adv, mask, NAN), mask, 0.2
+    )
     assert close(dirty_loss, loss)
     for key in stats:
         assert close(dirty_stats[key], stats[key]), key
 
 
 # --- value loss -------------------------------------------------------------------------
+
 
 def test_value_loss_hand_computed():
     old = torch.tensor([[0.0, 0.0, 0.0]])
@@ -339,8 +346,7 @@ def test_value_loss_ignores_padding(ragged):
     loss, _ = value_loss(v, old, returns, mask, 0.2)
     loss.backward()
     assert torch.all(v.grad[mask == 0] == 0)
-    dirty, _ = value_loss(
-        poison(values, mask, NAN), poison(old, mask, INF), poison(returns, mask, NAN), mask, 0.2)
+    dirty, _ = value_loss(poison(values, mask, NAN), poison(old, mask, INF), poison(returns, mask, NAN), mask, 0.2)
     assert close(dirty, loss)
 
 
@@ -355,6 +361,7 @@ def test_explained_variance():
 
 
 # --- KL controllers ---------------------------------------------------------------------
+
 
 def test_adaptive_kl_controller_moves_beta_as_documented():
     ctl = AdaptiveKLController(init_kl_coef=0.1, target=6.0, horizon=10_000)

@@ -25,13 +25,14 @@ from rlhf.reward import (
     resolve_backbone,
 )
 from rlhf.reward.checkpoint import RewardCheckpoints
-from rlhf.reward.synthetic import KEYWORD, SyntheticPreference
+from rlhf.testing.preferences import KEYWORD, SyntheticPreference
 from rlhf.v1 import common_pb2, events_pb2
 
 
 def feedback(event_id: str, prompt: str = "hi", **kind) -> events_pb2.Feedback:
-    return events_pb2.Feedback(schema_version=1, event_id=event_id,
-                               prompt=[common_pb2.ChatMessage(role="user", content=prompt)], **kind)
+    return events_pb2.Feedback(
+        schema_version=1, event_id=event_id, prompt=[common_pb2.ChatMessage(role="user", content=prompt)], **kind
+    )
 
 
 def rating(event_id: str, response: str, value: int, prompt: str = "hi") -> events_pb2.Feedback:
@@ -119,11 +120,12 @@ def test_normalizer_identity_before_first_score():
 def test_comparison_becomes_a_pair_and_bad_ones_are_reported():
     c = FeedbackConverter()
     kind, ex, problem = c.convert(comparison("e1", "good", "bad"))
-    assert (kind, problem) == ("comparison", "")
+    assert (kind, problem) == ("comparison", None)
     assert ex == [Example(PAIR, (("user", "hi"),), chosen="good", rejected="bad", event_id="e1")]
-    assert c.convert(comparison("e2", "same", "same"))[2] == "identical_responses"
-    assert c.convert(rating("e3", "x", 0))[2] == "zero_rating"
-    assert c.convert(feedback("e4"))[0:3:2] == ("unknown", "no_rating_or_comparison")
+    assert c.convert(comparison("e2", "same", "same"))[2].reason == "identical_responses"
+    assert c.convert(rating("e3", "x", 0))[2].reason == "rating_out_of_range"
+    kind, ex, problem = c.convert(feedback("e4"))
+    assert (kind, ex, problem.reason) == ("unknown", [], "no_rating_or_comparison")
 
 
 def test_thumbs_pair_with_an_opposite_rating_of_the_same_prompt_else_pointwise():
@@ -196,7 +198,7 @@ def test_reward_model_scores_are_batch_independent(tiny_backbone):
 def test_trainer_learns_synthetic_preference_with_progressive_validation(tiny_backbone):
     torch.manual_seed(0)
     model = load_reward_model(tiny_backbone, max_tokens=64)
-    trainer = OnlineRewardTrainer(model, TrainerConfig(lr=1e-3, batch_size=16, accuracy_window=64))
+    trainer = OnlineRewardTrainer(model, TrainerConfig(lr=1e-3, train_batch_size=16, accuracy_window=64))
     gen, held = SyntheticPreference(seed=1), SyntheticPreference(seed=2)
     test_pairs = [held.pair() for _ in range(100)]
 
@@ -220,11 +222,12 @@ def test_trainer_learns_synthetic_preference_with_progressive_validation(tiny_ba
 
 def test_trainer_ingest_drops_duplicates_and_mixes_kinds(tiny_backbone):
     model = load_reward_model(tiny_backbone, max_tokens=32)
-    trainer = OnlineRewardTrainer(model, TrainerConfig(lr=1e-3, batch_size=4))
+    trainer = OnlineRewardTrainer(model, TrainerConfig(lr=1e-3, train_batch_size=4))
     events = [comparison("c1", "a please", "b"), rating("r1", "x", 1), rating("r2", "y", -1), rating("r3", "z", 0)]
     first = trainer.ingest(events)
     assert [e.kind for e in first.examples] == [PAIR, POINT, PAIR]
-    assert first.invalid == {"zero_rating": 1} and first.kinds == {"comparison": 1, "thumbs": 3}
+    assert first.invalid == {"rating_out_of_range": 1} and first.kinds == {"comparison": 1, "thumbs": 3}
+    assert [(i, why.split(":")[0]) for i, why in first.refused] == [(3, "rating_out_of_range")]
     again = trainer.ingest(events)
     assert again.examples == [] and again.duplicates == 4
     (s,) = list(trainer.train(first.examples))
@@ -234,14 +237,16 @@ def test_trainer_ingest_drops_duplicates_and_mixes_kinds(tiny_backbone):
 
 def test_checkpoint_round_trip_restores_everything(tiny_backbone, tmp_path):
     model = load_reward_model(tiny_backbone, max_tokens=32)
-    trainer = OnlineRewardTrainer(model, TrainerConfig(lr=1e-3, batch_size=8))
+    trainer = OnlineRewardTrainer(model, TrainerConfig(lr=1e-3, train_batch_size=8))
     gen = SyntheticPreference(seed=3)
     list(trainer.train(trainer.ingest([gen.comparison_event() for _ in range(24)]).examples))
     ckpt = RewardCheckpoints(tmp_path, keep_versions=2, keep_states=2)
     record = ckpt.publish(model.state_dict(), parent=0, base_model="tiny", meta={"train_step": trainer.step})
     ckpt.save_state(trainer.step, record.version, {"trainer": trainer.state_dict(), "offsets": [["t", 0, 24]]})
 
-    fresh = OnlineRewardTrainer(load_reward_model(tiny_backbone, max_tokens=32), TrainerConfig(lr=1e-3, batch_size=8))
+    fresh = OnlineRewardTrainer(
+        load_reward_model(tiny_backbone, max_tokens=32), TrainerConfig(lr=1e-3, train_batch_size=8)
+    )
     state = ckpt.latest_state()
     _, tensors = ckpt.load_weights(state["version"])
     fresh.model.load_state_dict(tensors)
@@ -289,6 +294,6 @@ def test_policy_backbone_reads_the_last_response_token(tiny_model_dir):
     batch = model.score(prompts, responses)
     one = torch.cat([model.score(prompts[i : i + 1], responses[i : i + 1]) for i in range(2)])
     assert torch.allclose(batch, one, atol=1e-5)
-    trainer = OnlineRewardTrainer(model, TrainerConfig(lr=1e-3, batch_size=2))
+    trainer = OnlineRewardTrainer(model, TrainerConfig(lr=1e-3, train_batch_size=2))
     (s,) = list(trainer.train([Example(PAIR, prompts[0], chosen="good please", rejected="bad")]))
     assert math.isfinite(s["loss"])

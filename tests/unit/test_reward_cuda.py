@@ -13,7 +13,7 @@ import torch
 
 from rlhf.reward import OnlineRewardTrainer, TrainerConfig, load_reward_model, messages_of, resolve_backbone
 from rlhf.reward.checkpoint import RewardCheckpoints
-from rlhf.reward.synthetic import SyntheticPreference
+from rlhf.testing.preferences import SyntheticPreference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -34,7 +34,7 @@ def test_rm_scores_match_cpu_and_training_and_checkpoints_work_on_cuda(backbone,
     assert torch.allclose(cpu.score(prompts, texts), gpu.score(prompts, texts), atol=1e-4)
 
     torch.manual_seed(0)
-    trainer = OnlineRewardTrainer(gpu, TrainerConfig(lr=1e-3, batch_size=16, accuracy_window=64))
+    trainer = OnlineRewardTrainer(gpu, TrainerConfig(lr=1e-3, train_batch_size=16, accuracy_window=64))
     list(trainer.train(trainer.ingest([gen.comparison_event() for _ in range(320)]).examples))
     chosen = gpu.score(prompts, [c for _, c, _ in test_pairs])
     rejected = gpu.score(prompts, [r for _, _, r in test_pairs])
@@ -66,7 +66,7 @@ def test_reference_log_probs_match_cpu(tmp_path):
     responses = [torch.randint(0, 49152, (n,), generator=g).tolist() for n in (8, 3, 20, 11)]
     for batching in ("exact", "padded"):
         gpu.batching = batching
-        for a, b, p, r in zip(cpu.logprobs(prompts, responses), gpu.logprobs(prompts, responses), prompts, responses):
+        for a, b, _p, r in zip(cpu.logprobs(prompts, responses), gpu.logprobs(prompts, responses), prompts, responses):
             assert b.device.type == "cpu" and b.shape == (len(r),)
             assert torch.allclose(a, b, atol=1e-4)
     # exact batching on the GPU is bitwise the GPU's own one-by-one forward

@@ -99,5 +99,7 @@ def test_health_deadline_drain_and_metrics():
 
     asyncio.run(scenario())
     ok = REGISTRY.get_sample_value("rlhf_grpc_server_handled_total", {"method": "GetInfo", "code": "OK"})
-    late = REGISTRY.get_sample_value("rlhf_grpc_server_handled_total", {"method": "GetInfo", "code": "DEADLINE_EXCEEDED"})
+    late = REGISTRY.get_sample_value(
+        "rlhf_grpc_server_handled_total", {"method": "GetInfo", "code": "DEADLINE_EXCEEDED"}
+    )
     assert (ok, late) == (1, 1)

@@ -1,18 +1,24 @@
-"""rlhf.sim's pure parts: oracles, win-rate arithmetic, run folders, prompt sets, the CLI."""
+"""rlhf.experiments's pure parts: oracles, win-rate arithmetic, run folders, prompt sets, the CLI."""
 
 import json
 import math
 
 import pytest
 
-from rlhf.sim import oracles
-from rlhf.sim.evaluate import rm_agreement
-from rlhf.sim.prompts import load_prompts
-from rlhf.sim.runlog import RunFolder, line_plot, table
-from rlhf.sim.simulate import Thumbs
-from rlhf.sim.sweep_report import regime
-from rlhf.sim.winrate import sequence_kl, win_rate, win_rate_interval
-
+from rlhf.experiments import oracles
+from rlhf.experiments.evaluate import rm_agreement
+from rlhf.experiments.oracles import (
+    prefers_concise,
+    prefers_exclamation,
+    prefers_keyword,
+    prefers_question_ending,
+    property_of,
+)
+from rlhf.experiments.runlog import RunFolder, line_plot, table
+from rlhf.experiments.simulate import Thumbs
+from rlhf.experiments.sweep_report import regime
+from rlhf.experiments.winrate import sequence_kl, win_rate, win_rate_interval
+from rlhf.prompts import load_prompt_texts
 
 # --- oracles ------------------------------------------------------------------------------
 
@@ -24,10 +30,34 @@ def test_prefers_concise_orders_by_length_and_hates_empty():
 
 
 def test_prefers_question_ending():
-    assert oracles.prefers_question_ending("q", "Paris. Anything else?") > oracles.prefers_question_ending("q", "Paris.")
+    assert oracles.prefers_question_ending("q", "Paris. Anything else?") > oracles.prefers_question_ending(
+        "q", "Paris."
+    )
     # two question endings still compare: the shorter wins
-    assert oracles.prefers_question_ending("q", "Tea?") > oracles.prefers_question_ending("q", "Would you like some tea?")
+    assert oracles.prefers_question_ending("q", "Tea?") > oracles.prefers_question_ending(
+        "q", "Would you like some tea?"
+    )
     assert oracles.prefers_question_ending("q", 'She asked "why?"') > 0.9
+
+
+def test_prefers_exclamation_is_the_property_alone():
+    assert prefers_exclamation("p", "Great idea!") == 1.0 and prefers_exclamation("p", "Fine.") == 0.0
+    # no length tie-break: both with, or both without, is a tie
+    assert prefers_exclamation("p", "Yes!") == prefers_exclamation("p", "Yes, a much longer answer!")
+    assert prefers_exclamation("p", "No.") == prefers_exclamation("p", "No, a much longer answer.")
+
+
+def test_property_of_names_the_rewarded_behaviour():
+    assert property_of(prefers_question_ending)("Want more?") and not property_of(prefers_question_ending)("No.")
+    assert property_of(prefers_keyword)("Yes, please.") and not property_of(prefers_keyword)("pleased")
+    assert property_of(prefers_exclamation)("Wow!")
+    assert property_of(prefers_concise) is None  # a graded taste has no yes/no behaviour
+
+    def custom(prompt, response):
+        return float(response.isupper())
+
+    custom.property = str.isupper
+    assert property_of(custom) is str.isupper
 
 
 def test_prefers_keyword_counts_whole_words():
@@ -48,12 +78,15 @@ def test_gold_oracle_and_biased_rater_disagree_about_length():
 
 def test_load_oracle_builtin_and_module_function():
     assert oracles.load_oracle("prefers_concise") is oracles.prefers_concise
-    assert oracles.load_oracle("rlhf.sim.oracles:prefers_keyword") is oracles.prefers_keyword
+    assert oracles.load_oracle("rlhf.experiments.oracles:prefers_keyword") is oracles.prefers_keyword
     fn = oracles.load_oracle("os.path:join")  # any importable callable works
     assert callable(fn)
 
 
-@pytest.mark.parametrize("spec", ["no_such_oracle", "rlhf.sim.oracles:missing", "no.such.module:f", "rlhf.sim.oracles:KEYWORD"])
+@pytest.mark.parametrize(
+    "spec",
+    ["no_such_oracle", "rlhf.experiments.oracles:missing", "no.such.module:f", "rlhf.experiments.oracles:KEYWORD"],
+)
 def test_load_oracle_errors_name_the_spec(spec):
     with pytest.raises(ValueError, match=spec.split(":")[0].split(".")[0]):
         oracles.load_oracle(spec)
@@ -130,8 +163,14 @@ def test_table_plain_and_markdown():
 
 
 def test_line_plot_writes_a_png(tmp_path):
-    path = line_plot(tmp_path / "p.png", "t", [1, 2, 3], [("a", [1.0, 2.0, 3.0])],
-                     panels=[("b", [("c", [0.0, 1.0, 0.5])])], markers=[(2, "gate refused")])
+    path = line_plot(
+        tmp_path / "p.png",
+        "t",
+        [1, 2, 3],
+        [("a", [1.0, 2.0, 3.0])],
+        panels=[("b", [("c", [0.0, 1.0, 0.5])])],
+        markers=[(2, "gate refused")],
+    )
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -145,16 +184,18 @@ def test_regime_names_the_three_behaviours():
 
 
 def test_prompt_sets_are_disjoint_and_files_load(tmp_path):
-    train, heldout = load_prompts("train"), load_prompts("heldout")
+    train, heldout = load_prompt_texts("train"), load_prompt_texts("heldout")
     assert train and heldout and not set(train) & set(heldout)
     txt = tmp_path / "p.txt"
     txt.write_text("# comment\nWhat is tea?\n\nWhy?\n")
-    assert load_prompts("heldout", txt) == ["What is tea?", "Why?"]
+    assert load_prompt_texts("heldout", txt) == ["What is tea?", "Why?"]
     jl = tmp_path / "p.jsonl"
-    jl.write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps({"messages": [{"role": "user", "content": "b"}]}) + "\n")
-    assert load_prompts("train", jl) == ["a", "b"]
+    jl.write_text(
+        json.dumps({"prompt": "a"}) + "\n" + json.dumps({"messages": [{"role": "user", "content": "b"}]}) + "\n"
+    )
+    assert load_prompt_texts("train", jl) == ["a", "b"]
     with pytest.raises(ValueError):
-        load_prompts("other")
+        load_prompt_texts("other")
 
 
 def test_cli_has_the_loop_commands():
@@ -163,15 +204,56 @@ def test_cli_has_the_loop_commands():
     p = build_parser()
     args = p.parse_args(["simulate", "--oracle", "prefers_concise", "--feedback", "10"])
     assert args.feedback == 10 and args.mode == "pairwise"
-    args = p.parse_args(["eval", "--oracle", "rlhf.sim.oracles:prefers_concise", "--n", "8"])
+    args = p.parse_args(["eval", "--oracle", "rlhf.experiments.oracles:prefers_concise", "--n", "8"])
     assert args.n == 8 and args.samples == 4
     args = p.parse_args(["experiment", "kl-sweep", "--steps", "3", "--betas", "0,0.1"])
-    from rlhf.sim.sweep_config import config_from_args
+    from rlhf.experiments.sweep_config import config_from_args
 
     cfg = config_from_args(args)
     assert cfg.steps == 3 and cfg.betas == [0.0, 0.1]
     args = p.parse_args(["experiment", "win-rate", "--oracle", "prefers_concise", "--feedback", "300"])
     assert args.feedback == 300 and args.target == 0.7 and args.kl_budget == 5.0 and args.max_minutes == 30
+
+
+def test_base_rates_counts_each_behaviour_with_an_interval():
+    from rlhf.experiments.base_rates import rates
+
+    answers = ["Want more?", "Yes, please.", "Wow!", "Plain.", "Plain again."]
+    by = {r["oracle"]: r for r in rates(answers, dict(oracles.PROPERTY))}
+    assert {k: by[k]["showing"] for k in by} == {
+        "prefers_question_ending": 1,
+        "prefers_keyword": 1,
+        "prefers_exclamation": 1,
+    }
+    assert all(r["low"] < r["base_rate"] == 0.2 < r["high"] for r in by.values())
+
+
+def test_base_rates_command_samples_the_model(tiny_model_dir, tmp_path, capsys):
+    from rlhf.cli import main
+
+    rc = main(
+        [
+            "experiment",
+            "base-rates",
+            "--model",
+            str(tiny_model_dir),
+            "--n",
+            "3",
+            "--samples",
+            "2",
+            "--max-tokens",
+            "6",
+            "--run-dir",
+            str(tmp_path / "br"),
+            "--oracle",
+            "prefers_exclamation",
+        ]
+    )
+    assert rc == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(last) >= {"prefers_question_ending", "prefers_keyword", "prefers_exclamation"}
+    assert len((tmp_path / "br" / "answers.jsonl").read_text().splitlines()) == 6
+    assert main(["experiment", "base-rates", "--model", str(tiny_model_dir), "--oracle", "prefers_concise"]) == 2
 
 
 # --- rlhf experiment win-rate ---------------------------------------------------------------
@@ -182,22 +264,32 @@ def _row(version: int, rate: float, kl: float) -> dict:
 
 
 def test_win_rate_target_needs_a_trained_version_a_win_and_kl_in_budget():
-    from rlhf.sim.live import reached
+    from rlhf.experiments.live import reached
 
     assert reached(_row(3, 0.72, 4.0), 0.7, 5.0)
-    assert not reached(_row(0, 0.9, 0.0), 0.7, 5.0)      # the reference beating itself by luck
+    assert not reached(_row(0, 0.9, 0.0), 0.7, 5.0)  # the reference beating itself by luck
     assert not reached(_row(3, 0.69, 1.0), 0.7, 5.0)
-    assert not reached(_row(3, 0.95, 5.1), 0.7, 5.0)     # bought with drift past the budget
+    assert not reached(_row(3, 0.95, 5.1), 0.7, 5.0)  # bought with drift past the budget
 
 
 def test_eval_plot_uses_the_feedback_clock_when_rows_have_it(tmp_path):
-    from rlhf.sim.evaluate import plot_eval
+    from rlhf.experiments.evaluate import plot_eval
 
     run = RunFolder(tmp_path)
     assert plot_eval(run) is None
     for minutes, feedback, rate in ((0.0, 0, 0.5), (4.0, 120, 0.6), (9.0, 300, 0.75)):
-        run.append("eval", {"time": 1e9 + minutes, "minutes": minutes, "feedback": feedback, "words": 20,
-                            "words_reference": 30, "win_rate_low": rate - 0.1, "win_rate_high": rate + 0.1,
-                            **_row(int(minutes), rate, minutes / 3)})
+        run.append(
+            "eval",
+            {
+                "time": 1e9 + minutes,
+                "minutes": minutes,
+                "feedback": feedback,
+                "words": 20,
+                "words_reference": 30,
+                "win_rate_low": rate - 0.1,
+                "win_rate_high": rate + 0.1,
+                **_row(int(minutes), rate, minutes / 3),
+            },
+        )
     png = plot_eval(run, target=0.7)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

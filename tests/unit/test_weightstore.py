@@ -1,7 +1,10 @@
-import torch
-import pytest
+import json
+from pathlib import Path
 
-from rlhf.weightstore import FULL, LORA, CorruptWeights, WeightStore
+import pytest
+import torch
+
+from rlhf.weightstore import FULL, LORA, BadManifest, CorruptWeights, UnknownVersion, WeightStore
 
 
 def test_put_get_load_roundtrip(tmp_path):
@@ -34,7 +37,44 @@ def test_interrupted_write_is_invisible_and_versions_are_ordered(tmp_path):
     store.put(10, {"w": torch.zeros(1)}, fmt=LORA, adapter_config={"r": 8})
     assert [r.version for r in store.versions()] == [3, 10]
     assert store.latest().adapter_config == {"r": 8}
-    with pytest.raises(CorruptWeights):
+    with pytest.raises(UnknownVersion):
         store.get(9)
     with pytest.raises(FileExistsError):
         store.put(3, {"w": torch.zeros(1)})
+
+
+@pytest.mark.parametrize(
+    "edit,needle",
+    [
+        (lambda m: "not json {", "v000004/manifest.json is not JSON"),
+        (lambda m: b"\xff\xfe".decode("latin-1"), "v000004/manifest.json is not JSON"),
+        (lambda m: json.dumps([m]), "must be a JSON object"),
+        (lambda m: json.dumps({k: v for k, v in m.items() if k != "sha256"}), "field sha256: Field required"),
+        (lambda m: json.dumps(m | {"version": "4"}), "field version: Input should be a valid integer"),
+        (lambda m: json.dumps(m | {"version": 5}), "field version: says 5, the folder holds 4"),
+        (lambda m: json.dumps(m | {"format": "gguf"}), "field format: 'gguf'"),
+        (lambda m: json.dumps(m | {"sha256": "xyz"}), "field sha256: must be 64 lower-case hex digits"),
+        (lambda m: json.dumps(m | {"meta": []}), "field meta: Input should be an object"),
+        (lambda m: json.dumps(m | {"surprise": 1}), "field surprise: Unexpected keyword argument"),
+    ],
+)
+def test_a_malformed_manifest_is_refused_naming_the_file_and_field(tmp_path, edit, needle):
+    store = WeightStore(tmp_path)
+    rec = store.put(4, {"w": torch.zeros(1)}, meta={"promoted": True})
+    manifest = Path(rec.path) / "manifest.json"
+    manifest.write_text(edit(json.loads(manifest.read_text())))
+    with pytest.raises(BadManifest) as e:
+        store.get(4)
+    assert needle in str(e.value)
+    assert isinstance(e.value, CorruptWeights)  # callers that catch the base class still do
+    with pytest.raises(UnknownVersion, match="version 5 is not in the weight store") as e:
+        store.get(5)
+    assert not isinstance(e.value, CorruptWeights)  # missing is not corrupt: "not stored yet" is a normal answer
+
+
+def test_promoted_means_the_learner_published_it(tmp_path):
+    store = WeightStore(tmp_path)
+    assert store.put(1, {"w": torch.zeros(1)}, meta={"promoted": True}).promoted
+    assert not store.put(2, {"w": torch.zeros(1)}, meta={"promoted": False}).promoted
+    assert not store.put(3, {"w": torch.zeros(1)}).promoted
+    assert not store.put(5, {"w": torch.zeros(1)}, meta={"promoted": "yes"}).promoted

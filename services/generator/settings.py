@@ -1,0 +1,34 @@
+"""Settings of the generation service (RLHF_<NAME> or --<name>; `rlhf config` lists them)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from rlhf.serving import GrpcServiceSettings
+from rlhf.serving.settings import PolicyModelSettings, WeightStoreSettings
+
+
+class GeneratorSettings(PolicyModelSettings, WeightStoreSettings, GrpcServiceSettings):
+    port: int = Field(50051, description="gRPC port")
+    metrics_port: int = Field(9101, description="Prometheus /metrics HTTP port; 0 disables it")
+    backend: Literal["auto", "transformers", "vllm"] = Field(
+        "auto", description="engine: auto = vllm on a GPU, transformers on CPU (faster there, docs/generation.md)"
+    )
+    device: str = Field("auto", description='transformers backend device: "auto", "cpu" or "cuda"')
+    dtype: str = Field("float32", description="weights dtype: float32, bfloat16 or float16 (vllm also: auto)")
+    max_model_len: int = Field(2048, description="context limit: prompt + generated tokens")
+    default_max_tokens: int = Field(128, description="max_tokens when a request leaves it 0")
+    max_max_tokens: int = Field(1024, description="largest max_tokens a request may ask for")
+    max_n: int = Field(16, description="most samples per request")
+    max_batch: int = Field(32, description="most sequences decoded together (vLLM max_num_seqs)")
+    follow_policy_updates: bool = Field(True, description="load PROMOTED / ROLLED_BACK versions announced on Kafka")
+    enable_lora: bool = Field(True, description="accept LoRA adapter versions (vLLM: reserves LoRA slots)")
+    max_lora_rank: int = Field(16, description="largest LoRA rank accepted")
+    batch_wait_ms: float = Field(
+        5.0, description="transformers backend: an idle engine waits this long to batch requests sent together"
+    )
+    torch_threads: int = Field(0, description="transformers backend: torch intra-op threads; 0 keeps torch's default")
+    vllm_enforce_eager: bool = Field(True, description="vLLM: skip graph capture / torch.compile (slow start on CPU)")
+    vllm_kv_cache_gib: float = Field(1.0, description="vLLM on CPU: GiB reserved for the KV cache")
