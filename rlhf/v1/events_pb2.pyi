@@ -20,7 +20,7 @@ POLICY_ACTION_REJECTED: PolicyAction
 POLICY_ACTION_ROLLED_BACK: PolicyAction
 
 class Feedback(_message.Message):
-    __slots__ = ("schema_version", "event_id", "created_unix_ms", "conversation_id", "prompt", "rating", "comparison", "comment", "corrected_answer", "source")
+    __slots__ = ("schema_version", "event_id", "created_unix_ms", "conversation_id", "prompt", "rating", "comparison", "comment", "corrected_answer", "source", "rater_id", "anonymous")
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,8 @@ class Feedback(_message.Message):
     COMMENT_FIELD_NUMBER: _ClassVar[int]
     CORRECTED_ANSWER_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    RATER_ID_FIELD_NUMBER: _ClassVar[int]
+    ANONYMOUS_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
     event_id: str
     created_unix_ms: int
@@ -41,7 +43,9 @@ class Feedback(_message.Message):
     comment: str
     corrected_answer: str
     source: str
-    def __init__(self, schema_version: _Optional[int] = ..., event_id: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., conversation_id: _Optional[str] = ..., prompt: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., rating: _Optional[_Union[Rating, _Mapping]] = ..., comparison: _Optional[_Union[Comparison, _Mapping]] = ..., comment: _Optional[str] = ..., corrected_answer: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
+    rater_id: str
+    anonymous: bool
+    def __init__(self, schema_version: _Optional[int] = ..., event_id: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., conversation_id: _Optional[str] = ..., prompt: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., rating: _Optional[_Union[Rating, _Mapping]] = ..., comparison: _Optional[_Union[Comparison, _Mapping]] = ..., comment: _Optional[str] = ..., corrected_answer: _Optional[str] = ..., source: _Optional[str] = ..., rater_id: _Optional[str] = ..., anonymous: _Optional[bool] = ...) -> None: ...
 
 class Rating(_message.Message):
     __slots__ = ("response_id", "response", "value", "policy_version")
