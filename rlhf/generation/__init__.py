@@ -37,6 +37,8 @@ def make_backend(
     vllm_enforce_eager: bool = True,
     vllm_kv_cache_gib: float = 1.0,
     batch_wait_ms: float = 5.0,
+    batching: str = "continuous",
+    prefill_token_budget: int = 512,
 ) -> Backend:
     """The backend `name` ("auto", "transformers" or "vllm"); nothing is loaded until `start()`."""
     name = default_backend() if name == "auto" else name
@@ -57,7 +59,13 @@ def make_backend(
         from rlhf.generation.hf_backend import TransformersBackend
 
         return TransformersBackend(
-            model_dir, max_batch=max_batch, device=device, dtype=dtype, batch_wait_ms=batch_wait_ms
+            model_dir,
+            max_batch=max_batch,
+            device=device,
+            dtype=dtype,
+            batch_wait_ms=batch_wait_ms,
+            batching=batching,
+            prefill_token_budget=prefill_token_budget,
         )
     raise ValueError(f"backend must be auto, transformers or vllm, got {name!r}")
 

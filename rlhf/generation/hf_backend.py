@@ -1,20 +1,28 @@
-"""transformers backend: static batches decoded with a KV cache, one engine thread.
+"""transformers backend: continuous batching with a KV cache, on one engine thread.
 
-Requests that arrive while a batch decodes wait for the next batch (up to `max_batch`
-sequences; a request with n samples is n sequences). An idle engine waits `batch_wait_ms`
-after the first request so that requests sent together are decoded together. The loop is written out rather than
-calling `generate()` so that it can stream per-token deltas with exact log-probs, stop each
-row on its own EOS / stop string / max_tokens, and drop finished rows from the batch.
-Weight swaps run on the same thread, so they fall between batches by construction.
+Up to `max_batch` sequences decode together (a request with n samples is n sequences). With
+`batching="continuous"` (the default) requests join the running batch between two decode
+steps and leave it when they end (rlhf/generation/batching.py): a chat does not wait for a
+rollout batch to finish. Newcomers are taken in priority order within `max_batch` slots and
+`prefill_token_budget` prompt tokens per step (no chunked prefill: a longer prompt joins
+alone in its step). `batching="static"` keeps the old rule: a batch runs to its end, and
+requests that arrive meanwhile wait for the next. An idle engine waits `batch_wait_ms` after
+the first request so that requests sent together start together.
+
+The loop is written out rather than calling `generate()` so that it can stream per-token
+deltas with exact log-probs, stop each row on its own EOS / stop string / max_tokens, and
+drop finished or cancelled rows at the next step. Weight swaps run on the same thread: while
+one waits, nobody joins, the running rows finish, and the swap falls between two batches
+(the generator has drained its requests by then anyway: `drains()` is True).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -24,6 +32,16 @@ from safetensors.torch import load as safetensors_load
 from transformers import DynamicCache
 
 from rlhf.generation.backend import Backend
+from rlhf.generation.batching import (
+    CONTINUOUS,
+    STATIC,
+    Job,
+    Penalties,
+    Row,
+    RunningBatch,
+    admit,
+    supports_merging,
+)
 from rlhf.generation.metrics import RequestStats
 from rlhf.generation.text import TextTracker
 from rlhf.generation.types import Delta, Sampling
@@ -31,31 +49,6 @@ from rlhf.generation.weights import FULL, WeightUpdate, lora_deltas
 from rlhf.models import load_causal_lm, load_tokenizer, pad_id, resolve_device
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Job:
-    prompt_ids: list[int]
-    sampling: Sampling
-    loop: asyncio.AbstractEventLoop
-    stream: bool = True
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: bool = False
-    stats: RequestStats | None = None  # queue time, tokens, waiting/running (rlhf.generation.metrics)
-
-    def emit(self, item: Delta | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-
-@dataclass
-class _Row:
-    job: _Job
-    index: int
-    text: TextTracker
-    generator: torch.Generator | None
-    count: int = 0
-    done: bool = False
-    held: Delta | None = None  # stream=False: the sample so far, handed over when it ends
 
 
 class TransformersBackend(Backend):
@@ -68,14 +61,25 @@ class TransformersBackend(Backend):
         device: str = "cpu",
         dtype: str = "float32",
         batch_wait_ms: float = 5.0,
+        batching: str = CONTINUOUS,
+        prefill_token_budget: int = 512,
     ):
+        if batching not in (CONTINUOUS, STATIC):
+            raise ValueError(f"batching must be {CONTINUOUS!r} or {STATIC!r}, got {batching!r}")
+        if prefill_token_budget < 1:
+            raise ValueError(f"prefill_token_budget must be at least 1, got {prefill_token_budget}")
         self.model_dir = Path(model_dir)
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_ms / 1000
+        self.batching = batching
+        self.prefill_token_budget = prefill_token_budget
         self.device = resolve_device(device)
         self.dtype = getattr(torch, dtype)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-engine")
-        self._pending: list[_Job] = []
+        self._pending: list[Job] = []  # appended on the event loop, taken on the engine thread
+        self._lock = threading.Lock()
+        self._swaps_waiting = 0  # while > 0 the running batch takes no newcomer
+        self._stopping = False
         self._wake = asyncio.Event()
         self._scheduler: asyncio.Task | None = None
         self._base: dict[str, torch.Tensor] = {}  # weights before the merged LoRA, to undo it
@@ -86,13 +90,18 @@ class TransformersBackend(Backend):
         self.model = await loop.run_in_executor(
             self._thread, lambda: load_causal_lm(self.model_dir, dtype=self.dtype, device=self.device)
         )
+        if self.batching == CONTINUOUS and not supports_merging(self.model.config):
+            log.warning("the model's KV cache has sliding-window layers: static batching")
+            self.batching = STATIC
         gen_cfg = self.model.generation_config
         eos = gen_cfg.eos_token_id if gen_cfg.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.pad_id = pad_id(self.tokenizer)
+        self.vocab = self.model.config.vocab_size
         self._scheduler = asyncio.create_task(self._schedule(), name="hf-scheduler")
 
     async def stop(self) -> None:
+        self._stopping = True  # nobody joins any more; the running rows finish
         if self._scheduler is not None:
             self._scheduler.cancel()
         self._thread.shutdown(wait=True, cancel_futures=True)
@@ -107,10 +116,9 @@ class TransformersBackend(Backend):
         handle: Any,
         stream: bool = True,
     ) -> AsyncIterator[Delta]:
-        job = _Job(
-            list(prompt_ids), sampling, asyncio.get_running_loop(), stream, stats=RequestStats(sampling.priority)
-        )
-        self._pending.append(job)
+        job = Job(list(prompt_ids), sampling, asyncio.get_running_loop(), stream, stats=RequestStats(sampling.priority))
+        with self._lock:
+            self._pending.append(job)
         self._wake.set()
         finished = 0
         try:
@@ -121,8 +129,12 @@ class TransformersBackend(Backend):
                 finished += item.finish_reason is not None
                 yield item
         finally:
-            job.cancelled = True
+            job.cancelled = True  # its rows leave the batch at the next step
             job.stats.done()
+
+    def _waiting(self) -> bool:
+        with self._lock:
+            return any(not j.cancelled for j in self._pending)
 
     async def _schedule(self) -> None:
         loop = asyncio.get_running_loop()
@@ -130,128 +142,135 @@ class TransformersBackend(Backend):
             await self._wake.wait()
             await asyncio.sleep(self.batch_wait_s)
             self._wake.clear()
-            while self._pending:
-                # a person waiting (priority 0) before background work; arrival order within
-                # a priority (sort is stable). A running batch is not interrupted.
-                self._pending.sort(key=lambda j: j.sampling.priority)
-                batch, rows = [], 0
-                while self._pending and (not batch or rows + self._pending[0].sampling.n <= self.max_batch):
-                    job = self._pending.pop(0)
-                    if not job.cancelled:
-                        batch.append(job)
-                        rows += job.sampling.n
-                if not batch:
-                    continue
-                try:
-                    await loop.run_in_executor(self._thread, self._decode, batch)
-                except Exception as e:  # noqa: BLE001 - handed to every waiting caller
-                    log.exception("batch failed")
-                    for job in batch:
-                        job.emit(e)
+            while self._waiting() and not self._swaps_waiting and not self._stopping:
+                await loop.run_in_executor(self._thread, self._run)
+
+    def _admit(self, running: int) -> list[Job]:
+        if self._swaps_waiting or self._stopping:
+            return []
+        with self._lock:
+            return admit(self._pending, running, self.max_batch, self.batching, self.prefill_token_budget)
 
     @torch.inference_mode()
-    def _decode(self, jobs: list[_Job]) -> None:
+    def _run(self) -> None:
+        """Decode until no row is left and nobody may join (on the engine thread)."""
+        batch = RunningBatch()
+        while True:
+            joining: list[Job] = []
+            try:
+                # 1. finished and cancelled rows leave the batch and free their slots
+                batch.keep([b for b, r in enumerate(batch.rows) if not (r.done or r.job.cancelled)])
+                # 2. who joins now (static: only an empty batch takes anyone)
+                joining = self._admit(len(batch))
+                if not batch.rows and not joining:
+                    return
+                # 3. one decode step of the running rows, then the newcomers' prefill
+                logits = batch.step(self.model) if batch.rows else None  # (B, V)
+                if joining:
+                    new, new_logits = self._prefill(joining)
+                    batch.join(new, self.vocab)
+                    logits = new_logits if logits is None else torch.cat([logits, new_logits])
+                # 4. every row draws its next token and hears about it
+                self._draw(batch, logits)
+            except Exception as e:  # noqa: BLE001 - handed to every caller in the batch
+                log.exception("decode step failed")
+                jobs = {id(j): j for j in [r.job for r in batch.rows] + joining}
+                for job in jobs.values():
+                    job.emit(e)
+                batch = RunningBatch()
+
+    def _prefill(self, jobs: list[Job]) -> tuple[RunningBatch, torch.Tensor]:
+        """The joining jobs' prompts in one left-padded forward pass with their own cache;
+        each of a job's n samples gets a copy of its prompt's KV. Returns the new rows and
+        their (N, V) next-token logits."""
+        for job in jobs:
+            job.stats.scheduled()  # queue time ends as the row's prefill starts
+        dev = self.device
+        width = max(len(j.prompt_ids) for j in jobs)
+        ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)  # (J, P) left-padded
+        mask = torch.zeros((len(jobs), width), dtype=torch.long)  # (J, P) 1 = real token
+        for j, job in enumerate(jobs):
+            ids[j, width - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids)
+            mask[j, width - len(job.prompt_ids) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (J, P)
+        ids, mask, positions = ids.to(dev), mask.to(dev), positions.to(dev)
+        cache = DynamicCache(config=self.model.config)
+        logits = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]  # (J, V)
         rows = [
-            _Row(job, i, TextTracker(self.tokenizer, job.sampling.stop), _row_generator(job.sampling, i, self.device))
+            Row(job, i, TextTracker(self.tokenizer, job.sampling.stop), _row_generator(job.sampling, i, dev))
             for job in jobs
             for i in range(job.sampling.n)
         ]
-        for job in jobs:
-            job.stats.scheduled()  # the batch's first decode step (prefill) starts now
-        dev = self.device
-        width = max(len(r.job.prompt_ids) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)  # (B, P) left-padded
-        mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, P) 1 = real token
-        for b, r in enumerate(rows):
-            ids[b, width - len(r.job.prompt_ids) :] = torch.tensor(r.job.prompt_ids)
-            mask[b, width - len(r.job.prompt_ids) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
-        temperature = torch.tensor([r.job.sampling.temperature for r in rows], device=dev)  # (B,)
-        top_p = torch.tensor([r.job.sampling.top_p for r in rows], device=dev)  # (B,)
-        ids, mask, positions = ids.to(dev), mask.to(dev), positions.to(dev)
-        top_k = max(r.job.sampling.top_logprobs for r in rows)  # alternatives to report per step
-        penalties = _Penalties.of(rows, self.model.config.vocab_size, dev)  # None: no row has any
+        expand = torch.tensor([j for j, job in enumerate(jobs) for _ in range(job.sampling.n)], device=dev)  # (N,)
+        cache.batch_select_indices(expand)
+        new = RunningBatch(
+            rows=rows,
+            cache=cache,
+            mask=mask[expand],
+            next_pos=(positions[:, -1] + 1)[expand],
+            temperature=torch.tensor([r.job.sampling.temperature for r in rows], device=dev),
+            top_p=torch.tensor([r.job.sampling.top_p for r in rows], device=dev),
+            penalties=Penalties.of(rows, self.vocab, dev),
+        )
+        return new, logits[expand].float()
 
-        cache = DynamicCache(config=self.model.config)
-        logits = (
-            self.model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
-            )
-            .logits[:, -1]
-            .float()
-        )  # (B, V)
-        next_pos = positions[:, -1] + 1  # (B,)
-        live = list(range(len(rows)))  # row index of each batch position
-        while True:
-            logp = F.log_softmax(logits, dim=-1)  # (B, V) raw log π
-            # penalties and biases change which token is drawn, not the reported log-prob
-            drawn_from = logits if penalties is None else penalties.apply(logits)
-            tokens = self._sample(drawn_from, temperature, top_p, [rows[i] for i in live])  # (B,)
-            token_logp = logp.gather(-1, tokens[:, None])[:, 0]  # (B,)
-            if penalties is not None:
-                penalties.count(tokens)
-            tops: list[list[tuple[int, float]]] = []
-            if top_k:
-                top_lp, top_ids = logp.topk(top_k, dim=-1)  # (B, k) most likely first
-                tops = [list(zip(i, v)) for i, v in zip(top_ids.tolist(), top_lp.tolist())]
-            now = time.perf_counter()
-            keep = []
-            for b, (tok, lp) in enumerate(zip(tokens.tolist(), token_logp.tolist())):
-                row = rows[live[b]]
-                row.count += 1
-                text = row.text.push(tok)
-                finish = None
-                if (tok in self.eos_ids and not row.job.sampling.ignore_eos) or row.text.stopped:
-                    finish = "stop"
-                elif row.count >= row.job.sampling.max_tokens:
-                    finish = "length"
-                row.job.stats.token(row.index, now=now)
+    def _draw(self, batch: RunningBatch, logits: torch.Tensor) -> None:
+        """Draw each row's next token from `logits` (B, V), report it with its raw log-prob,
+        and mark the rows that end."""
+        rows = batch.rows
+        logp = F.log_softmax(logits, dim=-1)  # (B, V) raw log π
+        # penalties and biases change which token is drawn, not the reported log-prob
+        drawn_from = logits if batch.penalties is None else batch.penalties.apply(logits)
+        tokens = self._sample(drawn_from, batch.temperature, batch.top_p, rows)  # (B,)
+        token_logp = logp.gather(-1, tokens[:, None])[:, 0]  # (B,)
+        if batch.penalties is not None:
+            batch.penalties.count(tokens)
+        batch.tokens = tokens
+        top_k = max(r.job.sampling.top_logprobs for r in rows)  # alternatives to report per step
+        tops: list[list[tuple[int, float]]] = []
+        if top_k:
+            top_lp, top_ids = logp.topk(top_k, dim=-1)  # (B, k) most likely first
+            tops = [list(zip(i, v)) for i, v in zip(top_ids.tolist(), top_lp.tolist())]
+        now = time.perf_counter()
+        for b, (tok, lp) in enumerate(zip(tokens.tolist(), token_logp.tolist())):
+            row = rows[b]
+            row.count += 1
+            text = row.text.push(tok)
+            finish = None
+            if (tok in self.eos_ids and not row.job.sampling.ignore_eos) or row.text.stopped:
+                finish = "stop"
+            elif row.count >= row.job.sampling.max_tokens:
+                finish = "length"
+            row.job.stats.token(row.index, now=now)
+            if finish:
+                text += row.text.finish()
+                row.done = True
+                row.job.stats.sample_done(row.index)
+            k = row.job.sampling.top_logprobs
+            top = [tops[b][:k]] if k else []
+            if row.job.cancelled:
+                continue
+            if row.job.stream:
+                row.job.emit(Delta(row.index, [tok], [lp], text, finish, top))
+            else:
+                row.held = row.held or Delta(row.index)
+                row.held.token_ids.append(tok)
+                row.held.logprobs.append(lp)
+                row.held.top += top
+                row.held.text += text
                 if finish:
-                    text += row.text.finish()
-                    row.done = True
-                    row.job.stats.sample_done(row.index)
-                k = row.job.sampling.top_logprobs
-                top = [tops[b][:k]] if k else []
-                if not row.job.cancelled:
-                    if row.job.stream:
-                        row.job.emit(Delta(row.index, [tok], [lp], text, finish, top))
-                    else:
-                        row.held = row.held or Delta(row.index)
-                        row.held.token_ids.append(tok)
-                        row.held.logprobs.append(lp)
-                        row.held.top += top
-                        row.held.text += text
-                        if finish:
-                            row.held.finish_reason = finish
-                            row.job.emit(row.held)
-                if not row.done and not row.job.cancelled:
-                    keep.append(b)
-            if not keep:
-                return
-            if len(keep) < len(live):  # drop finished rows from the batch and the cache
-                sel = torch.tensor(keep, device=dev)
-                cache.batch_select_indices(sel)
-                tokens, mask, next_pos = tokens[sel], mask[sel], next_pos[sel]
-                temperature, top_p = temperature[sel], top_p[sel]
-                if penalties is not None:
-                    penalties.select(sel)
-                live = [live[b] for b in keep]
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, L+1)
-            logits = (
-                self.model(
-                    input_ids=tokens[:, None],
-                    attention_mask=mask,
-                    position_ids=next_pos[:, None],
-                    past_key_values=cache,
-                    use_cache=True,
-                )
-                .logits[:, -1]
-                .float()
-            )
-            next_pos = next_pos + 1
+                    row.held.finish_reason = finish
+                    row.job.emit(row.held)
 
     @staticmethod
-    def _sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+    def _sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, rows: list[Row]) -> torch.Tensor:
         """(B,) next tokens: argmax where temperature is 0, else nucleus sampling (Holtzman
         et al. 2020) from softmax(logits / T), with each seeded row on its own generator.
 
@@ -297,7 +316,14 @@ class TransformersBackend(Backend):
         return "lora", await loop.run_in_executor(None, lora_deltas, update.folder, update.lora)
 
     async def activate(self, prepared: Any) -> Any:
-        await asyncio.get_running_loop().run_in_executor(self._thread, self._apply, *prepared)
+        # queued behind the running batch on the engine thread: from now on nobody joins it,
+        # so a steady stream of requests cannot starve the swap
+        self._swaps_waiting += 1
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._thread, self._apply, *prepared)
+        finally:
+            self._swaps_waiting -= 1
+            self._wake.set()  # requests that waited for the swap start
         return None
 
     @torch.no_grad()
@@ -316,47 +342,6 @@ class TransformersBackend(Backend):
         for name, delta in tensors.items():
             base = self._base.setdefault(name, params[name].detach().clone())
             params[name].copy_(base + delta.to(base.dtype))
-
-
-@dataclass
-class _Penalties:
-    """OpenAI's frequency/presence penalties and logit_bias for a batch: the logits a
-    token is drawn from are `logits + bias - frequency * count - presence * (count > 0)`,
-    `count` being how often the token occurred in the sample so far (not the prompt)."""
-
-    bias: torch.Tensor  # (B, V)
-    frequency: torch.Tensor  # (B, 1)
-    presence: torch.Tensor  # (B, 1)
-    counts: torch.Tensor  # (B, V)
-
-    @classmethod
-    def of(cls, rows: list[_Row], vocab: int, dev: torch.device) -> "_Penalties | None":
-        if not any(r.job.sampling.penalised for r in rows):
-            return None
-        bias = torch.zeros((len(rows), vocab), device=dev)
-        for b, r in enumerate(rows):
-            for token, value in r.job.sampling.logit_bias:
-                bias[b, token] = value
-        frequency = torch.tensor([[r.job.sampling.frequency_penalty] for r in rows], device=dev)
-        presence = torch.tensor([[r.job.sampling.presence_penalty] for r in rows], device=dev)
-        return cls(bias, frequency, presence, torch.zeros((len(rows), vocab), device=dev))
-
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        width = logits.shape[-1]  # the LM head may be wider or narrower than config.vocab_size
-        adjust = self.bias - self.frequency * self.counts - self.presence * (self.counts > 0)
-        out = logits.clone()
-        n = min(width, adjust.shape[-1])
-        out[:, :n] += adjust[:, :n]
-        return out
-
-    def count(self, tokens: torch.Tensor) -> None:
-        rows = torch.arange(tokens.shape[0], device=tokens.device)
-        inside = tokens < self.counts.shape[-1]
-        self.counts[rows[inside], tokens[inside]] += 1
-
-    def select(self, sel: torch.Tensor) -> None:
-        self.bias, self.counts = self.bias[sel], self.counts[sel]
-        self.frequency, self.presence = self.frequency[sel], self.presence[sel]
 
 
 def _row_generator(sampling: Sampling, index: int, device: torch.device) -> torch.Generator | None:

@@ -44,6 +44,8 @@ class GeneratorService(Service):
             vllm_enforce_eager=s.vllm_enforce_eager,
             vllm_kv_cache_gib=s.vllm_kv_cache_gib,
             batch_wait_ms=s.batch_wait_ms,
+            batching=s.batching,
+            prefill_token_budget=s.prefill_token_budget,
         )
         limits = Limits(
             max_model_len=s.max_model_len,

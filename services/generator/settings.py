@@ -29,6 +29,17 @@ class GeneratorSettings(PolicyModelSettings, WeightStoreSettings, GrpcServiceSet
     batch_wait_ms: float = Field(
         5.0, description="transformers backend: an idle engine waits this long to batch requests sent together"
     )
+    batching: Literal["continuous", "static"] = Field(
+        "continuous",
+        description="transformers backend: continuous = requests join the running batch between decode steps; "
+        "static = a batch runs to its end before the next starts",
+    )
+    prefill_token_budget: int = Field(
+        512,
+        ge=1,
+        description="transformers backend, continuous batching: most prompt tokens prefilled per decode step "
+        "(a longer prompt joins alone)",
+    )
     torch_threads: int = Field(0, description="transformers backend: torch intra-op threads; 0 keeps torch's default")
     vllm_enforce_eager: bool = Field(True, description="vLLM: skip graph capture / torch.compile (slow start on CPU)")
     vllm_kv_cache_gib: float = Field(1.0, description="vLLM on CPU: GiB reserved for the KV cache")
