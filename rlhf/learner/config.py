@@ -37,7 +37,10 @@ class PPOConfig(BaseModel):
         description="grpo/rloo: KL to π_ref as −β·KL in each response's reward, or as the loss term β·k3(π_θ, π_ref) "
         "(DeepSeekMath); ppo always has it in the reward, online_dpo in the DPO loss itself",
     )
-    dpo_beta: float = Field(0.1, description="online_dpo: β of the DPO loss (Rafailov et al. 2023)")
+    dpo_beta: float = Field(
+        0.1,
+        description="β of the DPO loss (Rafailov et al. 2023): online_dpo's, and user_feedback=dpo's on users' pairs",
+    )
     off_policy_correction: Literal["none", "tis"] = Field(
         "none",
         description="none: ratio against the recomputed π_old as if the rollout were on-policy; tis: decoupled PPO "
@@ -58,6 +61,33 @@ class PPOConfig(BaseModel):
         None,
         description="best-of-n: a group's top response is a target only if its RM score is above this; unset: "
         "above its group's mean score (a group of equal scores teaches nothing)",
+    )
+
+    # --- users' own feedback (rlhf.feedback; rlhf/learner/feedback.py) -----------------------
+    user_feedback: Literal["none", "dpo", "distill", "both"] = Field(
+        "none",
+        description="train the policy on users' Feedback events too: dpo (the DPO loss on each comparison, "
+        "chosen over rejected, against the in-process π_ref), distill (the NLL of thumbs-up answers and "
+        "corrected_answers), both; none: the learner does not read rlhf.feedback (the reward model still learns "
+        "from it)",
+    )
+    user_feedback_coef: float = Field(
+        0.5,
+        description="user_feedback: weight of the users' DPO loss and of their answers' NLL (nats per token) beside "
+        "the rollout objective's loss, in each of the step's optimizer steps",
+    )
+    user_feedback_max_per_step: int = Field(
+        16, description="user_feedback: most Feedback events whose examples join one learner step (oldest first)"
+    )
+    user_feedback_max_prompt_tokens: int = Field(
+        1024,
+        description="user_feedback: a Feedback event whose prompt, rendered by the chat template, is longer is "
+        "dead-lettered (too_long)",
+    )
+    user_feedback_max_answer_tokens: int = Field(
+        512,
+        description="user_feedback: a Feedback event with an answer (chosen, rejected, rated or corrected) longer "
+        "than this many tokens is dead-lettered (too_long)",
     )
 
     # --- model -------------------------------------------------------------------------
@@ -160,13 +190,27 @@ class PPOConfig(BaseModel):
                 f"distill_coef must be > 0 when distilling, got {self.distill_coef}: to train without "
                 "the distillation loss set distill='none'"
             )
+        if self.user_feedback != "none":
+            if self.user_feedback_coef <= 0:
+                raise ValueError(
+                    f"user_feedback_coef must be > 0 when user_feedback={self.user_feedback!r}, got "
+                    f"{self.user_feedback_coef}: to train without users' feedback set user_feedback='none'"
+                )
+            for name in (
+                "user_feedback_max_per_step",
+                "user_feedback_max_prompt_tokens",
+                "user_feedback_max_answer_tokens",
+            ):
+                if getattr(self, name) < 1:
+                    raise ValueError(
+                        f"{name} must be ≥ 1 when user_feedback={self.user_feedback!r}, got {getattr(self, name)}"
+                    )
         return self
 
     @property
     def distills(self) -> bool:
         """The step has the best-of-n loss: alone (objective=best_of_n) or beside an RL objective."""
         return self.objective == "best_of_n" or self.distill == "best_of_n"
-        return self
 
     @property
     def whole_groups(self) -> bool:

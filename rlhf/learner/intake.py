@@ -71,13 +71,26 @@ class LearnerState:
     rollouts_dropped_incomplete: int = 0  # members of a rollout group that lost one (group objectives)
     handled_above: HandledAbove = field(default_factory=dict)  # handled records above `offsets` (groups
     # taken out of poll order): skipped on re-read
+    # users' Feedback events (user_feedback, rlhf/learner/feedback.py): the same bookkeeping for
+    # rlhf.feedback. A checkpoint from before these existed has none: the feedback consumer then
+    # starts at the group's committed offsets, else the topic's beginning (docs/learner.md)
+    feedback_offsets: Offsets = field(default_factory=dict)
+    feedback_handled_above: HandledAbove = field(default_factory=dict)
+    feedback_trained: int = 0  # events whose examples joined a step
+    feedback_pairs_trained: int = 0  # comparisons trained with the DPO loss
+    feedback_answers_trained: int = 0  # thumbs-up or corrected answers trained with the NLL
+    feedback_skipped: int = 0  # events the mode trains nothing of (a thumbs-down, ratings under dpo, …)
+    feedback_invalid: int = 0  # dead-lettered before training
+    feedback_failed: int = 0  # dead-lettered with a step that raised
 
     def to_json(self) -> dict[str, Any]:
         from rlhf.bus import offsets_to_json
 
         out = dataclasses.asdict(self)
-        out["offsets"] = offsets_to_json(self.offsets)
-        out["handled_above"] = [[t, p, sorted(o)] for (t, p), o in sorted(self.handled_above.items()) if o]
+        for name in ("offsets", "feedback_offsets"):
+            out[name] = offsets_to_json(getattr(self, name))
+        for name in ("handled_above", "feedback_handled_above"):
+            out[name] = [[t, p, sorted(o)] for (t, p), o in sorted(getattr(self, name).items()) if o]
         return out
 
     @classmethod
@@ -85,9 +98,12 @@ class LearnerState:
         from rlhf.bus import offsets_from_json
 
         known = {f.name for f in dataclasses.fields(cls)}
-        state = cls(**{k: v for k, v in data.items() if k in known and k not in ("offsets", "handled_above")})
-        state.offsets = offsets_from_json(data.get("offsets", []))
-        state.handled_above = {(str(t), int(p)): [int(x) for x in o] for t, p, o in data.get("handled_above", [])}
+        positions = ("offsets", "handled_above", "feedback_offsets", "feedback_handled_above")
+        state = cls(**{k: v for k, v in data.items() if k in known and k not in positions})
+        for name in ("offsets", "feedback_offsets"):
+            setattr(state, name, offsets_from_json(data.get(name, [])))
+        for name in ("handled_above", "feedback_handled_above"):
+            setattr(state, name, {(str(t), int(p)): [int(x) for x in o] for t, p, o in data.get(name, [])})
         return state
 
     def lag(self, policy_version: int) -> int | None:

@@ -43,6 +43,8 @@ from rlhf.learner.batch import RolloutLimits, collate
 from rlhf.learner.checkpoint import CheckpointStore, Ledger
 from rlhf.learner.config import LearnerConfig
 from rlhf.learner.drift import DEFAULT_HELDOUT_PROMPTS, DriftGate, GateResult
+from rlhf.learner.feedback import FeedbackIntake, FeedbackLimits
+from rlhf.learner.feedback_loss import collate_feedback
 from rlhf.learner.intake import LearnerState, RolloutIntake
 from rlhf.learner.policy import build_policy
 from rlhf.learner.trainer import PPOTrainer
@@ -87,9 +89,10 @@ class Learner:
         self._lock = threading.Lock()  # guards state/last_stats reads from the gRPC threads
         self._commands: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future]] = queue.Queue()
         self.intake: RolloutIntake | None = None  # made by _recover, around the restored state
+        self.feedback_intake: FeedbackIntake | None = None  # user_feedback != "none" only
         self._loop_thread: threading.Thread | None = None
         self._failed_in_a_row = 0  # PPO steps failed since the last one that trained
-        self.consumer = self.producer = None
+        self.consumer = self.producer = self.feedback_consumer = None
         self.tracker = Tracker(None, "learner")  # start() opens the one cfg.tracking asks for
 
     # --- start-up and recovery ---------------------------------------------------------
@@ -124,8 +127,12 @@ class Learner:
         self.ledger = Ledger(self.state_dir / "learner" / "ledger.jsonl")
         metrics.DRIFT_KL_BUDGET.set(cfg.drift_kl_budget)
 
+        feedback_topics = (
+            [self.topics.feedback, self.topics.dlq(self.topics.feedback)] if cfg.user_feedback != "none" else []
+        )
         ensure_topics(
-            self.bootstrap, [self.topics.rollouts, self.topics.dlq(self.topics.rollouts), self.topics.policy_updates]
+            self.bootstrap,
+            [self.topics.rollouts, self.topics.dlq(self.topics.rollouts), self.topics.policy_updates, *feedback_topics],
         )
         self.producer = EventProducer(self.bootstrap, client_id="learner")
         self.consumer = EventConsumer(
@@ -136,6 +143,16 @@ class Learner:
             dlq_producer=self.producer,
             on_reset=self._on_log_reset,
         )
+        if cfg.user_feedback != "none":  # with "none" the learner never reads rlhf.feedback
+            self.feedback_consumer = EventConsumer(
+                self.bootstrap,
+                self.topics.feedback,
+                events_pb2.Feedback,
+                cfg.group_id,
+                dlq_producer=self.producer,
+                client_id=f"{cfg.group_id}-feedback",
+                on_reset=self._on_feedback_log_reset,
+            )
         self.tracker = open_tracker(cfg.tracking, self.state_dir, "learner")
         self._recover()
 
@@ -159,6 +176,13 @@ class Learner:
             if self.consumer.seek(self.state.offsets, log_ids=meta.get("kafka_log_ids")) is not None:
                 self.state.offsets = self.consumer.positions()  # the start of the new rollouts log
                 self.state.handled_above = {}
+            # no stored feedback offsets (feedback never trained, or a checkpoint from before
+            # user_feedback): the consumer starts at the group's committed offsets, else the beginning
+            if self.feedback_consumer is not None and self.state.feedback_offsets:
+                lost = self.feedback_consumer.seek(self.state.feedback_offsets, log_ids=meta.get("kafka_log_ids"))
+                if lost is not None:
+                    self.state.feedback_offsets = self.feedback_consumer.positions()
+                    self.state.feedback_handled_above = {}
             log.info(
                 "restored checkpoint",
                 extra={"checkpoint": folder.name, "step": self.state.step, "version": self.state.version},
@@ -171,6 +195,15 @@ class Learner:
                 initial = GateResult(kl=0.0, budget=self.cfg.drift_kl_budget, passed=True, reason="initial policy")
                 self._store_version(0, parent=0, meta=verdict(0, initial))
         self.intake = self._new_intake()
+        if self.feedback_consumer is not None:
+            self.feedback_intake = FeedbackIntake(
+                self.state,
+                self.cfg.user_feedback,
+                self.tokenizer,
+                FeedbackLimits.of(self.cfg, self.policy.causal_lm),
+                self.cfg.user_feedback_max_per_step,
+                dead_letter=self.feedback_consumer.dead_letter,
+            )
         self.tracker.rewind(self.state.step)  # steps past the checkpoint are trained again
         cut = self.ledger.truncate_after(self.state.step)
         if cut:
@@ -195,6 +228,18 @@ class Learner:
                 "re-announcing the serving version after a lost log failed",
                 extra={"version": self.state.serving_version},
             )
+
+    def _on_feedback_log_reset(self, reset) -> None:
+        """The feedback log was lost under the running learner: forget what points into it;
+        the consumer reads the new log from its start (the gateway's outbox re-sends)."""
+        with self._lock:
+            self.feedback_intake.forget_log(reset.topic)
+            self.state.feedback_offsets = {
+                tp: o for tp, o in self.state.feedback_offsets.items() if tp[0] != reset.topic
+            }
+            self.state.feedback_handled_above = {
+                tp: o for tp, o in self.state.feedback_handled_above.items() if tp[0] != reset.topic
+            }
 
     def _announce_serving(self, reason: str) -> None:
         from rlhf.v1 import events_pb2
@@ -248,6 +293,16 @@ class Learner:
                         stop.wait(1.0)
                         continue
                     self.intake.add(polled)
+                if self.feedback_intake is not None and not self.feedback_intake.full:
+                    try:
+                        polled = self.feedback_consumer.poll(
+                            timeout_ms=0, max_records=self.cfg.user_feedback_max_per_step
+                        )
+                    except KAFKA_ERRORS as e:
+                        self._kafka_failed("poll", e, topic=self.topics.feedback)
+                        stop.wait(1.0)
+                        continue
+                    self.feedback_intake.add(polled)
                 if self.paused.is_set():  # paused during the poll: train nothing it returned
                     continue
                 records = self.intake.take_batch()
@@ -259,13 +314,16 @@ class Learner:
 
     def _train(self, records: list) -> None:
         cfg, state = self.cfg, self.state
-        # 1. the PPO step (all or nothing: a failure leaves the weights as they were)
+        # 1. the PPO step (all or nothing: a failure leaves the weights as they were), with the
+        #    users' feedback examples waiting since the last step (user_feedback)
         events = [r.event for r in records]
         lags = [state.lag(e.policy_version) for e in events]
+        feedback = self.feedback_intake.take() if self.feedback_intake is not None else []
         try:
-            stats = self.trainer.step(collate(events, self.pad_id))
+            examples = collate_feedback([ex for _, exs in feedback for ex in exs], self.pad_id)
+            stats = self.trainer.step(collate(events, self.pad_id), examples)
         except Exception as e:  # noqa: BLE001 - contained: the batch is dead-lettered, training goes on
-            self._step_failed(records, e)
+            self._step_failed(records, e, feedback)
             return
         self._failed_in_a_row = 0
         stats["staleness_mean"] = sum(lags) / len(lags)
@@ -279,6 +337,10 @@ class Learner:
             if state.steps_since_version >= cfg.publish_every:
                 state.pending_publish = state.new_version()
             state.offsets, state.handled_above = self.intake.safe_offsets(), self.intake.handled_above()
+            if self.feedback_intake is not None:
+                self.feedback_intake.record_trained(feedback)
+                state.feedback_offsets = self.feedback_intake.safe_offsets()
+                state.feedback_handled_above = self.feedback_intake.handled_above()
             self.last_stats = stats
         metrics.ROLLOUTS_TRAINED.inc(len(records))
         metrics.observe_step(stats)
@@ -294,6 +356,7 @@ class Learner:
                 "trained": [e.event_id for e in events],
                 **self.intake.pop_dropped(),
                 "offsets": offsets_to_json(state.offsets),
+                **self._feedback_ledger(feedback),
             }
         )
         if state.step % cfg.checkpoint_every == 0 or state.pending_publish is not None:
@@ -307,6 +370,19 @@ class Learner:
         if state.pending_publish is not None:
             self._try_publish(state.pending_publish)
         self._export_gauges()
+
+    def _feedback_ledger(self, feedback: list) -> dict[str, Any]:
+        """The ledger line's feedback fields: event ids trained, skipped, dead-lettered or failed
+        since the last line, and the feedback offsets the checkpoint stores (none without user_feedback)."""
+        if self.feedback_intake is None:
+            return {}
+        from rlhf.bus import offsets_to_json
+
+        return {
+            "feedback": [rec.event.event_id for rec, _ in feedback],
+            **self.feedback_intake.pop_dropped(),
+            "feedback_offsets": offsets_to_json(self.state.feedback_offsets),
+        }
 
     def _try_publish(self, version: int) -> bool:
         """`_publish`, with a broker that does not acknowledge the announcement logged and
@@ -326,10 +402,11 @@ class Learner:
             extra={"operation": operation, "error": f"{type(error).__name__}: {error}"[:500], **extra},
         )
 
-    def _step_failed(self, records: list, error: Exception) -> None:
-        """Dead-letter a batch whose step raised (PPOTrainer.step has undone it), count it,
-        and carry on; the ledger's next line lists its event ids under "failed". Raises
-        once MAX_FAILED_STEPS_IN_A_ROW steps have failed one after another."""
+    def _step_failed(self, records: list, error: Exception, feedback: list = ()) -> None:
+        """Dead-letter a batch whose step raised (PPOTrainer.step has undone it), and the
+        feedback events taken for it, count them, and carry on; the ledger's next line lists
+        their event ids under "failed" and "feedback_failed". Raises once
+        MAX_FAILED_STEPS_IN_A_ROW steps have failed one after another."""
         self._failed_in_a_row += 1
         reason = f"PPO step failed: {type(error).__name__}: {error}"[:2000]
         log.error(
@@ -346,8 +423,13 @@ class Learner:
             torch.cuda.empty_cache()  # an out-of-memory step leaves its blocks cached
         for rec in records:
             self.consumer.dead_letter(rec, reason, kind="failed")
+        for rec, _ in feedback:
+            self.feedback_consumer.dead_letter(rec, reason, kind="failed")
         with self._lock:
             self.intake.record_failed(records)
+            if feedback:
+                self.feedback_intake.record_failed(feedback)
+        metrics.FEEDBACK_FAILED.inc(len(feedback))
         metrics.STEPS_FAILED.inc()
         metrics.ROLLOUTS_FAILED.inc(len(records))
         if self._failed_in_a_row >= MAX_FAILED_STEPS_IN_A_ROW:
@@ -364,12 +446,17 @@ class Learner:
                 "last_stats": self.last_stats,
                 "config": self.cfg.model_dump(mode="json"),
                 "base_model": str(self.model_dir),
-                # which rollouts log state.offsets point into: a lost one is read again from its start
-                "kafka_log_ids": self.consumer.log_ids(),
+                # which logs state.offsets (and feedback_offsets) point into: a lost one is read again from its start
+                "kafka_log_ids": {
+                    **self.consumer.log_ids(),
+                    **(self.feedback_consumer.log_ids() if self.feedback_consumer is not None else {}),
+                },
             }
         self.checkpoints.save(self.state.step, self.policy, self.trainer, meta)
         try:
             self.consumer.commit(self.state.offsets)
+            if self.feedback_consumer is not None:
+                self.feedback_consumer.commit(self.state.feedback_offsets)
         except KAFKA_ERRORS as e:  # the checkpoint holds the offsets; the next one commits them
             self._kafka_failed("commit", e, step=self.state.step)
         metrics.CHECKPOINT_SECONDS.observe(time.perf_counter() - start)
@@ -466,6 +553,14 @@ class Learner:
                 "kl_coef": self.trainer.kl_ctl.value,
                 "rollouts_trained": s.rollouts_trained,
                 "rollouts_dropped_stale": s.rollouts_dropped_stale,
+                "user_feedback": {
+                    "trained": s.feedback_trained,
+                    "pairs_trained": s.feedback_pairs_trained,
+                    "answers_trained": s.feedback_answers_trained,
+                    "skipped": s.feedback_skipped,
+                    "invalid": s.feedback_invalid,
+                    "failed": s.feedback_failed,
+                },
                 "last_stats": dict(self.last_stats),
                 **self.worker_terms(),
             }
@@ -542,5 +637,7 @@ class Learner:
         self.tracker.close()
         if self.consumer is not None:
             self.consumer.close()
+        if self.feedback_consumer is not None:
+            self.feedback_consumer.close()
         if self.producer is not None:
             self.producer.close()

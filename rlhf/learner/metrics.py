@@ -92,6 +92,29 @@ STEP_GAUGES: dict[str, Gauge] = {
             "rlhf_learner_distill_target_score_mean",
             "best-of-n: mean RM score of the distilled responses",
         ),
+        # user_feedback: users' own Feedback events beside the rollout objective (rlhf/learner/feedback.py)
+        ("user_dpo_loss", "rlhf_learner_user_dpo_loss", "user_feedback: mean −log σ(β·margin) over users' comparisons"),
+        (
+            "user_dpo_reward_margin",
+            "rlhf_learner_user_dpo_reward_margin_nats",
+            "user_feedback: mean β·[(log π_θ − log π_ref)(chosen) − (log π_θ − log π_ref)(rejected)] on users' pairs",
+        ),
+        (
+            "user_dpo_accuracy",
+            "rlhf_learner_user_dpo_accuracy_ratio",
+            "user_feedback: share of users' pairs with a positive margin (the policy agrees with the person)",
+        ),
+        (
+            "user_distill_loss",
+            "rlhf_learner_user_distill_loss_nats",
+            "user_feedback: mean NLL of thumbs-up and corrected answers, nats per answer token",
+        ),
+        ("user_feedback_pairs", "rlhf_learner_user_feedback_pairs", "user_feedback: users' pairs in the last step"),
+        (
+            "user_feedback_answers",
+            "rlhf_learner_user_feedback_answers",
+            "user_feedback: thumbs-up and corrected answers in the last step",
+        ),
         # off_policy_correction=tis (decoupled PPO)
         (
             "tis_truncated_ratio",
@@ -130,6 +153,26 @@ ROLLOUTS_INVALID = Counter(
 STEPS_FAILED = Counter(
     "rlhf_learner_steps_failed_total",
     "PPO steps that raised or went non-finite: weights and optimizer put back, the batch dead-lettered",
+)
+FEEDBACK_EXAMPLES_TRAINED = Counter(
+    "rlhf_learner_feedback_examples_trained_total",
+    "user_feedback: examples from users' Feedback events trained, by kind (pair: a comparison with the DPO loss; "
+    "answer: a thumbs-up or corrected answer with the NLL)",
+    ["kind"],
+)
+FEEDBACK_SKIPPED = Counter(
+    "rlhf_learner_feedback_skipped_total",
+    "user_feedback: Feedback events the mode trains nothing of (a thumbs-down without correction; ratings under "
+    "dpo; comparisons without correction under distill)",
+)
+FEEDBACK_INVALID = Counter(
+    "rlhf_learner_feedback_invalid_total",
+    "user_feedback: Feedback events dead-lettered untrained, by reason (no_rating_or_comparison, empty_prompt, "
+    "empty_response, identical_responses, rating_out_of_range, too_long, messages, template, token_id)",
+    ["reason"],
+)
+FEEDBACK_FAILED = Counter(
+    "rlhf_learner_feedback_failed_total", "user_feedback: Feedback events dead-lettered with a learner step that failed"
 )
 ROLLOUTS_FAILED = Counter("rlhf_learner_rollouts_failed_total", "Rollouts dead-lettered with a PPO step that failed")
 TOKENS_TRAINED = Counter("rlhf_learner_tokens_total", "Prompt+response tokens trained on")

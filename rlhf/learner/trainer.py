@@ -37,6 +37,7 @@ import torch
 
 from rlhf.learner.batch import RolloutBatch
 from rlhf.learner.config import PPOConfig
+from rlhf.learner.feedback_loss import FeedbackBatch, FeedbackTerm
 from rlhf.learner.policy import PolicyWithValueHead
 from rlhf.ppo import (
     AdaptiveKLController,
@@ -75,6 +76,8 @@ MUST_BE_FINITE = (
     "kl",
     "kl_coef_next",
     "reward_mean",
+    "user_dpo_loss",
+    "user_distill_loss",
 )
 
 
@@ -162,15 +165,17 @@ class PPOTrainer:
         mask = batch.response_mask
         return zero_padding(logprobs, mask), zero_padding(values, mask), zero_padding(entropy, mask)
 
-    def step(self, batch: RolloutBatch) -> dict[str, float]:
+    def step(self, batch: RolloutBatch, feedback: FeedbackBatch | None = None) -> dict[str, float]:
         """Train on one batch; returns the step's diagnostics (floats, ready for metrics).
 
+        `feedback`: users' examples (user_feedback; rlhf/learner/feedback_loss.py) whose loss,
+        × user_feedback_coef, joins each optimizer step of the batch's objective.
         All or nothing: on any exception (NonFiniteStep included) the trainer and the
         policy's trainable weights are as they were before the call.
         """
         before = self._snapshot()
         try:
-            stats = self._step(batch)
+            stats = self._step(batch, feedback)
             bad = {k: stats[k] for k in MUST_BE_FINITE if k in stats and not math.isfinite(stats[k])}
             if bad:
                 raise NonFiniteStep(f"non-finite {', '.join(f'{k}={v}' for k, v in bad.items())}")
@@ -209,11 +214,16 @@ class PPOTrainer:
         self.shuffle.set_state(snap["shuffle"])
         self.steps = snap["steps"]
 
-    def _step(self, batch: RolloutBatch) -> dict[str, float]:
+    def _step(self, batch: RolloutBatch, feedback_batch: FeedbackBatch | None = None) -> dict[str, float]:
         cfg = self.cfg
         start = time.perf_counter()
         batch = batch.to(self.device)
         mask = batch.response_mask  # (B, R)
+        feedback = (  # users' pairs and answers: π_ref of the pairs now, their loss in every optimizer step
+            FeedbackTerm(feedback_batch, self.policy, self._forward, self._autocast, cfg, self.shuffle)
+            if feedback_batch is not None
+            else None
+        )
 
         # 1. behaviour log-probs and values under the current weights
         current_logprobs, old_values, entropy = self._behaviour_pass(batch)
@@ -222,10 +232,10 @@ class PPOTrainer:
         kl_coef = self.kl_ctl.value  # β of this step; the controller updates after it
         if cfg.objective == "online_dpo":
             # 2-4. DPO on each group's best and worst response
-            sums, weight, grad_norms, extra = self._dpo_epochs(batch)
+            sums, weight, grad_norms, extra = self._dpo_epochs(batch, feedback)
         elif cfg.objective == "best_of_n":
             # 2-4. the NLL of each group's top response alone
-            sums, weight, grad_norms, extra = self._distill_epochs(batch)
+            sums, weight, grad_norms, extra = self._distill_epochs(batch, feedback)
         else:
             # 2-3. advantages: GAE over KL-penalised rewards (ppo) or group-relative (grpo, rloo)
             if cfg.objective == "ppo":
@@ -255,10 +265,17 @@ class PPOTrainer:
                 extra.update(distill_stats)
             # 4. K epochs over shuffled minibatches
             sums, weight, grad_norms, distill_extra = self._policy_epochs(
-                batch, old_logprobs, old_values, advantages, returns, token_weights, kl_coef, targets
+                batch, old_logprobs, old_values, advantages, returns, token_weights, kl_coef, targets, feedback
             )
             extra.update(distill_extra)
             extra["advantage_mean"] = masked_mean(advantages, mask)
+
+        if feedback is not None:
+            if not grad_norms:  # the objective took no optimizer step (all ties, no target): the users' loss alone
+                for _ in range(cfg.ppo_epochs):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    grad_norms.append(self._optimizer_step(feedback, 0, 1))
+            extra.update(feedback.stats())
 
         # 5. adaptive β from the measured sequence KL
         kl_per_token = kl_penalty(old_logprobs, batch.ref_logprobs, "k1")
@@ -285,6 +302,16 @@ class PPOTrainer:
         out["tokens_per_second"] = out["tokens"] / out["step_seconds"]
         return out
 
+    def _optimizer_step(self, feedback: FeedbackTerm | None, part: int, parts: int) -> torch.Tensor:
+        """Add the users' loss of slice `part` of `parts` (if any) to the accumulated gradient,
+        clip it, step the optimizer and the LR schedule; returns the norm before clipping."""
+        if feedback is not None:
+            feedback.backward(part, parts)
+        norm = torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        return norm
+
     def _group_advantages(
         self, batch: RolloutBatch, old_logprobs: torch.Tensor, kl_coef: float
     ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -306,7 +333,7 @@ class PPOTrainer:
         return broadcast_to_tokens(advantages, mask), stats
 
     def _policy_epochs(
-        self, batch, old_logprobs, old_values, advantages, returns, token_weights, kl_coef, targets=None
+        self, batch, old_logprobs, old_values, advantages, returns, token_weights, kl_coef, targets=None, feedback=None
     ) -> tuple[dict[str, torch.Tensor], Any, list[torch.Tensor], dict[str, Any]]:
         """Step 4 for the policy-gradient objectives: clipped surrogate (times the TIS weights),
         plus the value loss (ppo) or β·k3 (kl_in="loss"), plus distill_coef × the best-of-n
@@ -325,9 +352,10 @@ class PPOTrainer:
         weight = 0.0
         distill_sum, distill_tokens = 0.0, 0.0
         grad_norms = []
+        parts = math.ceil(batch.size / cfg.minibatch_size)  # optimizer steps per epoch
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(batch.size, generator=self.shuffle).to(self.device)
-            for minibatch in self._chunks(order, cfg.minibatch_size):
+            for part, minibatch in enumerate(self._chunks(order, cfg.minibatch_size)):
                 minibatch_tokens = mask[minibatch].sum().clamp_min(1.0)
                 if target_mask is not None:
                     minibatch_target_tokens = target_mask[minibatch].sum().clamp_min(1.0)
@@ -372,16 +400,14 @@ class PPOTrainer:
                         sums[key] = sums.get(key, 0.0) + value * tokens
                     weight = weight + tokens
                     del logits, values, logprobs, loss
-                grad_norms.append(torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), cfg.max_grad_norm))
-                self.optimizer.step()
-                self.scheduler.step()
+                grad_norms.append(self._optimizer_step(feedback, part, parts))
         extra = {}
         if target_mask is not None:
             extra["distill_loss"] = distill_sum / distill_tokens if distill_tokens else 0.0
         return sums, weight, grad_norms, extra
 
     def _distill_epochs(
-        self, batch: RolloutBatch
+        self, batch: RolloutBatch, feedback: FeedbackTerm | None = None
     ) -> tuple[dict[str, torch.Tensor], Any, list[torch.Tensor], dict[str, Any]]:
         """Steps 2-4 of best_of_n (RAFT, Dong et al. 2023; ReST, Gulcehre et al. 2023): each
         group's top response by RM score, if it clears distill_min_score, is a target; K
@@ -396,9 +422,10 @@ class PPOTrainer:
         weight = 0.0
         grad_norms = []
         n = rows_of_targets.numel()
+        parts = math.ceil(n / cfg.minibatch_size)
         for _ in range(cfg.ppo_epochs if n else 0):
             order = rows_of_targets[torch.randperm(n, generator=self.shuffle).to(self.device)]
-            for minibatch in self._chunks(order, cfg.minibatch_size):
+            for part, minibatch in enumerate(self._chunks(order, cfg.minibatch_size)):
                 minibatch_tokens = mask[minibatch].sum().clamp_min(1.0)
                 self.optimizer.zero_grad(set_to_none=True)
                 for rows in self._chunks(minibatch, cfg.micro_batch_size):
@@ -412,16 +439,14 @@ class PPOTrainer:
                         sums[key] = sums.get(key, 0.0) + value * tokens
                     weight = weight + tokens
                     del logits, logprobs, nll
-                grad_norms.append(torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), cfg.max_grad_norm))
-                self.optimizer.step()
-                self.scheduler.step()
+                grad_norms.append(self._optimizer_step(feedback, part, parts))
         extra.update(reward_mean=batch.scores.mean(), groups=float(torch.unique(batch.group_ids).numel()))
         if not n:
             extra["distill_loss"] = 0.0
         return sums, weight, grad_norms, extra
 
     def _dpo_epochs(
-        self, batch: RolloutBatch
+        self, batch: RolloutBatch, feedback: FeedbackTerm | None = None
     ) -> tuple[dict[str, torch.Tensor], Any, list[torch.Tensor], dict[str, Any]]:
         """Steps 2-4 of online_dpo (Guo et al. 2024): one (best, worst) pair per group by RM
         score, K epochs over shuffled minibatches of pairs, the DPO loss (Rafailov et al.
@@ -436,9 +461,10 @@ class PPOTrainer:
         weight = 0.0
         grad_norms = []
         n_pairs = pairs.shape[0]
+        parts = math.ceil(n_pairs / max(1, cfg.minibatch_size // 2))
         for _ in range(cfg.ppo_epochs if n_pairs else 0):
             order = torch.randperm(n_pairs, generator=self.shuffle).to(self.device)
-            for minibatch in self._chunks(order, max(1, cfg.minibatch_size // 2)):
+            for part, minibatch in enumerate(self._chunks(order, max(1, cfg.minibatch_size // 2))):
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro in self._chunks(minibatch, max(1, cfg.micro_batch_size // 2)):
                     rows = pairs[micro].reshape(-1)  # (2p,) chosen, rejected, chosen, …
@@ -454,9 +480,7 @@ class PPOTrainer:
                         sums[key] = sums.get(key, 0.0) + value * micro.numel()
                     weight = weight + micro.numel()
                     del logits, seq, loss
-                grad_norms.append(torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), cfg.max_grad_norm))
-                self.optimizer.step()
-                self.scheduler.step()
+                grad_norms.append(self._optimizer_step(feedback, part, parts))
         extra = {
             "dpo_pairs": float(n_pairs),
             "dpo_ties_skipped": float(groups - n_pairs),

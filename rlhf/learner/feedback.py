@@ -1,0 +1,322 @@
+"""Users' own Feedback events (rlhf.feedback) as policy training examples: what each event
+gives, why one is refused, and the intake that holds them until the next learner step.
+
+With `user_feedback` set, the learner reads the topic the reward model learns from and
+turns each event into examples of two kinds (guided by Guo et al. 2024, OAIF: the policy
+can learn from preferences directly, not only through a reward model):
+
+  pair    a Comparison: (prompt, chosen, rejected) → the DPO loss (user_feedback=dpo|both)
+  answer  an endorsed answer → its NLL (user_feedback=distill|both): a thumbs-up answer
+          (Rating +1), or the person's `corrected_answer` on any event, which wins over
+          the served answer as it does for `rlhf sft` (rlhf/sft/data.py)
+
+A thumbs-down without a correction gives nothing here (the reward model has it), and neither
+does what the mode does not train (ratings under dpo, comparisons without a correction under
+distill): such an event is `skipped`, counted, and handled. An event that would give an
+example but means nothing is `invalid`: dead-lettered to rlhf.feedback.dlq with the reason,
+counted by it, handled, and the loop goes on. The reasons are the reward service's
+(rlhf.reward.data.feedback_problem: no_rating_or_comparison, empty_prompt, empty_response,
+identical_responses, rating_out_of_range) plus the learner's own, on tokens: too_long
+(user_feedback_max_prompt_tokens, user_feedback_max_answer_tokens, the model's positions),
+messages (a role the chat template does not take), template, token_id.
+
+Tokens: the prompt messages plus the answer rendered by the model's chat template; the
+answer's tokens are the assistant turn up to and including its end-of-turn token, exactly
+the span `rlhf sft` puts its loss on (rlhf.sft.data.tokenize), and the prompt is everything
+before them (what the generator sends: it ends with the assistant header).
+
+Exactly once, as for rollouts (rlhf/learner/intake.py): records are taken oldest first, so
+per partition the offset below which everything is handled is the lowest buffered one (or
+one past the last handled); the checkpoint stores it (LearnerState.feedback_offsets), a
+restart seeks there, and the ledger line of each step lists the feedback event ids it
+trained (`feedback`) and those it skipped, dead-lettered or failed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from rlhf.learner import metrics
+from rlhf.learner.batch import RolloutLimits
+from rlhf.learner.intake import HandledAbove
+from rlhf.validation import Invalid
+
+if TYPE_CHECKING:
+    from rlhf.bus import Offsets
+
+log = logging.getLogger(__name__)
+
+PAIR, ANSWER = "pair", "answer"
+BUFFERED_STEPS = 4  # the buffer holds this many steps' worth of events (user_feedback_max_per_step each)
+
+
+@dataclass(frozen=True)
+class FeedbackLimits:
+    max_prompt_tokens: int
+    max_answer_tokens: int
+    model: RolloutLimits | None = None  # the policy's vocabulary and positions
+
+    @classmethod
+    def of(cls, cfg: Any, lm: Any = None) -> FeedbackLimits:
+        """From a LearnerConfig's user_feedback_max_* settings and the policy's causal LM."""
+        return cls(
+            cfg.user_feedback_max_prompt_tokens,
+            cfg.user_feedback_max_answer_tokens,
+            RolloutLimits.of(lm) if lm is not None else None,
+        )
+
+
+@dataclass(frozen=True)
+class FeedbackExample:
+    """One training example from a Feedback event: token ids, prompt then answer(s)."""
+
+    kind: str  # PAIR or ANSWER
+    event_id: str
+    prompt_ids: tuple[int, ...]  # chat template up to the assistant header
+    answer_ids: tuple[int, ...]  # ANSWER: the endorsed answer; PAIR: the chosen one
+    rejected_ids: tuple[int, ...] = ()  # PAIR: the rejected answer
+
+
+def wanted_answers(fb: Any, mode: str) -> tuple[list[tuple[str, str]], tuple[str, str] | None]:
+    """What `mode` trains of one events_pb2.Feedback, before any check: (pair fields, answer
+    field), each a (field name, text); ([], None) when it trains nothing (skipped)."""
+    which = fb.WhichOneof("kind")
+    pair: list[tuple[str, str]] = []
+    answer = None
+    if mode in ("dpo", "both") and which == "comparison":
+        pair = [("comparison.chosen", fb.comparison.chosen), ("comparison.rejected", fb.comparison.rejected)]
+    if mode in ("distill", "both"):
+        if fb.corrected_answer.strip():
+            answer = ("corrected_answer", fb.corrected_answer)
+        elif which == "rating" and fb.rating.value > 0:
+            answer = ("rating.response", fb.rating.response)
+    return pair, answer
+
+
+def feedback_examples(fb: Any, mode: str, tokenizer: Any, limits: FeedbackLimits) -> list[FeedbackExample] | Invalid:
+    """The examples `mode` ("dpo", "distill", "both") trains from one events_pb2.Feedback:
+    [] when it trains none of it, an Invalid when the event cannot be trained."""
+    from rlhf.reward.data import feedback_problem
+    from rlhf.sft.data import ROLES
+
+    pair, answer = wanted_answers(fb, mode)
+    if not pair and answer is None:
+        return []
+    problem = feedback_problem(fb)  # the meaning checks the reward service makes, same reasons
+    if problem is not None:
+        return problem
+    for i, m in enumerate(fb.prompt):
+        if m.role not in ROLES:
+            return Invalid("messages", f"prompt[{i}].role: {m.role!r} is not one of {', '.join(ROLES)}")
+    if fb.prompt[0].role == "assistant":
+        return Invalid("messages", "prompt[0].role: a conversation starts with a system or user message")
+    if not any(m.content.strip() for m in fb.prompt):
+        return Invalid("empty_prompt", "prompt: every message is empty or whitespace")
+    for field, text in pair + ([answer] if answer else []):
+        if not text.strip():
+            return Invalid("empty_response", f"{field} is only whitespace")
+    messages = [{"role": m.role, "content": m.content} for m in fb.prompt]
+    tokens: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    for field, text in pair + ([answer] if answer else []):
+        got = answer_tokens(tokenizer, messages, text, field)
+        if isinstance(got, Invalid):
+            return got
+        tokens[field] = got
+        reason = _token_problem(field, *got, limits)
+        if reason is not None:
+            return reason
+    out = []
+    if pair:
+        (chosen_field, _), (rejected_field, _) = pair
+        prompt_ids, chosen = tokens[chosen_field]
+        out.append(FeedbackExample(PAIR, fb.event_id, prompt_ids, chosen, tokens[rejected_field][1]))
+    if answer is not None:
+        prompt_ids, ids = tokens[answer[0]]
+        out.append(FeedbackExample(ANSWER, fb.event_id, prompt_ids, ids))
+    return out
+
+
+def answer_tokens(
+    tokenizer: Any, messages: list[dict[str, str]], answer: str, field: str = "answer"
+) -> tuple[tuple[int, ...], tuple[int, ...]] | Invalid:
+    """(prompt ids, answer ids) of `messages` + the assistant `answer`, rendered by the chat
+    template: the answer's ids are those `rlhf sft` puts its loss on (the assistant turn up to
+    and including its end-of-turn token), the prompt's everything before them."""
+    from rlhf.sft.data import IGNORE, Example, SFTDataError, check_messages, tokenize
+
+    chat = messages + [{"role": "assistant", "content": answer}]
+    try:
+        checked = check_messages(chat, field)
+        full, labels = tokenize(tokenizer, Example(checked, (len(checked) - 1,)))
+    except SFTDataError as e:
+        reason = "template" if "chat template" in str(e) else "messages"
+        return Invalid(reason, str(e))
+    except Exception as e:  # noqa: BLE001 - a template that raises on this input refuses the event, not the learner
+        return Invalid("template", f"{field}: the chat template failed: {type(e).__name__}: {e}"[:500])
+    span = [i for i, label in enumerate(labels) if label != IGNORE]
+    if not span:
+        return Invalid("empty_response", f"{field}: no tokens after the chat template")
+    start, end = span[0], span[-1] + 1
+    return tuple(full[:start]), tuple(full[start:end])
+
+
+def _token_problem(
+    field: str, prompt: tuple[int, ...], answer: tuple[int, ...], limits: FeedbackLimits
+) -> Invalid | None:
+    if len(prompt) > limits.max_prompt_tokens:
+        return Invalid(
+            "too_long",
+            f"prompt: {len(prompt)} tokens > limit {limits.max_prompt_tokens} "
+            "(RLHF_LEARNER_USER_FEEDBACK_MAX_PROMPT_TOKENS)",
+        )
+    if len(answer) > limits.max_answer_tokens:
+        return Invalid(
+            "too_long",
+            f"{field}: {len(answer)} tokens > limit {limits.max_answer_tokens} "
+            "(RLHF_LEARNER_USER_FEEDBACK_MAX_ANSWER_TOKENS)",
+        )
+    model = limits.model
+    if model is None:
+        return None
+    if model.max_length is not None and len(prompt) + len(answer) > model.max_length:
+        return Invalid(
+            "too_long",
+            f"{field}: {len(prompt)} prompt + {len(answer)} answer tokens > the model's max_position_embeddings "
+            f"{model.max_length}",
+        )
+    bad = next((t for t in prompt + answer if not 0 <= t < model.vocab_size), None)
+    if bad is not None:
+        return Invalid(
+            "token_id", f"{field}: token id {bad} is outside the policy's vocabulary [0, {model.vocab_size})"
+        )
+    return None
+
+
+DeadLetter = Callable[[Any, str], None]  # (rlhf.bus Record, reason): EventConsumer.dead_letter
+
+
+class FeedbackIntake:
+    """Polled Feedback records → examples waiting for the next step, oldest first, bounded;
+    skipped and invalid events handled at once; the offsets a checkpoint may store."""
+
+    def __init__(
+        self,
+        state: Any,
+        mode: str,
+        tokenizer: Any,
+        limits: FeedbackLimits,
+        max_per_step: int,
+        dead_letter: DeadLetter | None = None,
+    ):
+        """`state`: the LearnerState whose feedback_* counters this updates and whose
+        feedback_offsets it starts from; `dead_letter` receives each invalid record with its
+        reason before it counts as handled (a failure propagates: the record is not skipped)."""
+        self.state = state
+        self.mode = mode
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.max_per_step = max_per_step
+        self.max_buffered = BUFFERED_STEPS * max_per_step
+        self.dead_letter = dead_letter
+        self._buffer: deque = deque()  # (record, examples), poll order
+        self._handled: Offsets = dict(state.feedback_offsets)  # per partition: one past the last handled
+        # per partition: offsets handled at or above the stored offset (skipped or invalid events
+        # behind a buffered one); those read again after a restart are not handled twice
+        self._done: dict[tuple[str, int], set[int]] = {tp: set(o) for tp, o in state.feedback_handled_above.items()}
+        self.dropped: dict[str, list[str]] = self._no_drops()  # event ids since the last step, per kind
+
+    def __len__(self) -> int:
+        return len(self._buffer)
+
+    @property
+    def full(self) -> bool:
+        return len(self._buffer) >= self.max_buffered
+
+    def add(self, records: list) -> None:
+        for rec in records:
+            if rec.offset in self._done.get((rec.topic, rec.partition), ()):  # handled before the restart
+                self._mark_handled(rec)
+                continue
+            got = feedback_examples(rec.event, self.mode, self.tokenizer, self.limits)
+            if isinstance(got, Invalid):
+                log.warning(
+                    "invalid feedback dead-lettered",
+                    extra={"event_id": rec.event.event_id, "offset": rec.offset, "reason": str(got)},
+                )
+                if self.dead_letter is not None:
+                    self.dead_letter(rec, str(got))
+                self._drop(rec, "feedback_invalid")
+                self.state.feedback_invalid += 1
+                metrics.FEEDBACK_INVALID.labels(got.reason).inc()
+            elif not got:
+                self._drop(rec, "feedback_skipped")
+                self.state.feedback_skipped += 1
+                metrics.FEEDBACK_SKIPPED.inc()
+            else:
+                self._buffer.append((rec, got))
+
+    def take(self) -> list[tuple[Any, list[FeedbackExample]]]:
+        """The oldest user_feedback_max_per_step buffered events and their examples, handled from now on."""
+        taken = [self._buffer.popleft() for _ in range(min(self.max_per_step, len(self._buffer)))]
+        for rec, _ in taken:
+            self._mark_handled(rec)
+        return taken
+
+    def safe_offsets(self) -> Offsets:
+        """Per partition, the offset below which every feedback record is handled."""
+        safe = dict(self._handled)
+        for rec, _ in self._buffer:
+            key = (rec.topic, rec.partition)
+            safe[key] = min(safe.get(key, rec.offset), rec.offset)
+        return safe
+
+    def handled_above(self) -> HandledAbove:
+        """Per partition, the handled offsets at or above safe_offsets(): what a checkpoint
+        stores beside them (LearnerState.feedback_handled_above)."""
+        safe = self.safe_offsets()
+        out: HandledAbove = {}
+        for key, done in self._done.items():
+            done.difference_update([o for o in done if o < safe.get(key, 0)])
+            if done:
+                out[key] = sorted(done)
+        return out
+
+    def record_trained(self, taken: list) -> None:
+        examples = [ex for _, exs in taken for ex in exs]
+        pairs = sum(ex.kind == PAIR for ex in examples)
+        self.state.feedback_trained += len(taken)
+        self.state.feedback_pairs_trained += pairs
+        self.state.feedback_answers_trained += len(examples) - pairs
+        metrics.FEEDBACK_EXAMPLES_TRAINED.labels(PAIR).inc(pairs)
+        metrics.FEEDBACK_EXAMPLES_TRAINED.labels(ANSWER).inc(len(examples) - pairs)
+
+    def record_failed(self, taken: list) -> None:
+        """Taken events whose step raised (already dead-lettered): counted, in the next ledger line."""
+        self.dropped["feedback_failed"] += [rec.event.event_id for rec, _ in taken]
+        self.state.feedback_failed += len(taken)
+
+    def forget_log(self, topic: str) -> None:
+        """`topic`'s log was lost (rlhf.bus.LogReset): drop what points into it."""
+        self._buffer = deque((rec, exs) for rec, exs in self._buffer if rec.topic != topic)
+        self._handled = {tp: o for tp, o in self._handled.items() if tp[0] != topic}
+        self._done = {tp: o for tp, o in self._done.items() if tp[0] != topic}
+
+    def pop_dropped(self) -> dict[str, list[str]]:
+        dropped, self.dropped = self.dropped, self._no_drops()
+        return dropped
+
+    @staticmethod
+    def _no_drops() -> dict[str, list[str]]:
+        return {"feedback_skipped": [], "feedback_invalid": [], "feedback_failed": []}
+
+    def _drop(self, rec, kind: str) -> None:
+        self.dropped[kind].append(rec.event.event_id)
+        self._mark_handled(rec)
+
+    def _mark_handled(self, rec) -> None:
+        key = (rec.topic, rec.partition)
+        self._handled[key] = max(self._handled.get(key, 0), rec.offset + 1)
+        self._done.setdefault(key, set()).add(rec.offset)
