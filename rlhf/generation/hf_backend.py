@@ -51,6 +51,10 @@ from rlhf.models import load_causal_lm, load_tokenizer, pad_id, resolve_device
 log = logging.getLogger(__name__)
 
 
+class EngineStopped(RuntimeError):
+    """The backend stopped while the request was decoding (after the server's drain)."""
+
+
 class TransformersBackend(Backend):
     name = "transformers"
 
@@ -101,10 +105,10 @@ class TransformersBackend(Backend):
         self._scheduler = asyncio.create_task(self._schedule(), name="hf-scheduler")
 
     async def stop(self) -> None:
-        self._stopping = True  # nobody joins any more; the running rows finish
+        self._stopping = True  # the running rows' callers get EngineStopped at the next step
         if self._scheduler is not None:
             self._scheduler.cancel()
-        self._thread.shutdown(wait=True, cancel_futures=True)
+        await asyncio.to_thread(self._thread.shutdown, wait=True, cancel_futures=True)
 
     # --- generation -----------------------------------------------------------------
 
@@ -160,6 +164,8 @@ class TransformersBackend(Backend):
             try:
                 # 1. finished and cancelled rows leave the batch and free their slots
                 batch.keep([b for b, r in enumerate(batch.rows) if not (r.done or r.job.cancelled)])
+                if self._stopping and batch.rows:
+                    raise EngineStopped("the generator stopped before this request finished")
                 # 2. who joins now (static: only an empty batch takes anyone)
                 joining = self._admit(len(batch))
                 if not batch.rows and not joining:
@@ -173,7 +179,8 @@ class TransformersBackend(Backend):
                 # 4. every row draws its next token and hears about it
                 self._draw(batch, logits)
             except Exception as e:  # noqa: BLE001 - handed to every caller in the batch
-                log.exception("decode step failed")
+                if not isinstance(e, EngineStopped):
+                    log.exception("decode step failed")
                 jobs = {id(j): j for j in [r.job for r in batch.rows] + joining}
                 for job in jobs.values():
                     job.emit(e)
