@@ -13,7 +13,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.gateway import completions, errors, feedback
-from services.gateway.guard import GuardMiddleware, RateLimiter, load_hook, static_keys
+from services.gateway.guard import GuardMiddleware, RateLimiter, RaterCookies, load_hook, rater_secret, static_keys
 from services.gateway.metrics import MetricsMiddleware
 from services.gateway.settings import GatewaySettings
 from services.gateway.state import Gateway
@@ -75,17 +75,29 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
+    secret = rater_secret(settings.rater_secret.get_secret_value(), settings.state_dir)
     authenticate = (
         load_hook(settings.auth_hook)
         if settings.auth_hook
-        else static_keys(settings.api_keys)
+        else static_keys(settings.api_keys, secret)
         if settings.api_keys
         else None
     )
     limiter = RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst) if settings.rate_limit_rps > 0 else None
+    feedback_limiter = (
+        RateLimiter(settings.feedback_rate_limit_rps, settings.feedback_rate_limit_burst, "feedback_rate_limit")
+        if settings.feedback_rate_limit_rps > 0
+        else None
+    )
     # added last = outermost: metrics see every answer, the guard's refusals included
     app.add_middleware(
-        GuardMiddleware, authenticate=authenticate, limiter=limiter, max_body_bytes=settings.max_body_bytes
+        GuardMiddleware,
+        authenticate=authenticate,
+        limiter=limiter,
+        max_body_bytes=settings.max_body_bytes,
+        cookies=RaterCookies(secret),
+        rater_header=settings.rater_header,
+        feedback_limiter=feedback_limiter,
     )
     app.add_middleware(MetricsMiddleware, known_paths=[r.path for r in app.routes if hasattr(r, "path")])
     return app

@@ -1,6 +1,7 @@
 """POST /v1/feedback: a thumbs up/down on one response, or a pick between two answers to
 the same prompt. Answered 202 once the event is committed to the outbox; the relay
-delivers it to rlhf.feedback when the broker is there."""
+delivers it to rlhf.feedback when the broker is there. The event names its rater (decided
+by the guard middleware, guard.py) and carries its texts PII-redacted (store.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from opentelemetry import trace
 from rlhf import tracing
 from services.gateway.body import JsonRoute
 from services.gateway.errors import ApiError
-from services.gateway.metrics import FEEDBACK
+from services.gateway.guard import ANONYMOUS, Rater
+from services.gateway.metrics import FEEDBACK, FEEDBACK_RATERS
 from services.gateway.schemas import FeedbackIn, RatingIn
 from services.gateway.state import Gateway
 
@@ -35,7 +37,9 @@ async def feedback(request: Request, body: FeedbackIn) -> JSONResponse:
             raise ApiError(
                 413, f"{field}: {len(getattr(fb, field))} characters; the limit is max_feedback_chars={limit}", field
             )
-    event = await gw.store.add_feedback(fb)
+    rater: Rater = request.scope.get("state", {}).get("rater", ANONYMOUS)
+    event = await gw.store.add_feedback(fb, rater)
+    FEEDBACK_RATERS.labels(rater.via).inc()
     span.set_attributes({"rlhf.event_id": event.event_id, "gen_ai.conversation.id": event.conversation_id})
     if isinstance(fb, RatingIn):
         FEEDBACK.labels("thumbs_up" if fb.value > 0 else "thumbs_down").inc()

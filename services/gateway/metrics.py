@@ -21,6 +21,21 @@ COMPLETION_TOKENS = Counter("rlhf_gateway_completion_tokens_total", "Completion 
 FEEDBACK = Counter(
     "rlhf_feedback_events_total", "Feedback events accepted into the outbox, by kind", ["kind"]
 )  # kind: thumbs_up | thumbs_down | comparison
+FEEDBACK_RATERS = Counter(
+    "rlhf_gateway_feedback_raters_total",
+    "Feedback events accepted, by how the rater was identified (never by rater: ids are unbounded)",
+    ["identity"],
+)  # identity: key | header | cookie | anonymous
+RATER_COOKIES_IGNORED = Counter(
+    "rlhf_gateway_rater_cookies_ignored_total",
+    "Rater cookies whose signature did not verify (forged, tampered, or signed under another rater_secret); "
+    "their feedback counts as anonymous",
+)
+PII_REDACTIONS = Counter(
+    "rlhf_gateway_pii_redactions_total",
+    "PII replaced by a placeholder in stored or published text (prompts, answers, comments, corrections), by type",
+    ["type"],
+)  # type: email | phone | credit_card | secret | ip_address
 INTERACTIONS = Counter("rlhf_gateway_interactions_total", "Completed chats queued for rlhf.interactions")
 GENERATOR_ERRORS = Counter("rlhf_gateway_generator_errors_total", "Generate calls that failed, by gRPC code", ["code"])
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
 
 from rlhf.serving import CommonSettings
@@ -64,6 +64,31 @@ class GatewaySettings(RewardAddress, GeneratorAddress, CommonSettings):
         0.0, description="/v1 requests per second each key (or client address) may make; 0 = no limit"
     )
     rate_limit_burst: int = Field(20, description="requests a key may make at once before the rate limit applies")
+
+    # --- who gave a feedback (Feedback.rater_id / anonymous) ---------------------------
+    rater_header: str = Field(
+        "",
+        description="request header a trusted proxy sets to the person's id (e.g. X-Forwarded-User), used as rater "
+        "when no API key names one; empty = no header is trusted",
+    )
+    rater_secret: SecretStr = Field(
+        SecretStr(""),
+        description="HMAC key signing the web page's rater cookie and fingerprinting API keys into rater ids; empty = "
+        "generated once into <state_dir>/gateway/rater-secret (replicas behind one address must share one)",
+    )
+    feedback_rate_limit_rps: float = Field(
+        0.0, ge=0, description="feedback requests per second each identified rater may send; 0 = no limit"
+    )
+    feedback_rate_limit_burst: int = Field(
+        30, ge=1, description="feedback requests a rater may send at once before feedback_rate_limit_rps applies"
+    )
+
+    # --- privacy ------------------------------------------------------------------------
+    redact_pii: bool = Field(
+        True,
+        description="replace e-mail addresses, phone and card numbers, secrets and IP addresses in stored and "
+        "published prompts, answers, comments and corrected answers by <TYPE> placeholders",
+    )
 
     # --- request limits (413/422 with the limit named) ---------------------------------
     max_body_bytes: int = Field(1_000_000, description="largest request body accepted, bytes")

@@ -42,7 +42,11 @@ class Gateway:
             retention=settings.outbox_retention_seconds,
         )
         self.store = GatewayStore(
-            self.outbox, self.topics, on_commit=self.relay.wake, completion_synchronous=settings.interaction_synchronous
+            self.outbox,
+            self.topics,
+            on_commit=self.relay.wake,
+            completion_synchronous=settings.interaction_synchronous,
+            redact_pii=settings.redact_pii,
         )
         self.channel = aio_channel(settings.generator_addr)
         self.generator = generation_pb2_grpc.GenerationServiceStub(self.channel)

@@ -14,6 +14,9 @@ from rlhf.bus import Topics, encode, new_event
 from rlhf.outbox import Outbox, Synchronous, connect
 from rlhf.v1 import common_pb2, events_pb2
 from services.gateway.errors import ApiError
+from services.gateway.guard import ANONYMOUS, Rater
+from services.gateway.metrics import PII_REDACTIONS
+from services.gateway.redact import TYPES, Redactor
 from services.gateway.schemas import ComparisonIn, RatingIn
 
 _SCHEMA = (
@@ -23,10 +26,19 @@ _SCHEMA = (
         prompt          TEXT NOT NULL,     -- JSON [{"role", "content"}]: the conversation before this answer
         text            TEXT NOT NULL,
         policy_version  INTEGER NOT NULL,
-        created         REAL NOT NULL      -- unix seconds
+        created         REAL NOT NULL,     -- unix seconds
+        redacted        INTEGER NOT NULL DEFAULT 0  -- 1: prompt and text went through the PII redactor
     )""",
     "CREATE INDEX IF NOT EXISTS responses_created ON responses(created)",
 )
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """A file from before redaction: its rows are marked unredacted, so feedback redacts them."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(responses)")}
+    if "redacted" not in columns:
+        conn.execute("ALTER TABLE responses ADD COLUMN redacted INTEGER NOT NULL DEFAULT 0")
+
 
 Messages = list[dict[str, str]]  # [{"role": ..., "content": ...}]
 
@@ -38,17 +50,44 @@ class Served:
     prompt: str  # JSON, compared verbatim: two answers to the same prompt have equal strings
     text: str
     policy_version: int
+    redacted: bool
 
 
 def _chat(messages: Messages) -> list[common_pb2.ChatMessage]:
     return [common_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages]
 
 
+class Scrubber:
+    """The PII redactor with its counter, or (redact_pii off) the identity."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._redactor = Redactor()
+        for kind in TYPES:
+            PII_REDACTIONS.labels(kind)  # every type exported from the start, at 0
+
+    def __call__(self, text: str) -> str:
+        if not self.enabled:
+            return text
+        text, counts = self._redactor.redact(text)
+        for kind, n in counts.items():
+            PII_REDACTIONS.labels(kind).inc(n)
+        return text
+
+    def messages(self, messages: Messages) -> Messages:
+        return [{**m, "content": self(m["content"])} for m in messages] if self.enabled else messages
+
+
 class GatewayStore:
     """Feedback commits with the outbox's durability (FULL by default: a person's judgement
     cannot be asked for again); served responses and their Interaction event with
     `completion_synchronous` (NORMAL by default: they survive a gateway crash, and a
-    completion does not wait for an fsync)."""
+    completion does not wait for an fsync).
+
+    With `redact_pii`, text is redacted before it is stored or queued: a completion's prompt
+    and answers (so its Interaction, and every later feedback that copies them), and a
+    feedback's comment and corrected answer; a stored row not yet redacted (written while
+    redaction was off) is redacted when a feedback copies it."""
 
     def __init__(
         self,
@@ -56,10 +95,18 @@ class GatewayStore:
         topics: Topics,
         on_commit: Callable[[], None] = lambda: None,
         completion_synchronous: Synchronous = "NORMAL",
+        redact_pii: bool = True,
     ):
         self.outbox, self.topics, self.on_commit = outbox, topics, on_commit
         self.completion_synchronous = completion_synchronous
-        outbox.submit(lambda c: [c.execute(s) for s in _SCHEMA]).result()
+        self.scrub = Scrubber(redact_pii)
+
+        def schema(conn: sqlite3.Connection) -> None:
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            _migrate(conn)
+
+        outbox.submit(schema).result()
         # lookups run on the event loop: a primary-key read in WAL mode takes microseconds
         # and never waits for the writer
         self._read = connect(outbox.path)
@@ -79,6 +126,9 @@ class GatewayStore:
         policy_version: int,
     ) -> events_pb2.Interaction:
         """Store the served (response_id, text) pairs and queue the Interaction event."""
+        prompt = self.scrub.messages(prompt)
+        responses = [(rid, self.scrub(text)) for rid, text in responses]
+        redacted = int(self.scrub.enabled)
         event = new_event(
             events_pb2.Interaction,
             conversation_id=conversation_id,
@@ -91,9 +141,9 @@ class GatewayStore:
 
         def job(conn: sqlite3.Connection) -> None:
             conn.executemany(
-                "INSERT INTO responses (id, conversation_id, prompt, text, policy_version, created) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                [(rid, conversation_id, prompt_json, text, policy_version, now) for rid, text in responses],
+                "INSERT INTO responses (id, conversation_id, prompt, text, policy_version, created, redacted) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(rid, conversation_id, prompt_json, text, policy_version, now, redacted) for rid, text in responses],
             )
             Outbox.put(conn, event.event_id, self.topics.interactions, conversation_id, payload)
 
@@ -102,17 +152,31 @@ class GatewayStore:
 
     def lookup(self, response_id: str, field: str) -> Served:
         row = self._read.execute(
-            "SELECT id, conversation_id, prompt, text, policy_version FROM responses WHERE id = ?", (response_id,)
+            "SELECT id, conversation_id, prompt, text, policy_version, redacted FROM responses WHERE id = ?",
+            (response_id,),
         ).fetchone()
         if row is None:
             raise ApiError(
                 404, f"{field}: no served response has id {response_id!r} (or it is older than the retention)", field
             )
-        return Served(*row)
+        return Served(*row[:5], redacted=bool(row[5]))
 
-    async def add_feedback(self, fb: RatingIn | ComparisonIn) -> events_pb2.Feedback:
+    def _prompt_of(self, served: Served) -> list[common_pb2.ChatMessage]:
+        prompt = json.loads(served.prompt)
+        return _chat(prompt if served.redacted else self.scrub.messages(prompt))
+
+    def _text_of(self, served: Served) -> str:
+        return served.text if served.redacted else self.scrub(served.text)
+
+    async def add_feedback(self, fb: RatingIn | ComparisonIn, rater: Rater = ANONYMOUS) -> events_pb2.Feedback:
         """Resolve the ids to the served texts and queue the Feedback event (404 for unknown ids)."""
-        common = dict(comment=fb.comment, corrected_answer=fb.corrected_answer, source=fb.source)
+        common = dict(
+            comment=self.scrub(fb.comment),
+            corrected_answer=self.scrub(fb.corrected_answer),
+            source=fb.source,
+            rater_id=rater.id,
+            anonymous=rater.anonymous,
+        )
         if fb.event_id:
             common["event_id"] = fb.event_id
         if isinstance(fb, RatingIn):
@@ -120,9 +184,9 @@ class GatewayStore:
             event = new_event(
                 events_pb2.Feedback,
                 conversation_id=r.conversation_id,
-                prompt=_chat(json.loads(r.prompt)),
+                prompt=self._prompt_of(r),
                 rating=events_pb2.Rating(
-                    response_id=r.id, response=r.text, value=fb.value, policy_version=r.policy_version
+                    response_id=r.id, response=self._text_of(r), value=fb.value, policy_version=r.policy_version
                 ),
                 **common,
             )
@@ -140,12 +204,12 @@ class GatewayStore:
             event = new_event(
                 events_pb2.Feedback,
                 conversation_id=chosen.conversation_id,
-                prompt=_chat(json.loads(chosen.prompt)),
+                prompt=self._prompt_of(chosen),
                 comparison=events_pb2.Comparison(
                     chosen_id=chosen.id,
-                    chosen=chosen.text,
+                    chosen=self._text_of(chosen),
                     rejected_id=rejected.id,
-                    rejected=rejected.text,
+                    rejected=self._text_of(rejected),
                     chosen_policy_version=chosen.policy_version,
                     rejected_policy_version=rejected.policy_version,
                 ),
