@@ -7,6 +7,8 @@ trainer     PPOTrainer.step: one PPO update on a batch, returns its stats
 checkpoint  atomic checkpoints and the trained-rollout ledger
 drift       DriftGate: KL(π_new‖π_ref) on held-out prompts
 intake      LearnerState (checkpointed bookkeeping), RolloutIntake (batches, drops, offsets)
+feedback    users' Feedback events → DPO pairs and NLL answers (user_feedback), FeedbackIntake
+feedback_loss  the users' loss term the trainer adds to its optimizer steps
 versions    weight-store records ↔ protos, loading a published version
 loop        Learner: the Kafka-driven loop and its control plane
 servicer    LearnerServicer: that control plane over gRPC (rlhf.v1.LearnerService); imported

@@ -5,8 +5,11 @@ methods (status, pause, resume, versions, rollback). Each iteration of the loop:
 
   1. poll Rollout events; dead-letter invalid ones (token ids outside the vocabulary,
      non-finite values, lengths that disagree, a version never given out) and drop ones
-     more than max_policy_lag versions behind the current weights (both counted)
-  2. once batch_size fresh rollouts are buffered, one PPO step on the oldest of them; a
+     more than max_policy_lag versions behind the current weights (both counted); with
+     user_feedback, poll Feedback events too (rlhf/learner/feedback.py): meaningless ones
+     dead-lettered, the rest buffered until the next step
+  2. once batch_size fresh rollouts are buffered, one PPO step on the oldest of them (with
+     up to user_feedback_max_per_step buffered feedback events, rlhf/learner/feedback_loss.py); a
      step that raises or goes non-finite is undone and its batch dead-lettered, and the
      loop goes on (after MAX_FAILED_STEPS_IN_A_ROW of them it gives up, loudly)
   3. ledger line (event ids trained and dropped), then a checkpoint holding the Kafka

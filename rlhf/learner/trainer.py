@@ -18,7 +18,9 @@ top-scored response (RAFT/ReST, rlhf/ppo/distill.py) alone; `distill="best_of_n"
 NLL to the ppo/grpo/rloo loss in the same optimizer steps. `off_policy_correction="tis"`
 multiplies the surrogate by truncated importance weights toward the generator's
 log-probs (rlhf/ppo/offpolicy.py). Steps 1 and 5, the snapshot and the stats path are the
-same for every objective.
+same for every objective. Users' feedback (user_feedback; rlhf/learner/feedback_loss.py)
+adds user_feedback_coef × its DPO/NLL loss, a slice per optimizer step, to whichever
+objective runs (_optimizer_step).
 
 A step is all or nothing: if it raises, or ends with a non-finite loss, gradient norm or
 KL (NonFiniteStep), the weights, optimizer, LR schedule, β and shuffle RNG are put back

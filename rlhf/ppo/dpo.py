@@ -9,6 +9,12 @@ better and the worse, and take a DPO step on that fresh pair. The loss is Rafail
 
 with sequence log-probs summed over the response tokens. π_ref's come with the rollout
 (the reference service); no critic, no clipping.
+
+The same loss trains on users' own comparisons (the learner's user_feedback=dpo,
+rlhf/learner/feedback_loss.py, π_ref in-process). Those pairs are off-policy, served by
+any earlier version: the loss does not need on-policy pairs (it is the Bradley-Terry
+likelihood of the observed choice under the reward π_θ/π_ref implies, for any two
+responses, with no importance ratio); OAIF's on-policy sampling buys a fresher signal.
 """
 
 from __future__ import annotations

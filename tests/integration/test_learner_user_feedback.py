@@ -170,8 +170,8 @@ def test_users_feedback_moves_the_policy_toward_their_answer(broker, topics, tin
                 wait_for(lambda step=step: learner.state.step == step, 120, f"step {step}")
                 curve.append(measure(learner, tok, mode, per_step))
         print(f"{mode}: {'margin' if mode == 'dpo' else 'log π(target)'} per step: {[round(c, 3) for c in curve]}")
-        assert curve[-1] > curve[0] + 0.5, curve
-        assert curve[-1] > curve[steps // 2], curve  # still rising in the second half
+        assert all(c > curve[0] + 0.5 for c in curve[1:]), curve  # up after the first step, and stays up
+        assert curve[-1] > curve[1], curve  # and still higher after more of them
         s = learner.state
         kind = "pairs" if mode == "dpo" else "answers"
         assert s.feedback_trained == per_step * steps and getattr(s, f"feedback_{kind}_trained") == per_step * steps
