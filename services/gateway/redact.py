@@ -62,7 +62,8 @@ TYPES = tuple(PLACEHOLDERS)
 
 # --- secrets ------------------------------------------------------------------------------
 _PROVIDER_KEYS = re.compile(
-    r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----"
+    r"(?=[-sprkAgxe])"  # where a key can start: the alternation is not tried anywhere else
+    r"(?:-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----"
     r"|(?<![\w-])(?:"
     r"sk-[A-Za-z0-9_-]{20,}"  # OpenAI, Anthropic (sk-ant-…), sk-proj-…
     r"|[sprk]k_(?:live|test)_[A-Za-z0-9]{16,}"  # Stripe
@@ -71,12 +72,12 @@ _PROVIDER_KEYS = re.compile(
     r"|xox[abeprs]-[A-Za-z0-9-]{10,}"  # Slack
     r"|AIza[0-9A-Za-z_-]{35}"  # Google API key
     r"|eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"  # JWT: header.payload.signature
-    r")(?![\w-])",
+    r")(?![\w-]))",
     re.DOTALL,
 )
 # "api_key = 9f8e…", "token: abc…", "my secret is …": the word stays, the value goes
 _KEYWORD_SECRET = re.compile(
-    r"(?i)(\b(?:[a-z0-9]+[_-])*(?:api[_-]?key|key|token|secret|credential)s?(?![\w-])"
+    r"(?i)(?=[akstc])((?<![a-z0-9])(?:api[_-]?key|key|token|secret|credential)s?(?![\w-])"
     r"[\"']?\s*(?:[:=]|\bis\b)?\s*[\"']?)"
     r"([A-Za-z0-9+/_.=-]{16,})"
 )
@@ -91,16 +92,19 @@ _CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d])")
 
 # --- IP addresses -------------------------------------------------------------------------
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-_IPV4 = re.compile(rf"(?<![\d.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\.?\d)")
-_IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9A-Fa-f]{1,4})?(?![\w:]|\.\d)")
+_IPV4 = re.compile(rf"(?=\d)(?<![\d.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\.?\d)")
+_IPV6 = re.compile(
+    r"(?=[0-9A-Fa-f]{0,4}:)(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9A-Fa-f]{1,4})?(?![\w:]|\.\d)"
+)
 
 # --- phone numbers ------------------------------------------------------------------------
 _PHONE = re.compile(
-    r"(?<![\w+])\+\d{1,3}(?:[ .-]?\(\d{1,4}\))?(?:[ .-]?\d{2,4}){2,5}(?![\w])"  # +44 20 7946 0958
+    r"(?=[+(\d])"  # where a number can start: the alternation is not tried anywhere else
+    r"(?:(?<![\w+])\+\d{1,3}(?:[ .-]?\(\d{1,4}\))?(?:[ .-]?\d{2,4}){2,5}(?![\w])"  # +44 20 7946 0958
     r"|(?<![\w(+])\(\d{2,5}\)[ .-]?\d{3,4}[ .-]?\d{3,4}(?![\w])"  # (415) 555-0100
     r"|(?<![\w.+-])\d{3}[.-]\d{3}[.-]\d{4}(?![\w]|[.-]\d)"  # 415-555-0100, 415.555.0100
     r"|(?<![\w.+-])\d{3} \d{3} \d{4}(?![\w]| \d)"  # 415 555 0100
-    r"|(?<![\w.+-])0\d{1,4}[ /-]\d{3,4}[ -]?\d{3,4}(?![\w]|[ .-]\d)"  # 030 1234 5678, 0171-1234567
+    r"|(?<![\w.+-])0\d{1,4}[ /-]\d{3,4}[ -]?\d{3,4}(?![\w]|[ .-]\d))"  # 030 1234 5678, 0171-1234567
 )
 
 
