@@ -11,6 +11,13 @@ over gRPC and through the gateway over HTTP (keep-alive), so both see the same l
 parsing, the gRPC hop, storing the served response and the Interaction event (one
 group-committed SQLite transaction) and the JSON answer. Feedback: POST /v1/feedback
 from C concurrent clients, each answer 202 only after the outbox commit.
+
+Trust A/B (`--ab-feedback N`, 0 = skip): a second gateway in front of the same generator
+with PII redaction and rater identity on (each client a web-cookie rater, a per-rater
+limit high enough never to refuse) against the first with both off (redact_pii=false,
+anonymous), the same feedback body (a comment and a corrected answer of ~300 characters
+holding an e-mail address, a phone number and a card number) to both, in alternating
+rounds so both see the same load; the median round of each is reported.
 Prints markdown tables (docs/gateway.md records them).
 """
 
@@ -19,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -112,6 +120,67 @@ async def bench_feedback(url: str, response_id: str, total: int, concurrency: in
         return total / (time.perf_counter() - t0)
 
 
+AB_TEXT = (
+    "The answer is wrong about the refund. I paid with 4111 1111 1111 1111 on the 3rd and support "
+    "(jane.doe@example.com, +1 (415) 555-0100) said it would take five working days. A better answer "
+    "would say how long refunds take and where to check their status, without guessing a date."
+)
+
+
+async def bench_feedback_ab(url: str, response_id: str, total: int, concurrency: int, identity: bool) -> float:
+    """Feedback requests/s, `concurrency` clients each with its own connection; with
+    `identity`, each first loads the page and so rates under its own signed cookie."""
+    body = {"kind": "rating", "response_id": response_id, "value": -1, "comment": AB_TEXT, "corrected_answer": AB_TEXT}
+    clients = [httpx.AsyncClient(base_url=url, timeout=60) for _ in range(concurrency)]
+    sent = 0
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal sent
+        while sent < total:
+            sent += 1
+            r = await client.post("/v1/feedback", json=body)
+            if r.status_code != 202:
+                raise RuntimeError(r.text)
+
+    try:
+        for client in clients:
+            if identity:
+                (await client.get("/")).raise_for_status()
+            (await client.post("/v1/feedback", json=body)).raise_for_status()  # warm connection
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(c) for c in clients))
+        return total / (time.perf_counter() - t0)
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+def trust_steps_us(reps: int = 2000) -> dict[str, float]:
+    """What redaction and identity add to one feedback, without HTTP or the outbox."""
+    from services.gateway.guard import RateLimiter, RaterCookies
+    from services.gateway.store import Scrubber
+
+    scrub, cookies = Scrubber(True), RaterCookies(b"x" * 32)
+    limiter = RateLimiter(100000, 100000, "feedback_rate_limit")
+    cookie = cookies.issue()
+
+    def median_us(fn) -> float:
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return 1e6 * statistics.median(times)
+
+    return {
+        "redact comment + corrected answer (2 × 300 chars, 3 PII each)": median_us(
+            lambda: (scrub(AB_TEXT), scrub(AB_TEXT))
+        ),
+        "verify the rater cookie (HMAC-SHA256)": median_us(lambda: cookies.verify(cookie)),
+        "per-rater limit (limits sliding window)": median_us(lambda: limiter.acquire("web:abc")),
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny", help='"tiny" (random, built now), "demo", or a model folder')
@@ -119,6 +188,11 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--feedback", type=int, default=2000, help="feedback posts per concurrency level")
     ap.add_argument("--concurrency", default="1,16", help="feedback client concurrency levels")
+    ap.add_argument(
+        "--ab-feedback", type=int, default=500, help="feedback posts per round of the trust A/B (0 = skip it)"
+    )
+    ap.add_argument("--ab-rounds", type=int, default=5, help="alternating rounds of the trust A/B, per gateway")
+    ap.add_argument("--skip-latency", action="store_true", help="only the feedback measurements")
     args = ap.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -144,7 +218,19 @@ def main() -> int:
             "RLHF_MODEL": model,
         }
     )
-    gw.env.update({"RLHF_HTTP_PORT": str(gw.port), "RLHF_GENERATOR_ADDR": gen.address})
+    # the plain gateway, as before; redact_pii off so the A/B compares against no redaction at all
+    gw.env.update({"RLHF_HTTP_PORT": str(gw.port), "RLHF_GENERATOR_ADDR": gen.address, "RLHF_REDACT_PII": "false"})
+    trusted = ServiceSpec("gateway-trusted", "services.gateway", free_port(), 0, http=True)
+    trusted.env.update(
+        {
+            "RLHF_HTTP_PORT": str(trusted.port),
+            "RLHF_GENERATOR_ADDR": gen.address,
+            "RLHF_OUTBOX_PATH": str(work / "trusted-outbox.db"),
+            "RLHF_REDACT_PII": "true",
+            "RLHF_FEEDBACK_RATE_LIMIT_RPS": "100000",
+            "RLHF_FEEDBACK_RATE_LIMIT_BURST": "100000",
+        }
+    )
     env = {
         "RLHF_STATE_DIR": str(work / "state"),
         "RLHF_KAFKA_BOOTSTRAP": broker.bootstrap,
@@ -152,14 +238,14 @@ def main() -> int:
         "RLHF_LOG_LEVEL": "WARNING",
         "RLHF_HOST": "127.0.0.1",
     }
-    stack = Stack([gen, gw], env, work / "logs", drain_seconds=2)
+    stack = Stack([gen, gw, *([trusted] if args.ab_feedback else [])], env, work / "logs", drain_seconds=2)
     try:
         stack.start()
         stack.wait_healthy(300, progress=lambda m: None)
         stub = generation_pb2_grpc.GenerationServiceStub(sync_channel(gen.address))
         rows, overhead, floor = [], [], []
         with httpx.Client(base_url=gw.url, timeout=60) as http:
-            for stream in (False, True):
+            for stream in (False, True) if not args.skip_latency else ():
                 lat = bench_latency(stub, http, args.pairs, args.max_tokens, stream)
                 d, g = lat["direct"], lat["gateway"]
                 rows.append(
@@ -187,6 +273,22 @@ def main() -> int:
             (c, asyncio.run(bench_feedback(gw.url, rid, args.feedback, c)))
             for c in map(int, args.concurrency.split(","))
         ]
+        ab = []
+        if args.ab_feedback:
+            with httpx.Client(base_url=trusted.url, timeout=60) as http:
+                # a prompt with PII: the trusted gateway stores it redacted, the plain one as it came
+                pii_prompt = [{"role": "user", "content": "My card 4111 1111 1111 1111 was charged twice. Why?"}]
+                body = {"messages": pii_prompt, "max_tokens": 2}
+                rid_on = http.post("/v1/chat/completions", json=body).json()["choices"][0]["response_id"]
+                rid_off = httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=60).json()["choices"][0][
+                    "response_id"
+                ]
+            for c in map(int, args.concurrency.split(",")):
+                off, on = [], []
+                for _ in range(args.ab_rounds):
+                    off.append(asyncio.run(bench_feedback_ab(gw.url, rid_off, args.ab_feedback, c, identity=False)))
+                    on.append(asyncio.run(bench_feedback_ab(trusted.url, rid_on, args.ab_feedback, c, identity=True)))
+                ab.append((c, off, on))
     finally:
         stack.stop()
         broker.stop()
@@ -195,23 +297,42 @@ def main() -> int:
         f"\nmodel={Path(model).name} max_tokens={args.max_tokens} pairs={args.pairs} cpus={os.cpu_count()} "
         f"load average {os.getloadavg()[0]:.1f}\n"
     )
-    print("Alternating direct gRPC / gateway HTTP calls (ms):\n")
-    print("| request | direct p50 | direct p99 | gateway p50 | gateway p99 | added p50 | added p99 |")
-    print("|---|---|---|---|---|---|---|")
-    for name, *vals in rows:
-        print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
-    print("\nGateway's own time per non-streaming request: client-observed latency minus the Generate call the")
-    print("gateway timed itself (Server-Timing), i.e. HTTP, validation, SQLite commit, JSON; and, measured")
-    print("in the same loop, an HTTP round trip to /healthz that does nothing (ms):\n")
-    print("| | p50 | p90 | p99 | max |")
-    print("|---|---|---|---|---|")
-    for name, xs in (("gateway's own time", overhead), ("GET /healthz", floor)):
-        ms = [1000 * x for x in xs]
-        print(f"| {name} | {pct(ms, 50):.2f} | {pct(ms, 90):.2f} | {pct(ms, 99):.2f} | {max(ms):.2f} |")
+    if not args.skip_latency:
+        print("Alternating direct gRPC / gateway HTTP calls (ms):\n")
+        print("| request | direct p50 | direct p99 | gateway p50 | gateway p99 | added p50 | added p99 |")
+        print("|---|---|---|---|---|---|---|")
+        for name, *vals in rows:
+            print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
+        print("\nGateway's own time per non-streaming request: client-observed latency minus the Generate call the")
+        print("gateway timed itself (Server-Timing), i.e. HTTP, validation, SQLite commit, JSON; and, measured")
+        print("in the same loop, an HTTP round trip to /healthz that does nothing (ms):\n")
+        print("| | p50 | p90 | p99 | max |")
+        print("|---|---|---|---|---|")
+        for name, xs in (("gateway's own time", overhead), ("GET /healthz", floor)):
+            ms = [1000 * x for x in xs]
+            print(f"| {name} | {pct(ms, 50):.2f} | {pct(ms, 90):.2f} | {pct(ms, 99):.2f} | {max(ms):.2f} |")
     print("\n| feedback clients | requests/s (each 202 after its outbox commit, synchronous=FULL) |")
     print("|---|---|")
     for c, rps in fb:
         print(f"| {c} | {rps:.0f} |")
+    if ab:
+        print("\nIn-process CPU per feedback on the trusted gateway, this machine (µs, median of 2000):\n")
+        print("| step | µs |")
+        print("|---|---|")
+        for step, us in trust_steps_us().items():
+            print(f"| {step} | {us:.1f} |")
+        print(
+            f"\nTrust A/B: feedback requests/s, median of {args.ab_rounds} alternating rounds of "
+            f"{args.ab_feedback} posts (min–max in brackets):\n"
+        )
+        print("| feedback clients | redaction + identity off | on | cost |")
+        print("|---|---|---|---|")
+        for c, off, on in ab:
+            m_off, m_on = statistics.median(off), statistics.median(on)
+            print(
+                f"| {c} | {m_off:.0f} ({min(off):.0f}–{max(off):.0f}) | {m_on:.0f} ({min(on):.0f}–{max(on):.0f}) "
+                f"| {100 * (1 - m_on / m_off):+.1f} % |"
+            )
     return 0
 
 
