@@ -7,7 +7,8 @@ trainer     PPOTrainer.step: one PPO update on a batch, returns its stats
 checkpoint  atomic checkpoints and the trained-rollout ledger
 drift       DriftGate: KL(π_new‖π_ref) on held-out prompts
 intake      LearnerState (checkpointed bookkeeping), RolloutIntake (batches, drops, offsets)
-feedback    users' Feedback events → DPO pairs and NLL answers (user_feedback), FeedbackIntake
+feedback    users' Feedback events → DPO pairs and NLL answers (user_feedback), or refusals
+feedback_intake  FeedbackChannel: the rlhf.feedback consumer and its exactly-once intake
 feedback_loss  the users' loss term the trainer adds to its optimizer steps
 versions    weight-store records ↔ protos, loading a published version
 loop        Learner: the Kafka-driven loop and its control plane

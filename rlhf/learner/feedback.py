@@ -25,32 +25,19 @@ answer's tokens are the assistant turn up to and including its end-of-turn token
 the span `rlhf sft` puts its loss on (rlhf.sft.data.tokenize), and the prompt is everything
 before them (what the generator sends: it ends with the assistant header).
 
-Exactly once, as for rollouts (rlhf/learner/intake.py): records are taken oldest first, so
-per partition the offset below which everything is handled is the lowest buffered one (or
-one past the last handled); the checkpoint stores it (LearnerState.feedback_offsets), a
-restart seeks there, and the ledger line of each step lists the feedback event ids it
-trained (`feedback`) and those it skipped, dead-lettered or failed.
+The intake that buffers the examples until the next step, exactly once, is
+rlhf/learner/feedback_intake.py; the loss they train with, rlhf/learner/feedback_loss.py.
 """
 
 from __future__ import annotations
 
-import logging
-from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any
 
-from rlhf.learner import metrics
 from rlhf.learner.batch import RolloutLimits
-from rlhf.learner.intake import HandledAbove
 from rlhf.validation import Invalid
 
-if TYPE_CHECKING:
-    from rlhf.bus import Offsets
-
-log = logging.getLogger(__name__)
-
 PAIR, ANSWER = "pair", "answer"
-BUFFERED_STEPS = 4  # the buffer holds this many steps' worth of events (user_feedback_max_per_step each)
 
 
 @dataclass(frozen=True)
@@ -193,130 +180,3 @@ def _token_problem(
             "token_id", f"{field}: token id {bad} is outside the policy's vocabulary [0, {model.vocab_size})"
         )
     return None
-
-
-DeadLetter = Callable[[Any, str], None]  # (rlhf.bus Record, reason): EventConsumer.dead_letter
-
-
-class FeedbackIntake:
-    """Polled Feedback records → examples waiting for the next step, oldest first, bounded;
-    skipped and invalid events handled at once; the offsets a checkpoint may store."""
-
-    def __init__(
-        self,
-        state: Any,
-        mode: str,
-        tokenizer: Any,
-        limits: FeedbackLimits,
-        max_per_step: int,
-        dead_letter: DeadLetter | None = None,
-    ):
-        """`state`: the LearnerState whose feedback_* counters this updates and whose
-        feedback_offsets it starts from; `dead_letter` receives each invalid record with its
-        reason before it counts as handled (a failure propagates: the record is not skipped)."""
-        self.state = state
-        self.mode = mode
-        self.tokenizer = tokenizer
-        self.limits = limits
-        self.max_per_step = max_per_step
-        self.max_buffered = BUFFERED_STEPS * max_per_step
-        self.dead_letter = dead_letter
-        self._buffer: deque = deque()  # (record, examples), poll order
-        self._handled: Offsets = dict(state.feedback_offsets)  # per partition: one past the last handled
-        # per partition: offsets handled at or above the stored offset (skipped or invalid events
-        # behind a buffered one); those read again after a restart are not handled twice
-        self._done: dict[tuple[str, int], set[int]] = {tp: set(o) for tp, o in state.feedback_handled_above.items()}
-        self.dropped: dict[str, list[str]] = self._no_drops()  # event ids since the last step, per kind
-
-    def __len__(self) -> int:
-        return len(self._buffer)
-
-    @property
-    def full(self) -> bool:
-        return len(self._buffer) >= self.max_buffered
-
-    def add(self, records: list) -> None:
-        for rec in records:
-            if rec.offset in self._done.get((rec.topic, rec.partition), ()):  # handled before the restart
-                self._mark_handled(rec)
-                continue
-            got = feedback_examples(rec.event, self.mode, self.tokenizer, self.limits)
-            if isinstance(got, Invalid):
-                log.warning(
-                    "invalid feedback dead-lettered",
-                    extra={"event_id": rec.event.event_id, "offset": rec.offset, "reason": str(got)},
-                )
-                if self.dead_letter is not None:
-                    self.dead_letter(rec, str(got))
-                self._drop(rec, "feedback_invalid")
-                self.state.feedback_invalid += 1
-                metrics.FEEDBACK_INVALID.labels(got.reason).inc()
-            elif not got:
-                self._drop(rec, "feedback_skipped")
-                self.state.feedback_skipped += 1
-                metrics.FEEDBACK_SKIPPED.inc()
-            else:
-                self._buffer.append((rec, got))
-
-    def take(self) -> list[tuple[Any, list[FeedbackExample]]]:
-        """The oldest user_feedback_max_per_step buffered events and their examples, handled from now on."""
-        taken = [self._buffer.popleft() for _ in range(min(self.max_per_step, len(self._buffer)))]
-        for rec, _ in taken:
-            self._mark_handled(rec)
-        return taken
-
-    def safe_offsets(self) -> Offsets:
-        """Per partition, the offset below which every feedback record is handled."""
-        safe = dict(self._handled)
-        for rec, _ in self._buffer:
-            key = (rec.topic, rec.partition)
-            safe[key] = min(safe.get(key, rec.offset), rec.offset)
-        return safe
-
-    def handled_above(self) -> HandledAbove:
-        """Per partition, the handled offsets at or above safe_offsets(): what a checkpoint
-        stores beside them (LearnerState.feedback_handled_above)."""
-        safe = self.safe_offsets()
-        out: HandledAbove = {}
-        for key, done in self._done.items():
-            done.difference_update([o for o in done if o < safe.get(key, 0)])
-            if done:
-                out[key] = sorted(done)
-        return out
-
-    def record_trained(self, taken: list) -> None:
-        examples = [ex for _, exs in taken for ex in exs]
-        pairs = sum(ex.kind == PAIR for ex in examples)
-        self.state.feedback_trained += len(taken)
-        self.state.feedback_pairs_trained += pairs
-        self.state.feedback_answers_trained += len(examples) - pairs
-        metrics.FEEDBACK_EXAMPLES_TRAINED.labels(PAIR).inc(pairs)
-        metrics.FEEDBACK_EXAMPLES_TRAINED.labels(ANSWER).inc(len(examples) - pairs)
-
-    def record_failed(self, taken: list) -> None:
-        """Taken events whose step raised (already dead-lettered): counted, in the next ledger line."""
-        self.dropped["feedback_failed"] += [rec.event.event_id for rec, _ in taken]
-        self.state.feedback_failed += len(taken)
-
-    def forget_log(self, topic: str) -> None:
-        """`topic`'s log was lost (rlhf.bus.LogReset): drop what points into it."""
-        self._buffer = deque((rec, exs) for rec, exs in self._buffer if rec.topic != topic)
-        self._handled = {tp: o for tp, o in self._handled.items() if tp[0] != topic}
-        self._done = {tp: o for tp, o in self._done.items() if tp[0] != topic}
-
-    def pop_dropped(self) -> dict[str, list[str]]:
-        dropped, self.dropped = self.dropped, self._no_drops()
-        return dropped
-
-    @staticmethod
-    def _no_drops() -> dict[str, list[str]]:
-        return {"feedback_skipped": [], "feedback_invalid": [], "feedback_failed": []}
-
-    def _drop(self, rec, kind: str) -> None:
-        self.dropped[kind].append(rec.event.event_id)
-        self._mark_handled(rec)
-
-    def _mark_handled(self, rec) -> None:
-        key = (rec.topic, rec.partition)
-        self._handled[key] = max(self._handled.get(key, 0), rec.offset + 1)
-        self._done.setdefault(key, set()).add(rec.offset)

@@ -164,7 +164,7 @@ def test_users_feedback_moves_the_policy_toward_their_answer(broker, topics, tin
             for step in range(1, steps + 1):
                 events = [make(i) for i in range(per_step)]  # the same people's answers, step after step
                 publish(broker.bootstrap, [(topics.feedback, e, e.conversation_id) for e in events])
-                wait_for(lambda: len(learner.feedback_intake) == per_step, 60, "feedback buffered")
+                wait_for(lambda: len(learner.feedback.intake) == per_step, 60, "feedback buffered")
                 rollouts = sampler(seed=step)
                 publish(broker.bootstrap, [(topics.rollouts, r, r.prompt_id) for r in rollouts])
                 wait_for(lambda step=step: learner.state.step == step, 120, f"step {step}")
@@ -219,7 +219,7 @@ def test_meaningless_feedback_is_dead_lettered_with_its_reason_and_training_goes
             events = [*bad.values(), *good, thumbs_down]
             publish(broker.bootstrap, [(topics.feedback, e, e.conversation_id or "x") for e in events])
             wait_for(
-                lambda: learner.state.feedback_invalid == len(bad) and len(learner.feedback_intake) == 2, 60, "intake"
+                lambda: learner.state.feedback_invalid == len(bad) and len(learner.feedback.intake) == 2, 60, "intake"
             )
             publish(broker.bootstrap, [(topics.rollouts, r, r.prompt_id) for r in sampler(seed=1)])
             wait_for(lambda: learner.state.step == 1, 120, "step 1 past the bad feedback")
@@ -256,7 +256,7 @@ def test_user_feedback_none_leaves_the_feedback_topic_unread(broker, topics, tin
     learner = Learner(config(), tiny_model_dir, tmp_path / "state", broker.bootstrap, topics.prefix)
     learner.start()
     try:
-        assert learner.feedback_consumer is None and learner.feedback_intake is None
+        assert learner.feedback is None
         with training(learner):
             publish(broker.bootstrap, [(topics.rollouts, r, r.prompt_id) for r in sampler(seed=3)])
             wait_for(lambda: learner.state.step == 1, 120, "step 1")

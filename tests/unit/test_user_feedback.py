@@ -12,7 +12,8 @@ from pydantic import ValidationError
 
 from rlhf.bus import Record, new_event
 from rlhf.learner import LearnerConfig, LearnerState, PPOConfig, PPOTrainer, build_policy
-from rlhf.learner.feedback import ANSWER, PAIR, FeedbackIntake, FeedbackLimits, answer_tokens, feedback_examples
+from rlhf.learner.feedback import ANSWER, PAIR, FeedbackLimits, answer_tokens, feedback_examples
+from rlhf.learner.feedback_intake import FeedbackIntake
 from rlhf.learner.feedback_loss import FeedbackTerm, collate_feedback
 from rlhf.models import chat_prompt_ids, load_tokenizer, pad_id, sequence_logprobs
 from rlhf.v1 import common_pb2, events_pb2
@@ -241,7 +242,7 @@ def margin(policy, batch) -> float:
 def test_users_pairs_raise_the_chosen_answers_margin(tiny_model_dir, tok, objective):
     # online_dpo on a batch of ties takes no optimizer step of its own: the users' loss then trains alone
     cfg = PPOConfig(
-        objective=objective, finetune="lora", batch_size=8, minibatch_size=4, micro_batch_size=4, lr=1e-2,
+        objective=objective, finetune="lora", batch_size=8, minibatch_size=4, micro_batch_size=4, lr=1e-2, ppo_epochs=2,
         user_feedback="dpo", user_feedback_coef=1.0, dpo_beta=0.5,
     )  # fmt: skip
     policy = build_policy(tiny_model_dir, cfg)
