@@ -1,8 +1,9 @@
 """The canary decision rule (rlhf/canary/decision.py), by simulation and by exact enumeration.
 
-Simulated canaries run through the real `CanaryEvidence` and `judge`, thousands at once
-(the batch axis), with the verdict checked after every event as a service would. Seeds are
-fixed, so each figure is the same on every run. A bound is checked as
+Simulated canaries (rlhf/testing/canary.py) run through the real `CanaryEvidence` and
+`judge`, thousands at once (the batch axis), with the verdict checked after every event as
+a service would. Seeds are fixed, so each figure is the same on every run. A bound is
+checked as
 
     empirical rate ≤ α + tolerance,  tolerance = the 99.9 % quantile of Binomial(S, α) / S − α
 
@@ -20,22 +21,9 @@ import pytest
 from pydantic import ValidationError
 
 from rlhf.canary.config import CanaryConfig
-from rlhf.canary.decision import (
-    CANDIDATE,
-    PROMOTE_SIDE,
-    REASONS,
-    ROLLBACK_SIDE,
-    STABLE,
-    CanaryEvidence,
-    MixturePrior,
-    Verdict,
-    decide,
-    judge,
-    verdict_of,
-)
+from rlhf.canary.decision import PROMOTE_SIDE, ROLLBACK_SIDE, CanaryEvidence, MixturePrior, Verdict, decide
+from rlhf.testing.canary import PROMOTE, ROLL_BACK, simulate_canaries
 
-CONTINUE, PROMOTE, ROLL_BACK = 0, 1, 2
-_CODE = np.array([{Verdict.CONTINUE: 0, Verdict.PROMOTE: 1, Verdict.ROLL_BACK: 2}[verdict_of(r)] for r in REASONS])
 NO_LIMITS = {"max_events": 0, "max_duration_seconds": 0.0}
 
 
@@ -50,48 +38,9 @@ def binomial_upper(n: int, p: float, q: float = 0.999) -> float:
         k += 1
 
 
-def simulate(
-    sims: int,
-    events: int,
-    *,
-    kind: str,
-    p_candidate: float,
-    p_stable: float = 0.5,
-    share: float = 0.5,
-    config: CanaryConfig | None = None,
-    seed: int = 0,
-    naive: bool = False,
-):
-    """`sims` canaries, `events` feedback events each. kind=thumbs: each event rates the
-    candidate with probability `share`, up with p_candidate / p_stable; kind=comparisons:
-    the candidate wins with p_candidate. Returns (verdict (S,), event of the first verdict
-    (S,), −1 if none, naive (S,) bool: a fixed-sample one-sided z-test at promote_alpha,
-    checked after every event once each arm has min_events_per_arm, ever promoted)."""
-    config = config or CanaryConfig(**NO_LIMITS)
-    rng = np.random.default_rng(seed)
-    ev = CanaryEvidence(MixturePrior.from_config(config), sims)
-    verdict = np.zeros(sims, dtype=np.int64)
-    first = np.full(sims, -1)
-    naive_promoted = np.zeros(sims, dtype=bool)
-    z_crit = 1.6448536269514722  # Φ^-1(0.95), for promote_alpha = 0.05
-    for t in range(1, events + 1):
-        if kind == "thumbs":
-            on_candidate = rng.random(sims) < share
-            ev.add_thumbs(on_candidate, rng.random(sims) < np.where(on_candidate, p_candidate, p_stable))
-        else:
-            ev.add_comparisons(rng.random(sims) < p_candidate, np.zeros(sims, dtype=bool))
-        reason, _ = judge(ev, config)
-        code = _CODE[reason]
-        new = (first < 0) & (code != CONTINUE)
-        verdict[new], first[new] = code[new], t
-        if naive:
-            n = ev.ups + ev.downs  # (S, arm)
-            rate = ev.ups / np.maximum(n, 1)
-            pooled = ev.ups.sum(1) / np.maximum(n.sum(1), 1)
-            se = np.sqrt(pooled * (1 - pooled) * (1 / np.maximum(n[:, 0], 1) + 1 / np.maximum(n[:, 1], 1)))
-            z = (rate[:, CANDIDATE] - rate[:, STABLE]) / np.where(se > 0, se, np.inf)
-            naive_promoted |= (n.min(1) >= config.min_events_per_arm) & (z >= z_crit)
-    return verdict, first, naive_promoted
+def simulate(sims: int, events: int, *, config: CanaryConfig | None = None, **kw):
+    out = simulate_canaries(sims, events, config=config or CanaryConfig(**NO_LIMITS), **kw)
+    return out.verdict, out.first, out.naive_promoted
 
 
 # --- the error bounds, under continuous monitoring -----------------------------------------
