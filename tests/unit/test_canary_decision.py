@@ -99,7 +99,7 @@ def test_thumbs_e_process_is_exactly_a_supermartingale_under_the_null(p_candidat
 
 def test_thumbs_power_half_vs_six_tenths_within_1500_events():
     """Thumbs-up 0.5 → 0.6, half the feedback on each version: promoted in ≥ 80 % of
-    canaries within 1500 events (measured: 80 % by ≈ 1300, docs/canary.md)."""
+    canaries within 1500 events (measured: 80 % by ≈ 1350, docs/canary.md)."""
     verdict, first, _ = simulate(500, 1500, kind="thumbs", p_candidate=0.6, p_stable=0.5, seed=4)
     assert (verdict == PROMOTE).mean() >= 0.8
     assert (verdict == ROLL_BACK).mean() <= 0.01
