@@ -38,6 +38,7 @@ import json
 import math
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,24 @@ def load_hook(spec: str) -> Authenticate:
     return getattr(importlib.import_module(module), name)
 
 
+class _MemoryStorage(limits.storage.MemoryStorage):
+    """limits' MemoryStorage with its expiry sweep once a second instead of every 10 ms.
+
+    limits (5.x) arms a 10 ms `threading.Timer` on a hit whenever the last one has run out,
+    so at 100+ requests/s nearly every request starts an OS thread: measured here, a hit
+    12 ms after the previous one took 339 µs (median) against 8 µs back to back. Counts
+    are unaffected (every read drops an expired counter itself); the sweep only frees
+    memory, and a second later is as good."""
+
+    SWEEP_S = 1.0
+
+    def _MemoryStorage__schedule_expiry(self) -> None:  # limits' name-mangled hook
+        if not self.timer.is_alive():
+            self.timer = threading.Timer(self.SWEEP_S, self._MemoryStorage__expire_events)
+            self.timer.daemon = True
+            self.timer.start()
+
+
 class RateLimiter:
     """Per-principal limit: at most `burst` requests in any `burst / rate` seconds (whole
     seconds; at least `rate` per second), counted by `limits`' sliding-window-counter
@@ -94,7 +113,7 @@ class RateLimiter:
         self.window_s = max(1, math.ceil(self.burst / rate))
         self.amount = max(self.burst, round(rate * self.window_s))
         self.item = limits.RateLimitItemPerSecond(self.amount, self.window_s, namespace=setting)
-        self.storage = limits.storage.MemoryStorage()
+        self.storage = _MemoryStorage()
         self._limiter = limits.strategies.SlidingWindowCounterRateLimiter(self.storage)
 
     def acquire(self, principal: str) -> float:
