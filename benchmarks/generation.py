@@ -19,6 +19,16 @@ sha256, checks, load), measured at the client; "raw load" reads the same file in
 in this process (`safetensors.torch.load(path.read_bytes())`: every byte read, as a swap
 must; `load_file` alone only maps the file and reads nothing yet). A LoRA adapter: rank 8 on q/v (random, peft layout).
 
+Batching (transformers backend): two generators from the real entrypoint, one with
+`RLHF_BATCHING=static` and one with `continuous`, each sent the same mixed-length load:
+`--clients` (32, = max_batch) asyncio clients, each sending 3 Generate calls back to back,
+call k of client c asking for exactly LENGTHS[(c + k) % 5] new tokens (8 … 128, ignore_eos,
+temperature 1) after prompt (c + k) % 16 of the prompt set. Throughput is all completion
+tokens over the time from the first call to the last answer; the two services' rounds
+alternate, median of the rounds.
+
+    .venv/bin/python benchmarks/generation.py --sections batching --model tiny --rounds 1
+
 Prints markdown tables; docs/generation.md records them.
 """
 
@@ -41,6 +51,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 N_PROMPTS, NEW_TOKENS = 16, 64
+LENGTHS = (8, 16, 32, 64, 128)  # mixed-length load: new tokens per call, cycled
+CALLS_PER_CLIENT = 3
 CONTROL_TOKEN = secrets.token_urlsafe(16)  # the benchmark's generator needs one for LoadVersion/UpdateWeights
 
 
@@ -117,24 +129,25 @@ class RawVllm:
 
 
 class Service:
-    def __init__(self, backend: str, model_dir: Path, work: Path, extra_env: dict[str, str]):
+    def __init__(self, backend: str, model_dir: Path, work: Path, extra_env: dict[str, str], name: str = ""):
         from rlhf.launcher import ServiceSpec, Stack
 
-        self.spec = ServiceSpec(f"generator-{backend}", "services.generator", free_port(), 0)
+        name = name or backend  # two services of one backend at once need two names
+        self.spec = ServiceSpec(f"generator-{name}", "services.generator", free_port(), 0)
         env = {
             "RLHF_MODEL": str(model_dir),
             "RLHF_BACKEND": backend,
             "RLHF_FOLLOW_POLICY_UPDATES": "false",
             "RLHF_PORT": str(self.spec.port),
             "RLHF_METRICS_PORT": "0",
-            "RLHF_STATE_DIR": str(work / backend),
+            "RLHF_STATE_DIR": str(work / name),
             "RLHF_WEIGHT_STORE": str(work / "weights"),
             "RLHF_LOG_FORMAT": "text",
             "RLHF_DRAIN_SECONDS": "1",
             "RLHF_CONTROL_TOKEN": CONTROL_TOKEN,
             **extra_env,
         }
-        self.stack = Stack([self.spec], env, work / "logs", drain_seconds=1)
+        self.stack = Stack([self.spec], env, work / f"logs-{name}", drain_seconds=1)
 
     def __enter__(self):
         self.stack.start()
@@ -164,6 +177,31 @@ class Service:
                 for p in prompts
             ]
             return sum(r.usage.completion_tokens for r in await asyncio.gather(*calls))
+
+    def run_mixed(self, prompts: list[list[int]], clients: int) -> int:
+        return asyncio.run(self._run_mixed(prompts, clients))
+
+    async def _run_mixed(self, prompts: list[list[int]], clients: int) -> int:
+        from rlhf.serving.client import aio_channel
+        from rlhf.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+
+        async with aio_channel(self.spec.address) as channel:
+            stub = generation_pb2_grpc.GenerationServiceStub(channel)
+
+            async def client(c: int) -> int:
+                tokens = 0
+                for k in range(CALLS_PER_CLIENT):
+                    new = LENGTHS[(c + k) % len(LENGTHS)]
+                    params = generation_pb2.SamplingParams(temperature=1.0, max_tokens=new, ignore_eos=True)
+                    ids = common_pb2.TokenIds(ids=prompts[(c + k) % len(prompts)])
+                    r = await stub.Generate(
+                        generation_pb2.GenerateRequest(prompt_token_ids=ids, params=params), timeout=900
+                    )
+                    assert r.usage.completion_tokens == new, (r.usage.completion_tokens, new)
+                    tokens += new
+                return tokens
+
+            return sum(await asyncio.gather(*(client(c) for c in range(clients))))
 
     def stub(self):
         from rlhf.serving.client import sync_channel
@@ -238,6 +276,26 @@ def swap_latency(service: Service, store, versions: dict, rounds: int) -> dict:
     }
 
 
+def batching(model_dir: Path, work: Path, prompts: list[list[int]], clients: int, rounds: int) -> dict:
+    """tok/s of the mixed-length load on a static and a continuous transformers generator."""
+    env = {"RLHF_MAX_MODEL_LEN": "2048", "RLHF_MAX_BATCH": str(clients)}
+    modes = ("static", "continuous")
+    with (
+        Service("transformers", model_dir, work, env | {"RLHF_BATCHING": "static"}, name="static") as static,
+        Service("transformers", model_dir, work, env | {"RLHF_BATCHING": "continuous"}, name="continuous") as cont,
+    ):
+        services = dict(zip(modes, (static, cont)))
+        for svc in services.values():
+            svc.run(prompts[:2])  # warm-up
+        out: dict[str, list[float]] = {m: [] for m in modes}
+        for _ in range(rounds):
+            for mode, svc in services.items():
+                dt, n = timed(svc.run_mixed, prompts, clients)
+                out[mode].append(n / dt)
+                print(f"batching {mode}: {n} tokens in {dt:.1f} s = {n / dt:.1f} tok/s", flush=True)
+    return {m: statistics.median(v) for m, v in out.items()}
+
+
 # --- main -----------------------------------------------------------------------------
 
 
@@ -247,6 +305,8 @@ def main() -> None:
     ap.add_argument("--backends", default="transformers,vllm")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--vllm-enforce-eager", default="true", choices=["true", "false"])
+    ap.add_argument("--sections", default="throughput,batching", help="throughput (and swaps, per backend), batching")
+    ap.add_argument("--clients", type=int, default=32, help="batching: concurrent clients (= max_batch)")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -281,8 +341,9 @@ def run(args, work: Path) -> None:
         f"model {model_dir} · {N_PROMPTS} prompts × {NEW_TOKENS} new tokens · median of {args.rounds} rounds · "
         f"torch threads {torch.get_num_threads()}\n"
     )
+    sections = set(args.sections.split(","))
     results = []
-    for backend in args.backends.split(","):
+    for backend in args.backends.split(",") if "throughput" in sections else []:
         env = {"RLHF_VLLM_ENFORCE_EAGER": args.vllm_enforce_eager, "RLHF_MAX_MODEL_LEN": "2048", "RLHF_MAX_BATCH": "32"}
         with Service(backend, model_dir, work, env) as service:
             if backend == "vllm":
@@ -313,6 +374,21 @@ def run(args, work: Path) -> None:
             results.append((backend, raw.name, tp, service.start_s, sw))
             del raw
 
+    if results:
+        print_throughput(results)
+    if "batching" in sections:
+        tp = batching(model_dir, work, prompts, args.clients, args.rounds)
+        print(
+            f"\nmixed lengths {LENGTHS} × {CALLS_PER_CLIENT} calls per client, {args.clients} clients, "
+            f"max_batch {args.clients}\n"
+        )
+        print("| transformers batching | mixed-length tok/s | vs static |")
+        print("|---|---:|---:|")
+        for mode, v in tp.items():
+            print(f"| {mode} | {v:.1f} | {v / tp['static']:.2f}× |")
+
+
+def print_throughput(results: list) -> None:
     print("\n| backend | raw engine | raw tok/s | service tok/s | service / raw | service start (s) |")
     print("|---|---|---:|---:|---:|---:|")
     for backend, name, tp, start, _ in results:

@@ -1,22 +1,26 @@
-"""What request priority buys a person chatting while the rollout worker keeps the generator
-busy: chat latency at priority 0 (what the gateway sends) against the same chat at the
-background priority 10 (what it was before priorities existed: one queue, arrival order).
+"""What a person chatting waits while the rollout worker keeps the generator busy: chat
+latency at priority 0 (what the gateway sends) against the same chat at the background
+priority 10 (one queue, arrival order) and against the same chat on an idle generator, for
+static and continuous batching.
 
-    .venv/bin/python benchmarks/priority.py                       # tiny random model, a minute
+    .venv/bin/python benchmarks/priority.py                       # tiny random model, minutes
     .venv/bin/python benchmarks/priority.py --model demo --chats 6  # SmolLM2-135M, slower
 
-The generator (transformers backend, `--max-batch` rows per batch) runs from its real
-entrypoint. `--background` clients each send Generate(n=4, `--tokens` tokens, priority 10)
-back to back, like rollout workers, so the queue holds more rows than one batch. Chats
-(n=1, same length) then go one at a time, alternating priority 0 and 10, so both see the
-same load; latency is client-side, call to answer. Priority only matters when the queue is
-longer than a batch: with fewer background rows both columns are the same.
+For each `--batching` mode a generator (transformers backend, `--max-batch` rows) runs from
+its real entrypoint. First `--chats` chats go one at a time to the idle generator (the idle
+latency). Then `--background` clients each send Generate(n=4, `--tokens` tokens, priority
+10) back to back, like rollout workers, so the queue holds more rows than one batch (16 × 4
+rows with `--max-batch 8`: 8 batches deep). Chats (n=1, same length) then go one at a time,
+alternating priority 0 and 10, so both see the same load; latency is client-side, call to
+answer; p99 is the nearest rank. With static batches a chat waits at least for the batch in
+flight; with continuous batching it joins at the first free slot.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import statistics
 import sys
 import tempfile
@@ -52,6 +56,11 @@ async def measure(address: str, prompts: list[list[int]], background: int, chats
                 await stub.Generate(request(i, 4, BACKGROUND), timeout=600)
                 i += background
 
+        idle = []
+        for k in range(chats):
+            t0 = time.perf_counter()
+            await stub.Generate(request(2000 + k, 1, INTERACTIVE), timeout=600)
+            idle.append(time.perf_counter() - t0)
         workers = [asyncio.create_task(rollout_worker(w)) for w in range(background)]
         await asyncio.sleep(2.0)  # the queue fills
         latency: dict[int, list[float]] = {INTERACTIVE: [], BACKGROUND: []}
@@ -62,7 +71,11 @@ async def measure(address: str, prompts: list[list[int]], background: int, chats
             latency[priority].append(time.perf_counter() - t0)
         stop.set()
         await asyncio.gather(*workers)
-    return latency
+    return latency | {"idle": idle}
+
+
+def p99(xs: list[float]) -> float:
+    return sorted(xs)[max(0, math.ceil(0.99 * len(xs)) - 1)]
 
 
 def main() -> int:
@@ -72,32 +85,39 @@ def main() -> int:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=32, help="new tokens per answer, chats and background alike")
     ap.add_argument("--chats", type=int, default=10, help="chats per priority")
+    ap.add_argument("--batching", default="static,continuous", help="modes to compare, comma-separated")
     args = ap.parse_args()
 
     from rlhf.models import build_tiny_model, resolve_model
 
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = build_tiny_model(work / "tiny") if args.model == "tiny" else resolve_model(args.model)
         prompts = prompt_ids(model)
-        env = {"RLHF_MAX_BATCH": str(args.max_batch), "RLHF_MAX_N": "4"}
-        with Service("transformers", model, work, env) as service:
-            latency = asyncio.run(measure(service.spec.address, prompts, args.background, args.chats, args.tokens))
-
-    def row(name: str, xs: list[float]) -> str:
-        return (
-            f"| {name} | {statistics.median(xs):.2f} | {max(xs):.2f} | "
-            f"{statistics.median(xs) / statistics.median(latency[INTERACTIVE]):.1f}× |"
-        )
+        for mode in args.batching.split(","):
+            env = {"RLHF_MAX_BATCH": str(args.max_batch), "RLHF_MAX_N": "4", "RLHF_BATCHING": mode}
+            with Service("transformers", model, work, env, name=mode) as service:
+                results[mode] = asyncio.run(
+                    measure(service.spec.address, prompts, args.background, args.chats, args.tokens)
+                )
+            print(f"{mode}: { ({k: [round(x, 2) for x in v] for k, v in results[mode].items()}) }", flush=True)
 
     print(
         f"\nmodel={args.model} background={args.background}×n=4 (= {4 * args.background} rows queued) "
         f"max_batch={args.max_batch} tokens={args.tokens} chats={args.chats} per priority\n"
     )
-    print("| chat sent with | p50 latency (s) | max (s) | vs priority 0 |")
-    print("|---|---:|---:|---:|")
-    print(row(f"priority {INTERACTIVE} (the gateway)", latency[INTERACTIVE]))
-    print(row(f"priority {BACKGROUND} (one queue, arrival order)", latency[BACKGROUND]))
+    print(
+        "| batching | idle chat p50 (s) | chat p50, priority 0 (s) | p99 (s) | p50 / idle "
+        "| priority 10 p50 (s) | p99 (s) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for mode, lat in results.items():
+        idle, chat, bg = (statistics.median(lat["idle"]), lat[INTERACTIVE], lat[BACKGROUND])
+        print(
+            f"| {mode} | {idle:.2f} | {statistics.median(chat):.2f} | {p99(chat):.2f} | "
+            f"{statistics.median(chat) / idle:.1f}× | {statistics.median(bg):.2f} | {p99(bg):.2f} |"
+        )
     return 0
 
 
