@@ -75,25 +75,17 @@ class Verdict(str, Enum):
     CONTINUE = "continue"
 
 
-# reasons, by verdict
-BETTER, WORSE, CONFLICT, TIMEOUT_EVENTS, TIMEOUT_SECONDS = (
-    "better",
-    "worse",
-    "conflict",
-    "timeout_events",
-    "timeout_seconds",
-)
-MIN_SAMPLE, COLLECTING = "min_sample", "collecting"
-_REASONS = (COLLECTING, MIN_SAMPLE, BETTER, WORSE, CONFLICT, TIMEOUT_EVENTS, TIMEOUT_SECONDS)
-_VERDICT_OF = {
-    COLLECTING: Verdict.CONTINUE,
-    MIN_SAMPLE: Verdict.CONTINUE,
-    BETTER: Verdict.PROMOTE,
-    WORSE: Verdict.ROLL_BACK,
-    CONFLICT: Verdict.ROLL_BACK,
-    TIMEOUT_EVENTS: Verdict.ROLL_BACK,
-    TIMEOUT_SECONDS: Verdict.ROLL_BACK,
+# why a verdict was reached: the reasons, each with its verdict; judge() returns indices into REASONS
+VERDICT_OF = {
+    "collecting": Verdict.CONTINUE,  # undecided, the minimum sample is in
+    "min_sample": Verdict.CONTINUE,  # a version has fewer than min_events_per_arm events
+    "better": Verdict.PROMOTE,
+    "worse": Verdict.ROLL_BACK,
+    "conflict": Verdict.ROLL_BACK,  # both sides passed their thresholds: keep stable
+    "timeout_events": Verdict.ROLL_BACK,  # max_events reached undecided
+    "timeout_seconds": Verdict.ROLL_BACK,  # max_duration_seconds reached undecided
 }
+REASONS = tuple(VERDICT_OF)
 
 
 @dataclass(frozen=True)
@@ -246,17 +238,10 @@ def judge(
     # first match wins: the evidence, then the limits, then why it keeps collecting
     reason = np.select(
         [enough & worse & better, enough & worse, enough & better, out_of_events, out_of_time, ~enough],
-        [_REASONS.index(r) for r in (CONFLICT, WORSE, BETTER, TIMEOUT_EVENTS, TIMEOUT_SECONDS, MIN_SAMPLE)],
-        default=_REASONS.index(COLLECTING),
+        [REASONS.index(r) for r in ("conflict", "worse", "better", "timeout_events", "timeout_seconds", "min_sample")],
+        default=REASONS.index("collecting"),
     )
     return reason, alert
-
-
-REASONS = _REASONS
-
-
-def verdict_of(reason: str) -> Verdict:
-    return _VERDICT_OF[reason]
 
 
 @dataclass(frozen=True)
@@ -280,7 +265,7 @@ def decide(evidence: CanaryEvidence, config: CanaryConfig, elapsed_seconds: floa
     arm_events = evidence.arm_events[row]
     info: dict[str, Any] = {
         "rule": RULE,
-        "verdict": verdict_of(reason).value,
+        "verdict": VERDICT_OF[reason].value,
         "reason": reason,
         "alert": bool(alert[row]),
         "thumbs_up_stable": int(ups[STABLE]),
@@ -316,4 +301,4 @@ def decide(evidence: CanaryEvidence, config: CanaryConfig, elapsed_seconds: floa
         "max_duration_seconds": config.max_duration_seconds,
         "prior_scale_log_odds": config.prior_scale_log_odds,
     }
-    return Decision(verdict=verdict_of(reason), reason=reason, alert=bool(alert[row]), evidence=info)
+    return Decision(verdict=VERDICT_OF[reason], reason=reason, alert=bool(alert[row]), evidence=info)

@@ -4,4 +4,5 @@
   rollouts     rollouts without the rest of the loop: HF sampling, a fixed score, log π_ref
   preferences  SyntheticPreference: an easy preference a reward model learns fast
   lora         random LoRA adapters in peft's on-disk layout (adapter-swap tests)
+  canary       simulate_canaries: thousands of canaries through the real decision rule
 """

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from rlhf.canary.config import CanaryConfig
-from rlhf.canary.decision import CANDIDATE, REASONS, STABLE, CanaryEvidence, MixturePrior, Verdict, judge, verdict_of
+from rlhf.canary.decision import CANDIDATE, REASONS, STABLE, VERDICT_OF, CanaryEvidence, MixturePrior, Verdict, judge
 
 CONTINUE, PROMOTE, ROLL_BACK = 0, 1, 2  # verdict codes of `Simulated.verdict`
-_CODE = np.array([{Verdict.CONTINUE: 0, Verdict.PROMOTE: 1, Verdict.ROLL_BACK: 2}[verdict_of(r)] for r in REASONS])
+_CODE = np.array([{Verdict.CONTINUE: 0, Verdict.PROMOTE: 1, Verdict.ROLL_BACK: 2}[VERDICT_OF[r]] for r in REASONS])
 Z_95 = 1.6448536269514722  # Φ^-1(0.95): the naive test's one-sided 5 % threshold
 
 

@@ -171,6 +171,21 @@ def test_max_duration_rolls_back_and_says_so():
     assert d.evidence["elapsed_seconds"] == 3600.0 and d.evidence["max_duration_seconds"] == 3600.0
 
 
+def test_thumbs_better_but_comparisons_worse_keeps_stable():
+    config = CanaryConfig(**NO_LIMITS)
+    ev = CanaryEvidence(MixturePrior.from_config(config))
+    rng = np.random.default_rng(10)
+    for t in range(400):
+        on_candidate = t % 2 == 1
+        ev.add_thumbs(np.array([on_candidate]), np.array([rng.random() < (0.9 if on_candidate else 0.3)]))
+    assert decide(ev, config).verdict is Verdict.PROMOTE
+    for _ in range(150):
+        ev.add_comparisons(np.array([rng.random() < 0.1]), np.array([False]))
+    d = decide(ev, config)
+    assert (d.verdict, d.reason) == (Verdict.ROLL_BACK, "conflict")
+    assert d.evidence["log_e_thumbs_promote"] > 0 > d.evidence["log_e_pairs_promote"]
+
+
 # --- the evidence a verdict carries -----------------------------------------------------------
 
 
