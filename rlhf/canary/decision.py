@@ -21,7 +21,7 @@ known and θ is the effect (θ = 0: the versions are equal; θ > 0: the candidat
       candidate single:  P(candidate up | u)  = σ(θ + log(u / (r+1−u)))
       stable single:     P(stable down | u)   = σ(θ + log((r+1−u) / u))
   so the unknown p drops out exactly (conditioning on a sufficient statistic, as Fisher's
-  exact test does), and a drift of p over the day cannot bias it: each block compares
+  exact test does), and a drift of p over the day hardly matters: each block compares
   events that arrived together. Blocks with u = 0 or u = r+1 say nothing and are skipped.
   Per block, conditioning costs nothing at θ = 0 (its Fisher information, r/(4(r+1)) for an
   r:1 block at p = 1/2, is the unconditional two-sample one); what it gives up is comparing
@@ -29,8 +29,9 @@ known and θ is the effect (θ = 0: the versions are equal; θ > 0: the candidat
 
 Why the error rate holds under continuous monitoring: for each fixed θ the product of the
 likelihood ratios Π ℓ_i(θ)/ℓ_i(0) is a non-negative martingale with mean 1 when the
-versions are equal, and a supermartingale when the candidate is worse (the family is an
-exponential family in θ, so E_θ0[e^{θz − A(θ)}] ≤ 1 for θ0 ≤ 0 ≤ θ); so is its average M_t
+versions are equal, and a supermartingale when the candidate is worse (each ℓ is logistic
+in c + θ, and the convexity of log(1 + e^x) gives E_θ0[ℓ(θ)/ℓ(0)] ≤ 1 for true θ0 ≤ 0 ≤ θ,
+given the past); so is its average M_t
 over a mixing prior on θ > 0. Ville's inequality gives P(sup_t M_t ≥ 1/α) ≤ α: checked after
 every event, any number of times, stopped at any moment, it promotes a candidate that is
 not better with probability at most α. A fixed-sample test checked after every event has
