@@ -199,8 +199,10 @@ class CanaryEvidence:
         self.wins[:, STABLE] += ~won & decided
         # Σ log-LR over the comparisons depends on the counts alone, (U, z) @ (z, side·G) with
         # z = candidate won, so it is computed once per distinct (losses, wins) among the S rows
-        counts, row_of = np.unique(self.wins, axis=0, return_inverse=True)
-        log_lr = (counts.astype(float) @ self._pair_log_lr.reshape(2, -1)).reshape(len(counts), 2, -1)
+        base = int(self.wins[:, STABLE].max()) + 1
+        keys, row_of = np.unique(self.wins[:, CANDIDATE] * base + self.wins[:, STABLE], return_inverse=True)
+        counts = np.stack([keys % base, keys // base], axis=1).astype(float)  # (U, z): stable wins, candidate wins
+        log_lr = (counts @ self._pair_log_lr.reshape(2, -1)).reshape(len(counts), 2, -1)
         self.log_e_pairs = _logsumexp(log_lr + self.prior.log_weights, axis=-1)[row_of.reshape(-1)]
 
     def _check_shape(self, name: str, a: np.ndarray) -> None:

@@ -37,16 +37,17 @@ def simulate_canaries(
     events: int,
     *,
     kind: str,
-    p_candidate: float,
-    p_stable: float = 0.5,
-    share: float = 0.5,
+    p_candidate: float | np.ndarray,
+    p_stable: float | np.ndarray = 0.5,
+    share: float | np.ndarray = 0.5,
     config: CanaryConfig | None = None,
     seed: int = 0,
     naive: bool = False,
 ) -> Simulated:
     """`sims` canaries of `events` feedback events each. kind="thumbs": an event rates the
     candidate with probability `share`, thumbs-up with p_candidate (p_stable on stable);
-    kind="comparisons": the candidate wins with p_candidate. naive=True also runs a
+    kind="comparisons": the candidate wins with p_candidate. Each of the three may also be an
+    array of one value per event (a rate or a split that drifts during the canary). naive=True also runs a
     fixed-sample one-sided two-proportion z-test at 5 % on the same thumbs, checked after every
     event once each arm has config.min_events_per_arm (what continuous monitoring must not use)."""
     if kind not in ("thumbs", "comparisons"):
@@ -58,12 +59,13 @@ def simulate_canaries(
     first = np.full(sims, -1)
     naive_promoted = np.zeros(sims, dtype=bool)
     no_tie = np.zeros(sims, dtype=bool)
+    p_c, p_s, share = (np.broadcast_to(np.asarray(x, dtype=float), (events,)) for x in (p_candidate, p_stable, share))
     for t in range(1, events + 1):
         if kind == "thumbs":
-            on_candidate = rng.random(sims) < share
-            ev.add_thumbs(on_candidate, rng.random(sims) < np.where(on_candidate, p_candidate, p_stable))
+            on_candidate = rng.random(sims) < share[t - 1]
+            ev.add_thumbs(on_candidate, rng.random(sims) < np.where(on_candidate, p_c[t - 1], p_s[t - 1]))
         else:
-            ev.add_comparisons(rng.random(sims) < p_candidate, no_tie)
+            ev.add_comparisons(rng.random(sims) < p_c[t - 1], no_tie)
         reason, _ = judge(ev, config)
         code = _CODE[reason]
         new = (first < 0) & (code != CONTINUE)

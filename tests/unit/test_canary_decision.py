@@ -71,6 +71,21 @@ def test_equal_versions_head_to_head_false_promotion_within_bound():
     assert (verdict == ROLL_BACK).mean() <= binomial_upper(2000, config.rollback_alpha)
 
 
+def test_a_rate_that_drifts_while_the_share_grows_does_not_fool_it():
+    """Both versions equal at every moment, but the thumbs-up rate climbs 0.3 → 0.7 while the
+    candidate's share climbs 0.1 → 0.9: pooled counts make the candidate look better
+    (Simpson's paradox), blocks of events that arrived together do not."""
+    config = CanaryConfig(**NO_LIMITS)
+    n = 1000
+    drift, share = np.linspace(0.3, 0.7, n), np.linspace(0.1, 0.9, n)
+    out = simulate_canaries(
+        1000, n, kind="thumbs", p_candidate=drift, p_stable=drift, share=share, config=config, seed=11, naive=True
+    )
+    assert out.rate(PROMOTE) <= binomial_upper(1000, config.promote_alpha)
+    assert out.rate(ROLL_BACK) <= binomial_upper(1000, config.rollback_alpha)
+    assert out.naive_promoted.mean() > 0.5
+
+
 @pytest.mark.parametrize("p_candidate, p_stable", [(0.3, 0.3), (0.2, 0.6)])
 def test_thumbs_e_process_is_exactly_a_supermartingale_under_the_null(p_candidate, p_stable):
     """Every rating outcome of a fixed arm sequence, enumerated: E[e-value] = 1 for equal
