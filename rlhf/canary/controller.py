@@ -127,7 +127,7 @@ class CanaryController:
         return self._decide(self._canary, self._elapsed(self._canary, now_seconds))
 
     def snapshot(self, now_seconds: float | None = None) -> dict[str, Any]:
-        """JSON-ready state: versions, queue, the running canary's evidence, past outcomes."""
+        """JSON-ready state: versions, queue, the running canary's evidence, how many were decided."""
         current = self.decision(now_seconds)
         return {
             "stable": self.stable,
