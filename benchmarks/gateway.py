@@ -12,12 +12,14 @@ parsing, the gRPC hop, storing the served response and the Interaction event (on
 group-committed SQLite transaction) and the JSON answer. Feedback: POST /v1/feedback
 from C concurrent clients, each answer 202 only after the outbox commit.
 
-Trust A/B (`--ab-feedback N`, 0 = skip): a second gateway in front of the same generator
-with PII redaction and rater identity on (each client a web-cookie rater, a per-rater
-limit high enough never to refuse) against the first with both off (redact_pii=false,
-anonymous), the same feedback body (a comment and a corrected answer of ~300 characters
-holding an e-mail address, a phone number and a card number) to both, in alternating
-rounds so both see the same load; the median round of each is reported.
+Trust A/B (`--ab-feedback N`, 0 = skip): a gateway in front of the same generator with PII
+redaction and rater identity on (each client a web-cookie rater, a per-rater limit high
+enough never to refuse) against the first with both off (redact_pii=false, anonymous)
+and against a twin of the first (off too: the off/twin difference is the noise floor),
+the same feedback body (a comment and a corrected answer of ~300 characters holding an
+e-mail address, a phone number and a card number) to each, in rounds that rotate which
+arm goes first; the median round of each is reported, and the in-process CPU cost of
+each step.
 Prints markdown tables (docs/gateway.md records them).
 """
 
@@ -42,6 +44,7 @@ from rlhf.bus import Topics, ensure_topics  # noqa: E402
 from rlhf.launcher import ServiceSpec, Stack  # noqa: E402
 from rlhf.serving.client import sync_channel  # noqa: E402
 from rlhf.v1 import common_pb2, generation_pb2, generation_pb2_grpc  # noqa: E402
+from services.gateway.guard import RATER_COOKIE  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -129,9 +132,22 @@ AB_TEXT = (
 
 async def bench_feedback_ab(url: str, response_id: str, total: int, concurrency: int, identity: bool) -> float:
     """Feedback requests/s, `concurrency` clients each with its own connection; with
-    `identity`, each first loads the page and so rates under its own signed cookie."""
+    `identity`, each first loads the page and so rates under its own signed cookie.
+
+    Both arms send one cookie header of the same length as a plain header (the anonymous
+    arm a cookie the gateway does not read), outside httpx's cookie jar: the jar costs the
+    Python client ≈ 0.2 ms a request, which on 2 shared cores would be billed to the arm
+    with the cookie."""
     body = {"kind": "rating", "response_id": response_id, "value": -1, "comment": AB_TEXT, "corrected_answer": AB_TEXT}
     clients = [httpx.AsyncClient(base_url=url, timeout=60) for _ in range(concurrency)]
+    for client in clients:
+        if identity:
+            (await client.get("/")).raise_for_status()
+            value = client.cookies[RATER_COOKIE]
+            client.cookies.clear()
+            client.headers["cookie"] = f"{RATER_COOKIE}={value}"
+        else:
+            client.headers["cookie"] = "unread_cookie=" + "x" * 66  # the length of a rater cookie
     sent = 0
 
     async def worker(client: httpx.AsyncClient) -> None:
@@ -144,8 +160,6 @@ async def bench_feedback_ab(url: str, response_id: str, total: int, concurrency:
 
     try:
         for client in clients:
-            if identity:
-                (await client.get("/")).raise_for_status()
             (await client.post("/v1/feedback", json=body)).raise_for_status()  # warm connection
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(c) for c in clients))
@@ -191,7 +205,12 @@ def main() -> int:
     ap.add_argument(
         "--ab-feedback", type=int, default=500, help="feedback posts per round of the trust A/B (0 = skip it)"
     )
-    ap.add_argument("--ab-rounds", type=int, default=5, help="alternating rounds of the trust A/B, per gateway")
+    ap.add_argument(
+        "--ab-rounds",
+        type=int,
+        default=6,
+        help="rounds of the trust A/B (each arm once a round; a multiple of 3 puts each first equally often)",
+    )
     ap.add_argument("--skip-latency", action="store_true", help="only the feedback measurements")
     args = ap.parse_args()
 
@@ -220,6 +239,16 @@ def main() -> int:
     )
     # the plain gateway, as before; redact_pii off so the A/B compares against no redaction at all
     gw.env.update({"RLHF_HTTP_PORT": str(gw.port), "RLHF_GENERATOR_ADDR": gen.address, "RLHF_REDACT_PII": "false"})
+    # a twin of the plain gateway: the off/off difference is the noise floor of the A/B
+    twin = ServiceSpec("gateway-twin", "services.gateway", free_port(), 0, http=True)
+    twin.env.update(
+        {
+            "RLHF_HTTP_PORT": str(twin.port),
+            "RLHF_GENERATOR_ADDR": gen.address,
+            "RLHF_OUTBOX_PATH": str(work / "twin-outbox.db"),
+            "RLHF_REDACT_PII": "false",
+        }
+    )
     trusted = ServiceSpec("gateway-trusted", "services.gateway", free_port(), 0, http=True)
     trusted.env.update(
         {
@@ -238,7 +267,7 @@ def main() -> int:
         "RLHF_LOG_LEVEL": "WARNING",
         "RLHF_HOST": "127.0.0.1",
     }
-    stack = Stack([gen, gw, *([trusted] if args.ab_feedback else [])], env, work / "logs", drain_seconds=2)
+    stack = Stack([gen, gw, *([twin, trusted] if args.ab_feedback else [])], env, work / "logs", drain_seconds=2)
     try:
         stack.start()
         stack.wait_healthy(300, progress=lambda m: None)
@@ -279,16 +308,20 @@ def main() -> int:
                 # a prompt with PII: the trusted gateway stores it redacted, the plain one as it came
                 pii_prompt = [{"role": "user", "content": "My card 4111 1111 1111 1111 was charged twice. Why?"}]
                 body = {"messages": pii_prompt, "max_tokens": 2}
-                rid_on = http.post("/v1/chat/completions", json=body).json()["choices"][0]["response_id"]
-                rid_off = httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=60).json()["choices"][0][
-                    "response_id"
-                ]
+                arms = {"off": (gw, False), "off, twin": (twin, False), "on": (trusted, True)}
+                rids = {
+                    arm: http.post(f"{spec.url}/v1/chat/completions", json=body).json()["choices"][0]["response_id"]
+                    for arm, (spec, _) in arms.items()
+                }
             for c in map(int, args.concurrency.split(",")):
-                off, on = [], []
-                for _ in range(args.ab_rounds):
-                    off.append(asyncio.run(bench_feedback_ab(gw.url, rid_off, args.ab_feedback, c, identity=False)))
-                    on.append(asyncio.run(bench_feedback_ab(trusted.url, rid_on, args.ab_feedback, c, identity=True)))
-                ab.append((c, off, on))
+                rps: dict[str, list[float]] = {arm: [] for arm in arms}
+                for r in range(args.ab_rounds):
+                    order = list(arms)[r % 3 :] + list(arms)[: r % 3]  # each arm first, second, third in turn
+                    for arm in order:
+                        spec, identity = arms[arm]
+                        rate = asyncio.run(bench_feedback_ab(spec.url, rids[arm], args.ab_feedback, c, identity))
+                        rps[arm].append(rate)
+                ab.append((c, rps))
     finally:
         stack.stop()
         broker.stop()
@@ -322,16 +355,17 @@ def main() -> int:
         for step, us in trust_steps_us().items():
             print(f"| {step} | {us:.1f} |")
         print(
-            f"\nTrust A/B: feedback requests/s, median of {args.ab_rounds} alternating rounds of "
+            f"\nTrust A/B: feedback requests/s, median of {args.ab_rounds} rotating rounds of "
             f"{args.ab_feedback} posts (min–max in brackets):\n"
         )
-        print("| feedback clients | redaction + identity off | on | cost |")
-        print("|---|---|---|---|")
-        for c, off, on in ab:
-            m_off, m_on = statistics.median(off), statistics.median(on)
+        print("| feedback clients | off | off, twin | on | on vs off | twin vs off (noise) |")
+        print("|---|---|---|---|---|---|")
+        for c, rps in ab:
+            med = {arm: statistics.median(xs) for arm, xs in rps.items()}
+            cells = [f"{med[a]:.0f} ({min(rps[a]):.0f}–{max(rps[a]):.0f})" for a in rps]
             print(
-                f"| {c} | {m_off:.0f} ({min(off):.0f}–{max(off):.0f}) | {m_on:.0f} ({min(on):.0f}–{max(on):.0f}) "
-                f"| {100 * (1 - m_on / m_off):+.1f} % |"
+                f"| {c} | " + " | ".join(cells) + f" | {100 * (med['on'] / med['off'] - 1):+.1f} % "
+                f"| {100 * (med['off, twin'] / med['off'] - 1):+.1f} % |"
             )
     return 0
 
