@@ -83,9 +83,11 @@ class _MemoryStorage(limits.storage.MemoryStorage):
 
     limits (5.x) arms a 10 ms `threading.Timer` on a hit whenever the last one has run out,
     so at 100+ requests/s nearly every request starts an OS thread: measured here, a hit
-    12 ms after the previous one took 339 µs (median) against 8 µs back to back. Counts
-    are unaffected (every read drops an expired counter itself); the sweep only frees
-    memory, and a second later is as good."""
+    12 ms after the previous one took 307–339 µs (median) against 8 µs back to back, and
+    110 µs with this sweep. Counts are unaffected (every read drops an expired counter
+    itself); the sweep only frees memory, and a second later is as good. Should a later
+    limits rename its private hook, this override stops applying and the stock 10 ms
+    sweep returns: slower, never wrong."""
 
     SWEEP_S = 1.0
 
@@ -138,7 +140,7 @@ MAX_RATER_HEADER_CHARS = 256
 def rater_secret(configured: str, state_dir: Path) -> bytes:
     """The configured rater secret, or the one generated once into
     <state_dir>/gateway/rater-secret (mode 0600; replicas behind one address must share a
-    configured one, or each refuses the others' cookies)."""
+    configured one, or each ignores the others' cookies)."""
     if configured:
         return configured.encode()
     path = state_dir / "gateway" / "rater-secret"
