@@ -218,8 +218,11 @@ def test_meaningless_feedback_is_dead_lettered_with_its_reason_and_training_goes
         with training(learner):
             events = [*bad.values(), *good, thumbs_down]
             publish(broker.bootstrap, [(topics.feedback, e, e.conversation_id or "x") for e in events])
+            s = learner.state
             wait_for(
-                lambda: learner.state.feedback_invalid == len(bad) and len(learner.feedback.intake) == 2, 60, "intake"
+                lambda: (s.feedback_invalid, s.feedback_skipped, len(learner.feedback.intake)) == (len(bad), 1, 2),
+                60,
+                "every feedback event read",
             )
             publish(broker.bootstrap, [(topics.rollouts, r, r.prompt_id) for r in sampler(seed=1)])
             wait_for(lambda: learner.state.step == 1, 120, "step 1 past the bad feedback")
