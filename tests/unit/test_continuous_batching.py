@@ -128,7 +128,7 @@ def test_requests_joining_mid_batch_get_what_they_get_alone(tiny_model_dir):
 
 
 def test_penalties_logit_bias_and_top_logprobs_join_exactly(tiny_model_dir):
-    """`_Penalties` grows and shrinks with the rows: a penalised request joins a batch that
+    """`Penalties` (rlhf/generation/batching.py) grow and shrink with the rows: a penalised request joins a batch that
     has none, a plain one joins beside it, and top log-probs are reported per row."""
     running = (RUNNING_PROMPT, Sampling(max_tokens=80, top_logprobs=2, **GREEDY))
     joiners = [
