@@ -112,8 +112,11 @@ def test_mean_reward_rises_with_kl_under_budget(broker, topics, tmp_path, object
                 make_event=make_event,
             )
             scores.append(statistics.mean(r.score for r in rollouts))
-            # 2. through Kafka to the learner; wait for its step on them
-            producer.publish_many([(topics.rollouts, r, r.prompt_id) for r in rollouts])
+            # 2. through Kafka to the learner; wait for its step on them. One key per round:
+            # one partition, so the learner takes the batch in the same order every run and
+            # the trajectory (the KL it reaches above all) does not vary with how the
+            # partitions' records interleave (it did: 3.5–5.7 nats for one case, run to run)
+            producer.publish_many([(topics.rollouts, r, f"round{round_}") for r in rollouts])
             deadline = time.monotonic() + 300
             while not (new := published(stub, status.policy_version + 1)):
                 assert time.monotonic() < deadline, svc.log()
