@@ -122,12 +122,15 @@ def test_mean_reward_rises_with_kl_under_budget(broker, topics, tmp_path, object
                 assert time.monotonic() < deadline, svc.log()
                 time.sleep(0.1)
             drift.append(new.kl_to_reference)
-            kls.append(stub.GetStatus(learner_pb2.GetStatusRequest()).last_stats["kl"])
-        # the version's record is in the store a moment before the learner counts it as served
-        deadline = time.monotonic() + 60
-        while (final := stub.GetStatus(learner_pb2.GetStatusRequest())).serving_version < ROUNDS:
-            assert time.monotonic() < deadline, svc.log()
-            time.sleep(0.1)
+            assert new.promoted, f"drift gate refused version {new.version}: {new.reason}; drift KL so far {drift}"
+            # and until it serves it: the record is in the store a moment before the learner
+            # counts it as served, and the next round must sample the new version, not (by a
+            # race) the one before — that made the trajectory differ run to run
+            while (now := stub.GetStatus(learner_pb2.GetStatusRequest())).serving_version <= version:
+                assert time.monotonic() < deadline, svc.log()
+                time.sleep(0.1)
+            kls.append(now.last_stats["kl"])
+        final = stub.GetStatus(learner_pb2.GetStatusRequest())
         assert svc.stop(signal.SIGTERM) == 0, svc.log()
 
     print(f"{objective}: mean score per round: {[round(s, 3) for s in scores]}")
