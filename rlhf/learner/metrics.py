@@ -200,3 +200,64 @@ def observe_step(stats: dict[str, float]) -> None:
     STEP_SECONDS.observe(stats["step_seconds"])
     STEPS.inc()
     TOKENS_TRAINED.inc(stats["tokens"])
+
+
+# --- canary promotion (issue 15, rlhf/learner/canary.py): label `role` is stable or candidate, never a
+# version number (unbounded); the numbers themselves are the two version gauges
+CANARY_ENABLED = Gauge(
+    "rlhf_learner_canary_enabled", "1 while canaries are on: a version that passes the drift gate goes to canary"
+)
+CANARY_STABLE_VERSION = Gauge(
+    "rlhf_learner_canary_stable_version", "The stable version (what the canary is judged against)"
+)
+CANARY_CANDIDATE_VERSION = Gauge("rlhf_learner_canary_candidate_version", "The candidate in canary; 0: none running")
+CANARY_SHARE = Gauge("rlhf_learner_canary_share_ratio", "Share of new conversations the candidate gets while it runs")
+CANARY_QUEUED = Gauge("rlhf_learner_canary_queued", "Candidates waiting for the running canary's decision")
+CANARY_THUMBS = Gauge(
+    "rlhf_learner_canary_thumbs",
+    "Thumbs ratings in the running canary, by role and value (up, down)",
+    ["role", "value"],
+)
+CANARY_THUMBS_UP = Gauge(
+    "rlhf_learner_canary_thumbs_up_ratio", "Running canary: thumbs-up rate per role (NaN before a rating)", ["role"]
+)
+CANARY_THUMBS_UP_LOWER = Gauge(
+    "rlhf_learner_canary_thumbs_up_lower_ratio", "Running canary: 95 % Wilson interval's lower end of it", ["role"]
+)
+CANARY_THUMBS_UP_UPPER = Gauge(
+    "rlhf_learner_canary_thumbs_up_upper_ratio", "Running canary: 95 % Wilson interval's upper end of it", ["role"]
+)
+CANARY_COMPARISONS = Gauge(
+    "rlhf_learner_canary_comparisons",
+    "Running canary: head-to-head comparisons candidate vs stable, by outcome (won_candidate, won_stable, tie)",
+    ["outcome"],
+)
+CANARY_WIN_RATE = Gauge(
+    "rlhf_learner_canary_win_ratio", "Running canary: the candidate's head-to-head win rate, ties left out (NaN: none)"
+)
+CANARY_WIN_RATE_LOWER = Gauge("rlhf_learner_canary_win_lower_ratio", "95 % Wilson interval's lower end of the win rate")
+CANARY_WIN_RATE_UPPER = Gauge("rlhf_learner_canary_win_upper_ratio", "95 % Wilson interval's upper end of the win rate")
+CANARY_LOG_E = Gauge(
+    "rlhf_learner_canary_log_e_value",
+    "Running canary: natural-log e-value that the candidate is better (side=promote) or worse (side=rollback)",
+    ["side"],
+)
+CANARY_LOG_THRESHOLD = Gauge(
+    "rlhf_learner_canary_log_e_threshold", "log(1/alpha): a side decides when its log e-value reaches it", ["side"]
+)
+CANARY_ALERT = Gauge(
+    "rlhf_learner_canary_thumbs_down_alert",
+    "1 while the running candidate's thumbs are significantly worse than stable's (thumbs e-value ≥ 1/alert_alpha)",
+)
+CANARY_DECISIONS = Counter(
+    "rlhf_learner_canary_decisions_total",
+    "Canaries ended, by verdict (promote, roll_back) and by whom (rule: the sequential test or a limit; "
+    "operator: Promote/Rollback; replaced: new_candidate=replace)",
+    ["verdict", "by"],
+)
+CANARY_FEEDBACK = Counter(
+    "rlhf_learner_canary_feedback_total",
+    "Feedback events the canary read, by outcome (observed; else why not: no_canary, before_canary, other_version, "
+    "other_pair, same_version, no_kind, bad_value)",
+    ["outcome"],
+)
