@@ -53,6 +53,7 @@ class Dashboard:
     title: str
     description: str
     items: list[Panel | Row] = field(default_factory=list)
+    annotations: list[tuple[str, str, str]] = field(default_factory=list)  # (name, PromQL, colour)
 
 
 def _panel(p: Panel, pid: int, x: int, y: int) -> cogbuilder.Builder:
@@ -116,7 +117,18 @@ def render(d: Dashboard) -> dashboard_models.Dashboard:
         .time("now-6h", "now")
         .timezone("")
         .version(1)
-        .annotations([])
+        .annotations(
+            [
+                dashboard.AnnotationQuery()
+                .name(name)
+                .datasource(DATASOURCE)
+                .expr(expr)
+                .enable(True)
+                .hide(False)
+                .icon_color(colour)
+                for name, expr, colour in d.annotations
+            ]
+        )
         .link(
             dashboard.DashboardLink("RLHF dashboards")
             .type(dashboard_models.DashboardLinkType.DASHBOARDS)
@@ -328,6 +340,86 @@ LOOP = Dashboard(
                 ("rlhf_rm_grad_norm", "reward model"),
             ],
             width=10,
+        ),
+        Row("Canary: users' feedback decides promotion (docs/canary.md)"),
+        Panel(
+            "Canary versions",
+            [
+                ("rlhf_learner_canary_stable_version", "stable"),
+                ("rlhf_learner_canary_candidate_version", "candidate (0: none)"),
+                ("rlhf_learner_canary_queued", "queued"),
+                ("rlhf_learner_canary_enabled", "canaries on"),
+            ],
+            kind="stat",
+            width=6,
+            description="The stable version, the candidate in canary and those waiting; decisions are annotations.",
+        ),
+        Panel(
+            "Traffic share per version",
+            [
+                (
+                    f"sum by (role) (rate(rlhf_gateway_requests_by_version_total[{RI}])) / ignoring (role) "
+                    f"group_left sum(rate(rlhf_gateway_requests_by_version_total[{RI}]))",
+                    "{{role}} (served)",
+                ),
+                ("rlhf_learner_canary_share_ratio", "candidate share (configured)"),
+            ],
+            unit="percentunit",
+            min=0,
+            max=1,
+            width=9,
+            description="Completions answered by each version's role at the gateway (a cross-version comparison "
+            "counts for both), against the share the learner set.",
+        ),
+        Panel(
+            "Thumbs-up rate per version (95 % Wilson interval)",
+            [
+                ("rlhf_learner_canary_thumbs_up_ratio", "{{role}}"),
+                ("rlhf_learner_canary_thumbs_up_lower_ratio", "{{role}} lower"),
+                ("rlhf_learner_canary_thumbs_up_upper_ratio", "{{role}} upper"),
+            ],
+            unit="percentunit",
+            min=0,
+            max=1,
+            width=9,
+            description="In the running canary. The interval is for reading; the decision is the sequential test's.",
+        ),
+        Panel(
+            "Head-to-head win rate of the candidate",
+            [
+                ("rlhf_learner_canary_win_ratio", "candidate wins"),
+                ("rlhf_learner_canary_win_lower_ratio", "lower"),
+                ("rlhf_learner_canary_win_upper_ratio", "upper"),
+            ],
+            unit="percentunit",
+            min=0,
+            max=1,
+            description="Comparisons candidate vs stable, ties left out (95 % Wilson interval).",
+        ),
+        Panel(
+            "Canary evidence",
+            [
+                ("rlhf_learner_canary_log_e_value", "log e-value {{side}}"),
+                ("rlhf_learner_canary_log_e_threshold", "threshold {{side}}"),
+                ("rlhf_learner_canary_thumbs_down_alert", "thumbs-down alert"),
+            ],
+            description="A side decides when its log e-value reaches log(1/alpha) and each version has the "
+            "minimum sample; the alert is RlhfCanaryThumbsDown.",
+        ),
+        Panel(
+            "Canary feedback and decisions",
+            [
+                (f"sum by (outcome) (rate(rlhf_learner_canary_feedback_total[{RI}]))", "{{outcome}}"),
+                ("sum by (verdict, by) (rlhf_learner_canary_decisions_total)", "decided: {{verdict}} by {{by}}"),
+            ],
+            description="Feedback events the canary read (observed, or why not), and the canaries decided.",
+        ),
+    ],
+    annotations=[
+        (
+            "Canary decisions",
+            "sum by (verdict, by) (increase(rlhf_learner_canary_decisions_total[1m])) > 0",
+            "orange",
         ),
     ],
 )

@@ -82,3 +82,17 @@ BEST_OF_SELECTIONS = Counter(
     "One-answer chats served as the reward model's best of serve_best_of samples, by the selection that applied",
     ["selection"],
 )  # selection: rm_best | first (a fallback)
+
+
+# the canary (issue 15): which version answered, by role, never by version number (unbounded)
+REQUESTS_BY_VERSION = Counter(
+    "rlhf_gateway_requests_by_version_total",
+    "Completions answered, by the role of the version that answered (stable, candidate); a cross-version "
+    "comparison counts once for each",
+    ["role"],
+)
+CANARY_COMPARISONS = Counter(
+    "rlhf_gateway_canary_comparisons_total",
+    "Comparisons (n=2) while a candidate ran, by pairing: cross (candidate against stable) or same (one version)",
+    ["pairing"],
+)

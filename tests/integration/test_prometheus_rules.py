@@ -26,6 +26,7 @@ REQUIRED_ALERTS = {
     "service down": "RlhfServiceDown",
     "Kafka unreachable": "RlhfKafkaDown",
     "lost Kafka log": "RlhfKafkaLogLost",
+    "canary candidate's thumbs-down rate significantly above stable's": "RlhfCanaryThumbsDown",
 }
 
 
