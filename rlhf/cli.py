@@ -193,6 +193,23 @@ def cmd_pause(args) -> int:
     return run(args.cmd, _state_dir(args), args.learner, args.token, args.timeout)
 
 
+def cmd_versions(args) -> int:
+    """`rlhf versions | promote N | rollback N | canary`: the learner's versions and canary (rlhf/control.py)."""
+    from rlhf.control import run_versions_command
+
+    enabled = True if getattr(args, "on", False) else False if getattr(args, "off", False) else None
+    return run_versions_command(
+        args.cmd,
+        _state_dir(args),
+        args.learner,
+        args.token,
+        args.timeout,
+        version=getattr(args, "version", None),
+        share=getattr(args, "share", None),
+        enabled=enabled,
+    )
+
+
 def cmd_health(args) -> int:
     """Exit 0 when the address reports SERVING: what container health checks run."""
     from rlhf.launcher import http_ready
@@ -355,6 +372,12 @@ def cmd_win_rate(args) -> int:
     return main(args)
 
 
+def cmd_poisoning(args) -> int:
+    from rlhf.experiments.poisoning import main
+
+    return main(args)
+
+
 def cmd_sft(args) -> int:
     from rlhf.sft.command import main_sft
 
@@ -437,6 +460,26 @@ def build_parser() -> argparse.ArgumentParser:
         pa.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the learner's answer")
         pa.set_defaults(fn=cmd_pause)
 
+    for action, what in (
+        ("versions", "list the policy versions: drift gate verdict, which is stable, candidate, queued"),
+        ("promote", "make version N stable now (ends a running canary; control RPC)"),
+        ("rollback", "serve version N again, a version that passed the drift gate (control RPC)"),
+        ("canary", "the canary's state; --share S and/or --on/--off change it (control RPC)"),
+    ):
+        vp = sub.add_parser(action, help=f"the learner: {what}")
+        if action in ("promote", "rollback"):
+            vp.add_argument("version", type=int, help="the version number (see `rlhf versions`)")
+        if action == "canary":
+            vp.add_argument("--share", type=float, default=None, help="share of new conversations for the candidate")
+            onoff = vp.add_mutually_exclusive_group()
+            onoff.add_argument("--on", action="store_true", help="turn canaries on")
+            onoff.add_argument("--off", action="store_true", help="turn canaries off (refused while one runs)")
+        vp.add_argument("--state-dir", default=None, help="the `rlhf up` state dir: its up.json and control.token")
+        vp.add_argument("--learner", default=None, help="HOST:PORT of the learner (default: from up.json)")
+        vp.add_argument("--token", default=None, help="control token (default $RLHF_CONTROL_TOKEN, else the file)")
+        vp.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the learner's answer")
+        vp.set_defaults(fn=cmd_versions)
+
     he = sub.add_parser("health", help="exit 0 if a service reports SERVING (gRPC health, or --http /readyz)")
     he.add_argument("address", help="HOST:PORT")
     he.add_argument("--service", default="", help="gRPC service name to check (default: the whole server)")
@@ -497,6 +540,14 @@ def build_parser() -> argparse.ArgumentParser:
     br = exsub.add_parser("base-rates", help="how often the model already shows each oracle's behaviour")
     _sim_arguments("base_rates")(br)
     br.set_defaults(fn=cmd_base_rates)
+    from rlhf.experiments.poisoning import add_arguments as poisoning_arguments  # light: no torch, no httpx
+
+    po = exsub.add_parser(
+        "poisoning",
+        help="adversarial raters through the gateway: RM held-out accuracy with rater reliability on and off",
+    )
+    poisoning_arguments(po)
+    po.set_defaults(fn=cmd_poisoning)
 
     from rlhf.sft.command import export_arguments, sft_arguments  # light: argparse only
 

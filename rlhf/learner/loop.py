@@ -15,6 +15,9 @@ methods (status, pause, resume, versions, rollback). Each iteration of the loop:
   3. ledger line (event ids trained and dropped), then a checkpoint holding the Kafka
      offsets below which everything is handled, then the Kafka commit of those offsets
   4. every publish_every steps a new version: drift gate, weight store, PolicyUpdate
+     (with canaries on, rlhf/learner/canary.py: a version that passes the gate goes to
+     canary, and users' feedback, read by a consumer of its own between iterations — also
+     while paused — decides whether it becomes stable)
 
 A broker outage does not stop the loop: a poll, commit or announcement that fails is
 logged and counted (rlhf_learner_kafka_errors_total) and tried again — a commit at the
@@ -29,6 +32,7 @@ rollout is in the restored model's history exactly once, whatever moment the kil
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import logging
 import queue
 import threading
@@ -43,6 +47,7 @@ from rlhf.bus import PublishError
 from rlhf.errors import FailedPrecondition, NotFound
 from rlhf.learner import metrics
 from rlhf.learner.batch import RolloutLimits, collate
+from rlhf.learner.canary import CanaryPlane, Change, LearnerCanaryConfig
 from rlhf.learner.checkpoint import CheckpointStore, Ledger
 from rlhf.learner.config import LearnerConfig
 from rlhf.learner.drift import DEFAULT_HELDOUT_PROMPTS, DriftGate, GateResult
@@ -77,7 +82,10 @@ class Learner:
         bootstrap: str,
         topic_prefix: str = "rlhf",
         weight_store: str | Path | None = None,
+        canary: LearnerCanaryConfig | None = None,
     ):
+        """`canary`: the promotion controller's settings (None: no canary plane at all, the
+        Promote/SetCanary/GetCanary RPCs answer FAILED_PRECONDITION)."""
         from rlhf.bus import Topics
 
         self.cfg = cfg
@@ -97,6 +105,11 @@ class Learner:
         self._failed_in_a_row = 0  # PPO steps failed since the last one that trained
         self.consumer = self.producer = None
         self.tracker = Tracker(None, "learner")  # start() opens the one cfg.tracking asks for
+        self.canary_config = canary
+        self.canary: CanaryPlane | None = None  # made by _recover (from the checkpoint, or afresh)
+        self.canary_consumer = None  # rlhf.feedback for the canary, own group; opened while canaries are on
+        self._canary_unannounced: list[Change] = []  # changes a broker outage kept from being announced
+        self._canary_ticked = 0.0
 
     # --- start-up and recovery ---------------------------------------------------------
 
@@ -160,6 +173,26 @@ class Learner:
         self.tracker = open_tracker(cfg.tracking, self.state_dir, "learner")
         self._recover()
 
+    def _open_canary_consumer(self, log_ids: dict[str, str] | None = None) -> None:
+        """The canary's own rlhf.feedback consumer (group `<group_id>-canary`), at the plane's offsets."""
+        from rlhf.bus import EventConsumer, ensure_topics
+        from rlhf.v1 import events_pb2
+
+        if self.canary_consumer is not None:
+            return
+        ensure_topics(self.bootstrap, [self.topics.feedback, self.topics.dlq(self.topics.feedback)])
+        self.canary_consumer = EventConsumer(
+            self.bootstrap,
+            self.topics.feedback,
+            events_pb2.Feedback,
+            f"{self.cfg.group_id}-canary",
+            dlq_producer=self.producer,
+            client_id=f"{self.cfg.group_id}-canary",
+            on_reset=self._on_canary_log_reset,
+        )
+        if self.canary.offsets and self.canary_consumer.seek(self.canary.offsets, log_ids=log_ids) is not None:
+            self.canary.offsets = {}  # a lost log: the new one is read from its start
+
     def _recover(self) -> None:
         """Restore the latest checkpoint (or start fresh), finish an interrupted publication,
         and announce the serving version again.
@@ -196,6 +229,17 @@ class Learner:
         self.intake = self._new_intake()
         if self.feedback is not None:
             self.feedback.restore(self.state, log_ids)  # no stored feedback offsets: no seek (feedback_intake.py)
+        replayed: list[Change] = []
+        if self.canary_config is not None:
+            stored = meta.get("canary") if folder is not None else None
+            if stored:
+                self.canary, replayed = CanaryPlane.from_json(self.canary_config, stored)
+                if self.canary.stable != self.state.serving_version and not self.canary.candidate:
+                    self.canary.follow(self.state.serving_version)  # promoted the old way since
+            else:
+                self.canary = CanaryPlane.new(self.canary_config, self.state.serving_version)
+            if self.canary.enabled:
+                self._open_canary_consumer(log_ids)
         self.tracker.rewind(self.state.step)  # steps past the checkpoint are trained again
         cut = self.ledger.truncate_after(self.state.step)
         if cut:
@@ -204,6 +248,7 @@ class Learner:
             log.info("finishing an interrupted publication", extra={"version": self.state.pending_publish})
             self._publish(self.state.pending_publish)
         self._announce_serving("serving version re-announced at learner start-up")
+        self._announce_canary(replayed)
         self._export_gauges()
 
     def _on_log_reset(self, reset) -> None:
@@ -220,6 +265,10 @@ class Learner:
                 "re-announcing the serving version after a lost log failed",
                 extra={"version": self.state.serving_version},
             )
+
+    def _on_canary_log_reset(self, reset) -> None:
+        """The feedback log was lost under the canary's consumer: its offsets point nowhere."""
+        self.canary.offsets = {tp: o for tp, o in self.canary.offsets.items() if tp[0] != reset.topic}
 
     def _on_feedback_log_reset(self, reset) -> None:
         """The feedback log was lost under the running learner (on the loop thread, inside poll)."""
@@ -241,6 +290,9 @@ class Learner:
         event = self._update_event(record, events_pb2.POLICY_ACTION_PROMOTED, reason=reason)
         self.producer.publish(self.topics.policy_updates, event, key="policy")
         log.info("serving version announced", extra={"version": version, "reason": reason})
+        if self.canary is not None and self.canary.candidate:  # the candidate beside it
+            c = self.canary
+            self._announce_canary([Change("canary", c.candidate, c.stable, c.candidate, reason)])
 
     # --- the loop ----------------------------------------------------------------------
 
@@ -262,6 +314,7 @@ class Learner:
         try:
             while not stop.is_set():
                 self._run_commands()
+                self._canary_iteration()
                 if self.paused.is_set():
                     stop.wait(0.1)
                     continue
@@ -405,6 +458,7 @@ class Learner:
 
     def _checkpoint(self) -> None:
         start = time.perf_counter()
+        canary_offsets: dict = {}
         with self._lock:
             meta = {
                 "state": self.state.to_json(),
@@ -415,13 +469,19 @@ class Learner:
                 "kafka_log_ids": {
                     **self.consumer.log_ids(),
                     **(self.feedback.consumer.log_ids() if self.feedback is not None else {}),
+                    **(self.canary_consumer.log_ids() if self.canary_consumer is not None else {}),
                 },
             }
+            if self.canary is not None:  # the canary's inputs and offsets: replayed on restore (canary.py)
+                meta["canary"] = self.canary.to_json()
+                canary_offsets = dict(self.canary.offsets)
         self.checkpoints.save(self.state.step, self.policy, self.trainer, meta)
         try:
             self.consumer.commit(self.state.offsets)
             if self.feedback is not None:
                 self.feedback.consumer.commit(self.state.feedback_offsets)
+            if self.canary_consumer is not None and canary_offsets:
+                self.canary_consumer.commit(canary_offsets)
         except KAFKA_ERRORS as e:  # the checkpoint holds the offsets; the next one commits them
             self._kafka_failed("commit", e, step=self.state.step)
         metrics.CHECKPOINT_SECONDS.observe(time.perf_counter() - start)
@@ -455,11 +515,22 @@ class Learner:
             record = self._store_version(version, parent, verdict(state.step, result))
             metrics.VERSIONS_PUBLISHED.inc()
         promoted = bool(record.meta.get("promoted"))
+        if promoted and self.canary is not None and self.canary.enabled:
+            # the users decide: the version goes to canary (or waits, or is refused: new_candidate)
+            with self._lock:
+                change = self.canary.propose(version, time.time())
+            self._announce_canary([change])
+            with self._lock:
+                state.pending_publish = None
+            self._export_gauges()
+            return
         action = events_pb2.POLICY_ACTION_PROMOTED if promoted else events_pb2.POLICY_ACTION_REJECTED
         self.producer.publish(self.topics.policy_updates, self._update_event(record, action), key="policy")
         with self._lock:
             if promoted:
                 state.serving_version = version
+                if self.canary is not None:
+                    self.canary.follow(version)
             else:
                 metrics.DRIFT_REJECTIONS.inc()
                 log.warning(
@@ -469,10 +540,16 @@ class Learner:
                     self._switch_weights(state.serving_version)
             state.pending_publish = None
 
-    def _update_event(self, record: VersionRecord, action: int, reason: str | None = None):
+    def _update_event(
+        self, record: VersionRecord, action: int, reason: str | None = None, serving: dict[str, Any] | None = None
+    ):
+        """The PolicyUpdate announcing `record`. With canaries on it states the whole serving
+        state (stable, candidate, share: `serving`, else the plane's now)."""
         from rlhf.bus import new_event
         from rlhf.v1 import events_pb2
 
+        if serving is None and self.canary is not None and self.canary.enabled:
+            serving = self.canary.serving()
         return new_event(
             events_pb2.PolicyUpdate,
             version=record.version,
@@ -487,7 +564,108 @@ class Learner:
             base_model=record.base_model,
             reason=reason if reason is not None else str(record.meta.get("reason", "")),
             **self.worker_terms(),
+            **(serving or {}),
         )
+
+    # --- the canary (rlhf/learner/canary.py) -------------------------------------------
+
+    def _canary_iteration(self) -> None:
+        """Between two iterations of the loop (paused too): retry what an outage held up,
+        read the feedback that arrived, let the clock end an overdue canary, announce."""
+        plane = self.canary
+        if plane is None or not plane.enabled or self.canary_consumer is None:
+            return
+        if not self._flush_canary_events():
+            return
+        try:
+            records = self.canary_consumer.poll(timeout_ms=0, max_records=500)
+        except KAFKA_ERRORS as e:
+            self._kafka_failed("poll", e, topic=self.topics.feedback)
+            return
+        now = time.time()
+        with self._lock:
+            changes = plane.observe(records)
+            if now - self._canary_ticked >= self.canary_config.tick_seconds:
+                self._canary_ticked = now
+                changes += plane.tick(now)
+        if changes:
+            self._announce_canary(changes)
+        if records or changes:
+            plane.export()
+
+    def _announce_canary(self, changes: list[Change]) -> None:
+        """Act on canary changes in order: the learner's serving version (and, on a roll back
+        with on_reject=revert, its training weights), one PolicyUpdate each stating the whole
+        serving state, and a checkpoint after a decision, so a restart does not decide it
+        again. Events a broker outage holds up wait, in order, for the next iteration."""
+        from rlhf.v1 import events_pb2
+
+        if not changes:
+            return
+        actions = {
+            "canary": events_pb2.POLICY_ACTION_CANARY,
+            "promoted": events_pb2.POLICY_ACTION_PROMOTED,
+            "rolled_back": events_pb2.POLICY_ACTION_ROLLED_BACK,
+            "queued": events_pb2.POLICY_ACTION_REJECTED,  # not served (yet): generators keep what they serve
+            "rejected": events_pb2.POLICY_ACTION_REJECTED,
+        }
+        decided = False
+        for change in changes:
+            if change.kind in ("promoted", "rolled_back"):
+                decided = True
+                with self._lock:
+                    self.state.serving_version = change.stable
+                    self.state.pending_publish = None
+                    if change.kind == "rolled_back" and self.cfg.on_reject == "revert":
+                        self._switch_weights(change.stable)  # train on from the version users kept
+                metrics.SERVING_VERSION.set(change.stable)
+            try:
+                record = self.store.get(change.version)
+            except (UnknownVersion, CorruptWeights) as e:
+                log.error(
+                    "canary change not announced: its version is not in the weight store",
+                    extra={"version": change.version, "kind": change.kind, "error": str(e)},
+                )
+                continue
+            serving = {
+                "stable_version": change.stable,
+                "candidate_version": change.candidate,
+                "canary_share": self.canary.share,
+            }
+            event = self._update_event(record, actions[change.kind], reason=change.reason, serving=serving)
+            if change.decision is not None:
+                event.decision_json = json.dumps(change.decision, sort_keys=True, default=str)
+            self._canary_unannounced.append(event)
+        self._flush_canary_events()
+        if decided:
+            self._checkpoint()
+        self.canary.export()
+        self._export_gauges()
+
+    def _flush_canary_events(self) -> bool:
+        """Publish the canary's events still unannounced, oldest first; False if the broker refused one."""
+        from rlhf.v1 import events_pb2
+
+        while self._canary_unannounced:
+            event = self._canary_unannounced[0]
+            try:
+                self.producer.publish(self.topics.policy_updates, event, key="policy")
+            except KAFKA_ERRORS as e:
+                self._kafka_failed("publish", e, version=event.version)
+                return False
+            self._canary_unannounced.pop(0)
+            log.info(
+                "canary policy update published",
+                extra={
+                    "action": events_pb2.PolicyAction.Name(event.action),
+                    "version": event.version,
+                    "stable_version": event.stable_version,
+                    "candidate_version": event.candidate_version,
+                    "canary_share": event.canary_share,
+                    "reason": event.reason,
+                },
+            )
+        return True
 
     def worker_terms(self) -> dict[str, Any]:
         """What the rollout workers must follow, announced in every PolicyUpdate and in the
@@ -519,6 +697,7 @@ class Learner:
                 "rollouts_trained": s.rollouts_trained,
                 "rollouts_dropped_stale": s.rollouts_dropped_stale,
                 **({"user_feedback": self.feedback.status()} if self.feedback is not None else {}),
+                **({"canary": self.canary.status()} if self.canary is not None else {}),
                 "last_stats": dict(self.last_stats),
                 **self.worker_terms(),
             }
@@ -560,13 +739,83 @@ class Learner:
             self._switch_weights(version)
             self.state.serving_version = version
             self.state.pending_publish = None
+            change = None
+            if self.canary is not None:
+                if self.canary.enabled:  # a running canary ends: the operator decided
+                    change = self.canary.rolled_back(version, time.time())
+                else:
+                    self.canary.follow(version)
         self._checkpoint()
         event = self._update_event(record, events_pb2.POLICY_ACTION_ROLLED_BACK, reason="operator rollback")
+        if change is not None:
+            event.decision_json = json.dumps(change.decision, sort_keys=True, default=str)
         self.producer.publish(self.topics.policy_updates, event, key="policy")
+        if self.canary is not None:
+            self.canary.export()
         metrics.ROLLBACKS.inc()
         self._export_gauges()
         log.warning("rolled back", extra={"version": version})
         return version_info(record)
+
+    def canary_status(self) -> dict[str, Any]:
+        """The canary's state now (GetCanary): versions, share, queue, the running evidence, the last decision."""
+        with self._lock:
+            return self._plane().status(time.time())
+
+    def promote(self, version: int, timeout: float = 600.0) -> dict[str, Any]:
+        """Make `version` stable now (an operator's decision, ending a running canary): the
+        candidate, a queued one or any version that passed the drift gate. NotFound for a
+        version not stored, FailedPrecondition for one the gate refused or the stable one."""
+        return self._call_in_loop(lambda: self._promote(version), timeout)
+
+    def _promote(self, version: int) -> dict[str, Any]:
+        plane = self._plane()
+        try:
+            record = self.store.get(version)
+        except UnknownVersion:
+            raise NotFound(f"version {version} is not in the weight store") from None
+        except CorruptWeights as e:
+            raise FailedPrecondition(f"version {version} cannot be served: {e}") from None
+        if not record.meta.get("promoted"):
+            raise FailedPrecondition(
+                f"version {version} did not pass the drift gate ({record.meta.get('reason') or 'rejected'}); "
+                "promote a version that did (see ListVersions)"
+            )
+        with self._lock:
+            changes = plane.promote(version, time.time())
+        self._announce_canary(changes)
+        log.warning("promoted by the operator", extra={"version": version})
+        return self.canary_status()
+
+    def set_canary(
+        self, share: float | None = None, enabled: bool | None = None, timeout: float = 600.0
+    ) -> dict[str, Any]:
+        """Change the candidate's share of new conversations and/or turn canaries on or off
+        (off is refused while a candidate runs: promote or roll it back first)."""
+        return self._call_in_loop(lambda: self._set_canary(share, enabled), timeout)
+
+    def _set_canary(self, share: float | None, enabled: bool | None) -> dict[str, Any]:
+        plane = self._plane()
+        changes = []
+        with self._lock:
+            if share is not None:
+                change = plane.set_share(share)
+                changes += [change] if change is not None else []
+            if enabled is not None:
+                plane.set_enabled(enabled, self.state.serving_version)
+        if plane.enabled:
+            self._open_canary_consumer()
+        if changes:
+            self._announce_canary(changes)
+        self._checkpoint()  # an operator's setting outlives a restart
+        plane.export()
+        log.warning("canary settings changed", extra={"share": plane.share, "enabled": plane.enabled})
+        return self.canary_status()
+
+    def _plane(self) -> CanaryPlane:
+        if self.canary is None:
+            raise FailedPrecondition("this learner runs no canary plane (it was started without canary settings)")
+        return self.canary
 
     def _call_in_loop(self, fn: Callable[[], Any], timeout: float) -> Any:
         """Run fn on the training thread between steps (or here, if no loop runs)."""
@@ -597,5 +846,7 @@ class Learner:
             self.consumer.close()
         if self.feedback is not None:
             self.feedback.consumer.close()
+        if self.canary_consumer is not None:
+            self.canary_consumer.close()
         if self.producer is not None:
             self.producer.close()

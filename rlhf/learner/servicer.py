@@ -1,8 +1,9 @@
-"""rlhf.v1.LearnerService: the learner's control plane (status, pause/resume, versions, rollback).
+"""rlhf.v1.LearnerService: the learner's control plane (status, pause/resume, versions, rollback,
+and the canary's Promote, SetCanary and GetCanary, rlhf/learner/canary.py).
 
-Pause, Resume and Rollback need the control token (`authorization: Bearer <RLHF_CONTROL_TOKEN>`;
+Pause, Resume, Rollback, Promote and SetCanary need the control token (`authorization: Bearer <RLHF_CONTROL_TOKEN>`;
 rlhf/serving/auth.py, checked by the server's interceptor before these handlers run);
-GetStatus and ListVersions are open. Refusals are rlhf.errors exceptions (Unavailable while
+GetStatus, ListVersions and GetCanary are open. Refusals are rlhf.errors exceptions (Unavailable while
 the learner loads, InvalidArgument, and the NotFound / FailedPrecondition that
 `Learner.rollback` raises), answered with their status code by the server.
 
@@ -12,6 +13,9 @@ hands it the `Learner` once that has loaded its model and checkpoint."""
 from __future__ import annotations
 
 import asyncio
+import json
+import math
+from typing import Any
 
 from rlhf.errors import InvalidArgument, Unavailable
 from rlhf.learner.loop import Learner
@@ -68,3 +72,36 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
             raise InvalidArgument(f"version must be ≥ 0, got {request.version}")
         # runs on the training thread between two steps
         return await asyncio.to_thread(learner.rollback, request.version)
+
+    @staticmethod
+    def _canary(s: dict[str, Any]) -> learner_pb2.CanaryStatus:
+        return learner_pb2.CanaryStatus(
+            enabled=s["enabled"],
+            stable_version=s["stable_version"],
+            candidate_version=s["candidate_version"],
+            share=s["share"],
+            queued=s["queued"],
+            evidence_json=json.dumps(s["evidence"], sort_keys=True) if s["evidence"] is not None else "",
+            last_decision_json=json.dumps(s["last_decision"], sort_keys=True, default=str)
+            if s["last_decision"] is not None
+            else "",
+        )
+
+    async def GetCanary(self, request, context):
+        return self._canary(self._learner().canary_status())
+
+    async def Promote(self, request: learner_pb2.PromoteRequest, context):
+        learner = self._learner()
+        if request.version <= 0:
+            raise InvalidArgument(f"version must be ≥ 1 (version 0 is the initial policy), got {request.version}")
+        return self._canary(await asyncio.to_thread(learner.promote, request.version))
+
+    async def SetCanary(self, request: learner_pb2.SetCanaryRequest, context):
+        learner = self._learner()
+        if not (request.set_share or request.set_enabled):
+            raise InvalidArgument("set_share or set_enabled: nothing to set (both are false)")
+        if request.set_share and not (math.isfinite(request.share) and 0.0 <= request.share <= 1.0):
+            raise InvalidArgument(f"share: {request.share} is outside [0, 1]")
+        share = request.share if request.set_share else None
+        enabled = request.enabled if request.set_enabled else None
+        return self._canary(await asyncio.to_thread(learner.set_canary, share, enabled))

@@ -52,6 +52,7 @@ class LearnerService(Service):
             s.kafka_bootstrap,
             s.topic_prefix,
             weight_store=s.weight_store_path(),
+            canary=s.canary_config(),
         )
         await asyncio.to_thread(learner.start)  # weights loaded, checkpoint restored, consumer assigned
         self.learner = self.servicer.learner = learner

@@ -1,5 +1,5 @@
 """The control-plane token (rlhf/serving/auth.py) on a real gRPC server on loopback, through
-the scaffold's own `serve()`: the five control RPCs need `authorization: Bearer <token>`,
+the scaffold's own `serve()`: the seven control RPCs need `authorization: Bearer <token>`,
 a server without a token refuses them too, read-only RPCs stay open, a refused stream is
 not read, and the token reaches neither a log line nor a metric label."""
 
@@ -50,6 +50,12 @@ class Learn(learner_pb2_grpc.LearnerServiceServicer):
     async def Rollback(self, request, context):
         return learner_pb2.PolicyVersionInfo(version=request.version)
 
+    async def Promote(self, request, context):
+        return learner_pb2.CanaryStatus(stable_version=request.version)
+
+    async def SetCanary(self, request, context):
+        return learner_pb2.CanaryStatus(share=request.share)
+
 
 class Both(Service):
     name = "auth-test"
@@ -70,7 +76,7 @@ def chunks(n: int = 3):
 
 
 def control_calls(channel) -> dict:
-    """The five guarded RPCs, each a function of call kwargs (metadata=...)."""
+    """The seven guarded RPCs, each a function of call kwargs (metadata=...)."""
     gen, learner = generation_pb2_grpc.GenerationServiceStub(channel), learner_pb2_grpc.LearnerServiceStub(channel)
     return {
         "UpdateWeights": lambda **kw: gen.UpdateWeights(chunks(), timeout=10, **kw),
@@ -78,6 +84,10 @@ def control_calls(channel) -> dict:
         "Pause": lambda **kw: learner.Pause(learner_pb2.PauseRequest(), timeout=10, **kw),
         "Resume": lambda **kw: learner.Resume(learner_pb2.ResumeRequest(), timeout=10, **kw),
         "Rollback": lambda **kw: learner.Rollback(learner_pb2.RollbackRequest(version=1), timeout=10, **kw),
+        "Promote": lambda **kw: learner.Promote(learner_pb2.PromoteRequest(version=1), timeout=10, **kw),
+        "SetCanary": lambda **kw: learner.SetCanary(
+            learner_pb2.SetCanaryRequest(set_share=True, share=0.2), timeout=10, **kw
+        ),
     }
 
 

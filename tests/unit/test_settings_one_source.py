@@ -11,6 +11,7 @@ import pytest
 from pydantic import BaseModel
 
 from rlhf.cli import settings_classes
+from rlhf.learner.canary import LearnerCanaryConfig
 from rlhf.learner.config import LearnerConfig
 from rlhf.reward.config import LoopConfig, TrainerConfig
 from rlhf.rollout import PolicyBudget, WorkerConfig
@@ -18,7 +19,7 @@ from rlhf.serving import settings as common
 from rlhf.serving.settings import config_from
 
 SETTINGS = settings_classes()
-LIBRARY_CONFIGS = {LearnerConfig, TrainerConfig, LoopConfig, WorkerConfig}
+LIBRARY_CONFIGS = {LearnerConfig, TrainerConfig, LoopConfig, WorkerConfig, LearnerCanaryConfig}
 
 
 def origin(cls: type, name: str) -> type:
