@@ -6,6 +6,11 @@ Pointwise logistic, for a thumbs rating that has no opposite rating to pair with
     P(good | x, y) = σ(r(x, y)),                    loss = −log σ(s · r),  s = ±1
 The pointwise term anchors the score's zero at "as likely up as down"; Bradley-Terry alone
 is blind to a constant shift, which the normaliser removes anyway.
+Ties, two answers judged equally good, are Bradley-Terry pairs with target ½ (the
+cross-entropy of σ(r_a − r_b) against ½; minimal at r_a = r_b):
+    loss = −½ log σ(r_a − r_b) − ½ log σ(r_b − r_a)
+Every loss takes optional per-example weights (the raters' reliability,
+rlhf/reward/reliability.py) and is then the weighted mean.
 """
 
 from __future__ import annotations
@@ -14,8 +19,20 @@ import torch
 import torch.nn.functional as F
 
 
-def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mean −log σ(r_w − r_l) over pairs.
+def _mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean of (N,) values, weighted when `weights` (N,) are given (0 when they sum to 0)."""
+    if weights is None:
+        return values.mean()
+    if weights.shape != values.shape:
+        raise ValueError(f"weights {tuple(weights.shape)} must match {tuple(values.shape)}")
+    w = weights.to(values.dtype)
+    return (values * w).sum() / w.sum().clamp(min=1e-12)
+
+
+def bradley_terry_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean −log σ(r_w − r_l) over pairs (weighted by `weights` (P,) if given).
 
     chosen    # (P,) r_φ(x, y_w), with grad
     rejected  # (P,) r_φ(x, y_l), with grad
@@ -24,7 +41,7 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[to
     if chosen.shape != rejected.shape or chosen.dim() != 1:
         raise ValueError(f"chosen {tuple(chosen.shape)} and rejected {tuple(rejected.shape)} must be equal (P,)")
     margin = chosen - rejected  # (P,)
-    loss = -F.logsigmoid(margin).mean()  # logsigmoid is stable for large |margin|
+    loss = _mean(-F.logsigmoid(margin), weights)  # logsigmoid is stable for large |margin|
     with torch.no_grad():
         stats = {
             "bt_loss": loss.detach(),
@@ -34,8 +51,27 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[to
     return loss, stats
 
 
-def pointwise_logistic_loss(scores: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mean −log σ(s · r) over rated responses.
+def tie_loss(
+    a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean −½ log σ(r_a − r_b) − ½ log σ(r_b − r_a) over tied pairs: Bradley-Terry with target ½.
+
+    a, b  # (T,) the two answers' scores, with grad
+    stats: tie_loss, tie_gap (mean |r_a − r_b|)
+    """
+    if a.shape != b.shape or a.dim() != 1:
+        raise ValueError(f"a {tuple(a.shape)} and b {tuple(b.shape)} must be equal (T,)")
+    margin = a - b  # (T,)
+    loss = _mean(-0.5 * (F.logsigmoid(margin) + F.logsigmoid(-margin)), weights)
+    with torch.no_grad():
+        stats = {"tie_loss": loss.detach(), "tie_gap": margin.abs().mean()}
+    return loss, stats
+
+
+def pointwise_logistic_loss(
+    scores: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean −log σ(s · r) over rated responses (weighted by `weights` (N,) if given).
 
     scores  # (N,) r_φ(x, y), with grad
     labels  # (N,) +1 thumbs up, −1 thumbs down
@@ -44,7 +80,7 @@ def pointwise_logistic_loss(scores: torch.Tensor, labels: torch.Tensor) -> tuple
     if scores.shape != labels.shape or scores.dim() != 1:
         raise ValueError(f"scores {tuple(scores.shape)} and labels {tuple(labels.shape)} must be equal (N,)")
     signed = scores * labels.to(scores.dtype)  # (N,)
-    loss = -F.logsigmoid(signed).mean()
+    loss = _mean(-F.logsigmoid(signed), weights)
     with torch.no_grad():
         stats = {"point_loss": loss.detach(), "point_accuracy": (signed > 0).float().mean()}
     return loss, stats
