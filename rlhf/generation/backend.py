@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, AsyncIterator
 
-from rlhf.generation.types import Delta, Sampling
+from rlhf.generation.types import Delta, Sampling, WeightsRefused
 from rlhf.generation.weights import WeightUpdate
 
 
@@ -53,3 +53,27 @@ class Backend(ABC):
     async def activate(self, prepared: Any) -> Any:
         """Make the prepared update what new requests use; returns the lease handle. Called
         with no request in flight when `drains()` said so."""
+
+    # --- a canary's candidate, served beside the stable version (issue 15) ------------
+
+    async def prepare_candidate(self, update: WeightUpdate) -> Any:
+        """Ready `update` to be served as the candidate beside the stable version, while
+        everything serves on; `WeightsRefused` (one line saying why) if this backend cannot."""
+        raise WeightsRefused(f"the {self.name} backend serves one version at a time: no canary candidate")
+
+    async def activate_candidate(self, prepared: Any) -> Any:
+        """Make the prepared candidate leasable without draining the stable version's
+        requests; returns its lease handle."""
+        raise NotImplementedError
+
+    async def drop_candidate(self, handle: Any) -> None:
+        """Free a candidate nobody leases any more (the generator waited for its requests)."""
+
+    def promote_drains(self) -> bool:
+        """Whether making the candidate the stable version changes weights in place."""
+        return True
+
+    async def promote_candidate(self, handle: Any) -> Any:
+        """Make the candidate (`handle`) the stable version; returns the stable lease handle.
+        Called with no request in flight when `promote_drains()` said so."""
+        raise NotImplementedError

@@ -24,6 +24,7 @@ from rlhf.generation.weights import FULL, WeightUpdate
 log = logging.getLogger(__name__)
 
 EXTENSION = "rlhf.generation.vllm_worker.WeightSwapExtension"
+MAX_LORAS = 3  # LoRA adapters one batch may mix (vLLM max_loras): stable, candidate, one being replaced
 
 
 class VllmBackend(Backend):
@@ -53,8 +54,9 @@ class VllmBackend(Backend):
             worker_extension_cls=EXTENSION,
             enable_lora=enable_lora,
             scheduling_policy="priority",  # SamplingParams.priority: people first
-            # two adapters resident: the new version's and the one in-flight requests still use
-            **({"max_lora_rank": max_lora_rank, "max_loras": 2} if enable_lora else {}),
+            # adapters in one batch: the stable version's, a canary candidate's (issue 15), and
+            # the one in-flight requests still use while either is replaced
+            **({"max_lora_rank": max_lora_rank, "max_loras": MAX_LORAS} if enable_lora else {}),
         )
         self.kv_cache_gib = kv_cache_gib
         self._lora_ids = itertools.count(1)
@@ -163,6 +165,33 @@ class VllmBackend(Backend):
             await self.engine.reset_prefix_cache()
             return None
         return prepared
+
+    # --- the canary's candidate: one more LoRARequest (vLLM multi-LoRA batches) ----------
+
+    async def prepare_candidate(self, update: WeightUpdate) -> Any:
+        if update.fmt == FULL:
+            raise WeightsRefused(
+                f"version {update.version} is a full-weight candidate; the vLLM engine holds one set of full "
+                "weights, so a candidate beside the stable version must be a LoRA adapter"
+            )
+        if not self.engine_kwargs.get("enable_lora"):
+            raise WeightsRefused("this generator runs with enable_lora=false: no LoRA candidate")
+        return await self.prepare(update)
+
+    async def activate_candidate(self, prepared: Any) -> Any:
+        return prepared  # requests that name the candidate carry its LoRARequest
+
+    async def drop_candidate(self, handle: Any) -> None:
+        try:
+            await self.engine.remove_lora(handle.lora_int_id)
+        except Exception:  # noqa: BLE001 - an adapter vLLM already evicted is gone anyway
+            log.warning("removing the candidate's LoRA adapter failed", exc_info=True)
+
+    def promote_drains(self) -> bool:
+        return False  # the adapter is already loaded: new stable requests simply name it
+
+    async def promote_candidate(self, handle: Any) -> Any:
+        return handle
 
 
 def _engine_times(m: Any) -> tuple[float, float, float]:

@@ -134,16 +134,22 @@ def _lora_key(name: str) -> tuple[str, str]:
     return ".".join(parts[:-2]), parts[-2]
 
 
-def lora_deltas(folder: Path, spec: LoraSpec) -> dict[str, torch.Tensor]:
-    """`{"<module>.weight": scale · B @ A}`: what merging the adapter adds to each base weight."""
+def lora_factors(folder: Path, spec: LoraSpec) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """`{"<module>": (A, scale · B)}` in fp32: the adapter as its two low-rank factors, A of
+    shape (r, in) and B of shape (out, r), so that ΔW = (scale · B) @ A."""
     with safe_open(str(folder / WEIGHTS_FILE[LORA]), framework="pt") as f:
         tensors = {name: f.get_tensor(name) for name in f.keys()}
     ab: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in tensors.items():
         module, kind = _lora_key(name)
         ab.setdefault(module, {})[kind] = t.float()
+    return {m: (t["lora_A"], spec.scale * t["lora_B"]) for m, t in ab.items()}
+
+
+def lora_deltas(folder: Path, spec: LoraSpec) -> dict[str, torch.Tensor]:
+    """`{"<module>.weight": scale · B @ A}`: what merging the adapter adds to each base weight."""
     # ΔW = (α/r) · B A, Hu et al. 2021 eq. 3
-    return {f"{m}.weight": spec.scale * (t["lora_B"] @ t["lora_A"]) for m, t in ab.items()}
+    return {f"{m}.weight": b @ a for m, (a, b) in lora_factors(folder, spec).items()}
 
 
 def verify_sha256(path: Path, *expected: str) -> str:
@@ -333,6 +339,7 @@ __all__ = [
     "check_full",
     "check_lora",
     "lora_deltas",
+    "lora_factors",
     "max_update_bytes",
     "published",
     "receive_stream",
