@@ -39,6 +39,8 @@ def make_backend(
     batch_wait_ms: float = 5.0,
     batching: str = "continuous",
     prefill_token_budget: int = 512,
+    preemption: bool = True,
+    preempt_max_wait_seconds: float = 30.0,
 ) -> Backend:
     """The backend `name` ("auto", "transformers" or "vllm"); nothing is loaded until `start()`."""
     name = default_backend() if name == "auto" else name
@@ -66,6 +68,8 @@ def make_backend(
             batch_wait_ms=batch_wait_ms,
             batching=batching,
             prefill_token_budget=prefill_token_budget,
+            preemption=preemption,
+            preempt_max_wait_seconds=preempt_max_wait_seconds,
         )
     raise ValueError(f"backend must be auto, transformers or vllm, got {name!r}")
 

@@ -19,6 +19,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from rlhf.generation.adapters import row_adapters
 from rlhf.generation.metrics import RequestStats
 from rlhf.generation.text import TextTracker
 from rlhf.generation.types import Delta, Sampling
@@ -35,6 +36,7 @@ class Job:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     stats: RequestStats | None = None  # queue time, tokens, waiting/running (rlhf.generation.metrics)
+    adapter: int = 0  # the per-row adapter its rows run (rlhf/generation/adapters.py); 0: the merged weights
 
     def emit(self, item: Delta | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -49,9 +51,19 @@ class Row:
     count: int = 0
     done: bool = False
     held: Delta | None = None  # stream=False: the sample so far, handed over when it ends
+    parked_s: float = 0.0  # pre-emption: seconds spent parked so far (the starvation bound counts them)
+    parked_at: float | None = None  # when it was parked last (None: not parked now)
+    exempt: bool = False  # parked past `preempt_max_wait_seconds`: not parked again until it ends
 
 
-def admit(pending: list[Job], running: int, max_batch: int, batching: str, prefill_token_budget: int) -> list[Job]:
+def admit(
+    pending: list[Job],
+    running: int,
+    max_batch: int,
+    batching: str,
+    prefill_token_budget: int,
+    below: int | None = None,
+) -> list[Job]:
     """Remove from `pending` and return the jobs that join a batch of `running` rows now.
 
     Lower `sampling.priority` first, arrival order within a priority (the sort is stable),
@@ -60,7 +72,8 @@ def admit(pending: list[Job], running: int, max_batch: int, batching: str, prefi
     of the `max_batch` slots. Static: only an empty batch takes newcomers. Continuous: the
     joining prompts' tokens stay within `prefill_token_budget` per step; the prompt is not
     chunked, so one longer than the budget joins alone in its step. An empty batch always
-    takes the first job, whatever its size."""
+    takes the first job, whatever its size. With `below` (pre-emption: interactive work is
+    present), only jobs of a priority lower than `below` join; background jobs wait."""
     pending[:] = [j for j in pending if not j.cancelled]
     if batching == STATIC and running:
         return []
@@ -69,6 +82,8 @@ def admit(pending: list[Job], running: int, max_batch: int, batching: str, prefi
     rows, tokens = running, 0
     while pending:
         job = pending[0]
+        if below is not None and job.sampling.priority >= below:
+            break
         first = not joining and not running
         if not first:
             if rows + job.sampling.n > max_batch:
@@ -123,6 +138,7 @@ class RunningBatch:
     temperature: torch.Tensor | None = None  # (B,)
     top_p: torch.Tensor | None = None  # (B,)
     penalties: "Penalties | None" = None  # None: no row has any
+    adapter: torch.Tensor | None = None  # (B,) per-row adapter id (0: the merged weights); None: all 0
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -140,32 +156,68 @@ class RunningBatch:
         self.rows = [self.rows[b] for b in keep]
         self.mask, self.next_pos, self.tokens = self.mask[sel], self.next_pos[sel], self.tokens[sel]
         self.temperature, self.top_p = self.temperature[sel], self.top_p[sel]
+        if self.adapter is not None:
+            self.adapter = self.adapter[sel] if any(r.job.adapter for r in self.rows) else None
         if self.penalties is not None:
             if any(r.job.sampling.penalised for r in self.rows):
                 self.penalties.select(sel)
             else:
                 self.penalties = None
+        self._drop_padding()
+
+    def _drop_padding(self) -> None:
         first = int(self.mask.any(0).long().argmax())  # first column some row still uses
         if first:
             self.mask = self.mask[:, first:]
             for layer in cache_layers(self.cache):
                 layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
 
+    def take(self, indices: list[int]) -> "RunningBatch":
+        """Split rows `indices` off into a batch of their own, with their cache, mask, position,
+        next input token, sampling parameters, penalty counts and adapter; the rest stay here.
+        Pre-emption parks rows this way and `join` puts them back exactly where they were:
+        nothing about a row is recomputed, so its tokens and log-probs are as if never parked."""
+        if not indices:
+            return RunningBatch()
+        taken = set(indices)
+        sel = torch.tensor(indices, device=self.mask.device)
+        rows = [self.rows[b] for b in indices]
+        out = RunningBatch(
+            rows=rows,
+            cache=DynamicCache([(layer.keys[sel], layer.values[sel]) for layer in cache_layers(self.cache)]),
+            mask=self.mask[sel],
+            next_pos=self.next_pos[sel],
+            tokens=None if self.tokens is None else self.tokens[sel],
+            temperature=self.temperature[sel],
+            top_p=self.top_p[sel],
+        )
+        if self.adapter is not None and any(r.job.adapter for r in rows):
+            out.adapter = self.adapter[sel]
+        if self.penalties is not None and any(r.job.sampling.penalised for r in rows):
+            p = self.penalties
+            out.penalties = Penalties(p.bias[sel], p.frequency[sel], p.presence[sel], p.counts[sel])
+        out._drop_padding()
+        self.keep([b for b in range(len(self.rows)) if b not in taken])
+        return out
+
     def step(self, model) -> torch.Tensor:
         """One decode step: feed each row its last token; (B, V) next-token logits."""
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)  # (B, L+1)
-        logits = model(
-            input_ids=self.tokens[:, None],
-            attention_mask=self.mask,
-            position_ids=self.next_pos[:, None],
-            past_key_values=self.cache,
-            use_cache=True,
-        ).logits[:, -1]
+        with row_adapters(model, self.adapter):
+            logits = model(
+                input_ids=self.tokens[:, None],
+                attention_mask=self.mask,
+                position_ids=self.next_pos[:, None],
+                past_key_values=self.cache,
+                use_cache=True,
+            ).logits[:, -1]
         self.next_pos = self.next_pos + 1
         return logits.float()
 
     def join(self, new: "RunningBatch", vocab: int) -> None:
-        """Append `new`'s rows (just prefilled, no token drawn yet) after this batch's."""
+        """Append `new`'s rows after this batch's: rows just prefilled (no token drawn yet:
+        every row draws after the join), or parked rows coming back (`take`), whose next input
+        tokens stay theirs when this batch's rows have theirs too."""
         if not self.rows:
             self.__dict__.update(new.__dict__)
             return
@@ -177,13 +229,21 @@ class RunningBatch:
         self.next_pos = torch.cat([self.next_pos, new.next_pos])
         self.temperature = torch.cat([self.temperature, new.temperature])
         self.top_p = torch.cat([self.top_p, new.top_p])
+        if self.adapter is not None or new.adapter is not None:
+            zeros = self.next_pos.new_zeros  # (rows,) long: no adapter
+            mine = self.adapter if self.adapter is not None else zeros(len(self.rows))
+            theirs = new.adapter if new.adapter is not None else zeros(len(new.rows))
+            self.adapter = torch.cat([mine, theirs])
         if self.penalties is not None or new.penalties is not None:
             dev = self.mask.device
             mine = self.penalties or Penalties.neutral(len(self.rows), vocab, dev)
             theirs = new.penalties or Penalties.neutral(len(new.rows), vocab, dev)
             self.penalties = mine.cat(theirs)
         self.rows += new.rows
-        self.tokens = None  # drawn for every row after the join
+        if self.tokens is not None and new.tokens is not None:  # parked rows back before a step
+            self.tokens = torch.cat([self.tokens, new.tokens])
+        else:
+            self.tokens = None  # drawn for every row after the join
 
 
 @dataclass

@@ -9,6 +9,14 @@ alone in its step). `batching="static"` keeps the old rule: a batch runs to its 
 requests that arrive meanwhile wait for the next. An idle engine waits `batch_wait_ms` after
 the first request so that requests sent together start together.
 
+Pre-emption (`preemption=True`, continuous batching only): while interactive work (priority
+below `rlhf.priorities.BACKGROUND`) decodes or waits, background rows (rollouts, evals) are
+parked, split off the running batch with their KV cache (`RunningBatch.take`), and the decode
+steps run the interactive rows alone; the parked rows rejoin (`RunningBatch.join`) when no
+interactive work is left, unchanged, so their tokens and log-probs are the ones they would
+have had. A row parked `preempt_max_wait_seconds` in all comes back even while chats run,
+and is not parked again: a rollout is delayed by at most that much, never starved.
+
 The loop is written out rather than calling `generate()` so that it can stream per-token
 deltas with exact log-probs, stop each row on its own EOS / stop string / max_tokens, and
 drop finished or cancelled rows at the next step. Weight swaps run on the same thread: while
@@ -31,6 +39,7 @@ import torch.nn.functional as F
 from safetensors.torch import load as safetensors_load
 from transformers import DynamicCache
 
+from rlhf.generation.adapters import Factors, RowAdapters, row_adapters
 from rlhf.generation.backend import Backend
 from rlhf.generation.batching import (
     CONTINUOUS,
@@ -44,9 +53,10 @@ from rlhf.generation.batching import (
 )
 from rlhf.generation.metrics import RequestStats
 from rlhf.generation.text import TextTracker
-from rlhf.generation.types import Delta, Sampling
-from rlhf.generation.weights import FULL, WeightUpdate, lora_deltas
+from rlhf.generation.types import Delta, Sampling, WeightsRefused
+from rlhf.generation.weights import FULL, WeightUpdate, lora_factors
 from rlhf.models import load_causal_lm, load_tokenizer, pad_id, resolve_device
+from rlhf.priorities import BACKGROUND
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +77,22 @@ class TransformersBackend(Backend):
         batch_wait_ms: float = 5.0,
         batching: str = CONTINUOUS,
         prefill_token_budget: int = 512,
+        preemption: bool = True,
+        preempt_max_wait_seconds: float = 30.0,
     ):
         if batching not in (CONTINUOUS, STATIC):
             raise ValueError(f"batching must be {CONTINUOUS!r} or {STATIC!r}, got {batching!r}")
         if prefill_token_budget < 1:
             raise ValueError(f"prefill_token_budget must be at least 1, got {prefill_token_budget}")
+        if preempt_max_wait_seconds < 0:
+            raise ValueError(f"preempt_max_wait_seconds must be at least 0, got {preempt_max_wait_seconds}")
         self.model_dir = Path(model_dir)
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_ms / 1000
         self.batching = batching
         self.prefill_token_budget = prefill_token_budget
+        self.preemption = preemption
+        self.preempt_max_wait_s = preempt_max_wait_seconds
         self.device = resolve_device(device)
         self.dtype = getattr(torch, dtype)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-engine")
@@ -87,6 +103,7 @@ class TransformersBackend(Backend):
         self._wake = asyncio.Event()
         self._scheduler: asyncio.Task | None = None
         self._base: dict[str, torch.Tensor] = {}  # weights before the merged LoRA, to undo it
+        self._merged: Factors | None = None  # that LoRA's factors (a candidate's rows subtract it)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -121,6 +138,7 @@ class TransformersBackend(Backend):
         stream: bool = True,
     ) -> AsyncIterator[Delta]:
         job = Job(list(prompt_ids), sampling, asyncio.get_running_loop(), stream, stats=RequestStats(sampling.priority))
+        job.adapter = handle or 0  # a canary candidate's per-row adapter id (activate_candidate)
         with self._lock:
             self._pending.append(job)
         self._wake.set()
@@ -149,42 +167,90 @@ class TransformersBackend(Backend):
             while self._waiting() and not self._swaps_waiting and not self._stopping:
                 await loop.run_in_executor(self._thread, self._run)
 
-    def _admit(self, running: int) -> list[Job]:
+    def _admit(self, running: int, below: int | None = None) -> list[Job]:
         if self._swaps_waiting or self._stopping:
             return []
         with self._lock:
-            return admit(self._pending, running, self.max_batch, self.batching, self.prefill_token_budget)
+            return admit(self._pending, running, self.max_batch, self.batching, self.prefill_token_budget, below)
+
+    def _interactive(self, batch: RunningBatch) -> bool:
+        """Whether interactive work (priority below BACKGROUND) is decoding, or waiting and
+        free to join. Requests held back by a queued swap do not count: the parked rows must
+        finish before the swap, and the swap before them."""
+        if any(r.job.sampling.priority < BACKGROUND for r in batch.rows):
+            return True
+        if self._swaps_waiting or self._stopping:
+            return False
+        with self._lock:
+            return any(j.sampling.priority < BACKGROUND and not j.cancelled for j in self._pending)
+
+    def _preempt(self, batch: RunningBatch, parked: RunningBatch, interactive: bool) -> bool:
+        """Park the background rows while interactive work is present; bring back the parked
+        rows that are due (all once no interactive work is left; those parked
+        `preempt_max_wait_seconds` in all at any time), as many as `max_batch` has room for.
+        Returns whether newcomers may join this step: not while due rows wait for room."""
+        now = time.perf_counter()
+        if interactive:
+            out = [b for b, r in enumerate(batch.rows) if r.job.sampling.priority >= BACKGROUND and not r.exempt]
+            if out:
+                for b in out:
+                    batch.rows[b].parked_at = now
+                parked.join(batch.take(out), self.vocab)
+        due = [
+            b
+            for b, r in enumerate(parked.rows)
+            if not interactive or r.parked_s + (now - r.parked_at) >= self.preempt_max_wait_s
+        ]
+        back = due[: max(0, self.max_batch - len(batch))]
+        if back:
+            for b in back:
+                row = parked.rows[b]
+                row.parked_s += now - row.parked_at
+                row.parked_at = None
+                row.exempt = row.parked_s >= self.preempt_max_wait_s
+            batch.join(parked.take(back), self.vocab)
+        return len(back) == len(due)
 
     @torch.inference_mode()
     def _run(self) -> None:
         """Decode until no row is left and nobody may join (on the engine thread)."""
         batch = RunningBatch()
+        parked = RunningBatch()  # pre-empted background rows, their KV kept
         while True:
             joining: list[Job] = []
             try:
                 # 1. finished and cancelled rows leave the batch and free their slots
                 batch.keep([b for b, r in enumerate(batch.rows) if not (r.done or r.job.cancelled)])
-                if self._stopping and batch.rows:
+                parked.keep([b for b, r in enumerate(parked.rows) if not r.job.cancelled])
+                if self._stopping and (batch.rows or parked.rows):
                     raise EngineStopped("the generator stopped before this request finished")
-                # 2. who joins now (static: only an empty batch takes anyone)
-                joining = self._admit(len(batch))
+                # 2. pre-emption: background rows park while interactive work is present
+                below, may_join = None, True
+                if self.preemption and self.batching == CONTINUOUS:
+                    interactive = self._interactive(batch)
+                    may_join = self._preempt(batch, parked, interactive)
+                    below = BACKGROUND if interactive else None
+                # 3. who joins now (static: only an empty batch takes anyone)
+                joining = self._admit(len(batch), below) if may_join else []
                 if not batch.rows and not joining:
+                    if parked.rows:
+                        continue  # an interactive request went away before it joined: they come back
                     return
-                # 3. one decode step of the running rows, then the newcomers' prefill
+                # 4. one decode step of the running rows, then the newcomers' prefill
                 logits = batch.step(self.model) if batch.rows else None  # (B, V)
                 if joining:
                     new, new_logits = self._prefill(joining)
                     batch.join(new, self.vocab)
                     logits = new_logits if logits is None else torch.cat([logits, new_logits])
-                # 4. every row draws its next token and hears about it
+                # 5. every row draws its next token and hears about it
                 self._draw(batch, logits)
             except Exception as e:  # noqa: BLE001 - handed to every caller in the batch
                 if not isinstance(e, EngineStopped):
                     log.exception("decode step failed")
-                jobs = {id(j): j for j in [r.job for r in batch.rows] + joining}
+                jobs = {id(j): j for j in [r.job for r in batch.rows + parked.rows] + joining}
                 for job in jobs.values():
                     job.emit(e)
-                batch = RunningBatch()
+                batch, parked = RunningBatch(), RunningBatch()
 
     def _prefill(self, jobs: list[Job]) -> tuple[RunningBatch, torch.Tensor]:
         """The joining jobs' prompts in one left-padded forward pass with their own cache;
@@ -202,14 +268,18 @@ class TransformersBackend(Backend):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (J, P)
         ids, mask, positions = ids.to(dev), mask.to(dev), positions.to(dev)
         cache = DynamicCache(config=self.model.config)
-        logits = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1]  # (J, V)
+        adapter = None
+        if any(job.adapter for job in jobs):
+            adapter = torch.tensor([job.adapter for job in jobs], device=dev)  # (J,)
+        with row_adapters(self.model, adapter):
+            logits = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1]  # (J, V)
         rows = [
             Row(job, i, TextTracker(self.tokenizer, job.sampling.stop), _row_generator(job.sampling, i, dev))
             for job in jobs
@@ -225,6 +295,7 @@ class TransformersBackend(Backend):
             temperature=torch.tensor([r.job.sampling.temperature for r in rows], device=dev),
             top_p=torch.tensor([r.job.sampling.top_p for r in rows], device=dev),
             penalties=Penalties.of(rows, self.vocab, dev),
+            adapter=None if adapter is None else adapter[expand],
         )
         return new, logits[expand].float()
 
@@ -320,7 +391,8 @@ class TransformersBackend(Backend):
                 return state
 
             return FULL, await loop.run_in_executor(None, read)
-        return "lora", await loop.run_in_executor(None, lora_deltas, update.folder, update.lora)
+        factors = await loop.run_in_executor(None, lora_factors, update.folder, update.lora)
+        return "lora", {f"{m}.weight": b @ a for m, (a, b) in factors.items()}, factors
 
     async def activate(self, prepared: Any) -> Any:
         # queued behind the running batch on the engine thread: from now on nobody joins it,
@@ -334,8 +406,13 @@ class TransformersBackend(Backend):
         return None
 
     @torch.no_grad()
-    def _apply(self, fmt: str, tensors: dict[str, torch.Tensor]) -> None:
+    def _apply(self, fmt: str, tensors: dict[str, torch.Tensor], factors: Factors | None = None) -> None:
         params = self.model.state_dict()
+        self._merged = factors if fmt != FULL else None
+        adapters = getattr(self.model, "_rlhf_row_adapters", None)
+        if adapters is not None:  # resident candidates are re-expressed against the new weights
+            adapters.apply_pending()
+            adapters.merged(self._merged)
         if fmt == FULL:
             self._base.clear()
             for name, value in tensors.items():
@@ -349,6 +426,43 @@ class TransformersBackend(Backend):
         for name, delta in tensors.items():
             base = self._base.setdefault(name, params[name].detach().clone())
             params[name].copy_(base + delta.to(base.dtype))
+
+    # --- the canary's candidate (rlhf/generation/adapters.py) -------------------------
+
+    async def prepare_candidate(self, update: WeightUpdate) -> Any:
+        """A LoRA candidate's factors, read while everything serves on. A full-weight
+        candidate would need a second model copy and its own forward pass: refused."""
+        if update.fmt == FULL:
+            raise WeightsRefused(
+                f"version {update.version} is a full-weight candidate; the transformers backend serves a "
+                "candidate beside the stable version only as a LoRA adapter (a full one would need a second "
+                "model copy)"
+            )
+        factors = await asyncio.get_running_loop().run_in_executor(None, lora_factors, update.folder, update.lora)
+        RowAdapters.of(self.model, self._merged).check(factors)
+        return factors
+
+    async def activate_candidate(self, prepared: Any) -> Any:
+        """Make the candidate resident as a per-row adapter (no drain: it is applied before the
+        engine's next forward); its id is the lease handle."""
+        return RowAdapters.of(self.model, self._merged).add(prepared)
+
+    async def drop_candidate(self, handle: Any) -> None:
+        RowAdapters.of(self.model, self._merged).remove(handle)
+
+    def promote_drains(self) -> bool:
+        return True  # the candidate is merged into the weights in place
+
+    async def promote_candidate(self, handle: Any) -> Any:
+        """Merge the candidate's adapter into the weights (with nobody running: the generator
+        drains) and drop it as a per-row adapter; the new stable version's handle (None)."""
+        adapters = RowAdapters.of(self.model, self._merged)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._thread, adapters.apply_pending)
+        factors = adapters.factors(handle)
+        adapters.remove(handle)
+        await self.activate(("lora", {f"{m}.weight": b @ a for m, (a, b) in factors.items()}, factors))
+        return None
 
 
 def _row_generator(sampling: Sampling, index: int, device: torch.device) -> torch.Generator | None:

@@ -46,6 +46,8 @@ class GeneratorService(Service):
             batch_wait_ms=s.batch_wait_ms,
             batching=s.batching,
             prefill_token_budget=s.prefill_token_budget,
+            preemption=s.preemption == "on",
+            preempt_max_wait_seconds=s.preempt_max_wait_seconds,
         )
         limits = Limits(
             max_model_len=s.max_model_len,

@@ -40,6 +40,18 @@ class GeneratorSettings(PolicyModelSettings, WeightStoreSettings, GrpcServiceSet
         description="transformers backend, continuous batching: most prompt tokens prefilled per decode step "
         "(a longer prompt joins alone)",
     )
+    preemption: Literal["on", "off"] = Field(
+        "on",
+        description="transformers backend, continuous batching: on = rollout rows (priority >= 10) are parked, "
+        "KV kept, while chats decode or wait, and rejoin when none are left; off = they decode side by side",
+    )
+    preempt_max_wait_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="transformers backend, pre-emption: most seconds a rollout row spends parked in all; "
+        "then it rejoins beside the chats and is not parked again (keep it well under the rollout worker's "
+        "rollout_generate_timeout_seconds)",
+    )
     torch_threads: int = Field(0, description="transformers backend: torch intra-op threads; 0 keeps torch's default")
     vllm_enforce_eager: bool = Field(True, description="vLLM: skip graph capture / torch.compile (slow start on CPU)")
     vllm_kv_cache_gib: float = Field(1.0, description="vLLM on CPU: GiB reserved for the KV cache")

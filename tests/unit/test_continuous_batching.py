@@ -4,6 +4,8 @@ alone (greedy tokens, raw log-probs, seeded samples, penalties, top log-probs), 
 their prompt length against the running rows; a cancelled request frees its slot at once;
 static batching admits nobody into a running batch; a weight swap is not starved by a
 steady stream of requests, and every request reports the version that produced it.
+Pre-emption: a rollout parked while chats decode resumes with exactly what it gets alone,
+the chats decode without it, and the starvation bound brings it back.
 
 Log-probs are compared to ABS_TOL, as in tests/integration/test_generation_service.py:
 another batch shape reorders float sums (measured ≈ 1e-6 in fp32)."""
@@ -23,6 +25,7 @@ from rlhf.generation.batching import STATIC, Job, admit
 from rlhf.generation.hf_backend import TransformersBackend
 from rlhf.generation.weights import FULL, WeightUpdate
 from rlhf.models import build_tiny_model, load_causal_lm, sequence_logprobs
+from rlhf.priorities import BACKGROUND, INTERACTIVE
 from rlhf.weightstore import WeightStore
 from tests.procs import wait_for
 
@@ -33,9 +36,22 @@ LONG_PROMPT = list(range(300, 360))  # longer than the running row when it joins
 RUNNING_PROMPT = [1, 2, 3, 4, 5]
 
 
-def with_backend(model_dir: Path, body, **kw):
+class Recording(TransformersBackend):
+    """The backend, recording the priorities of the rows each decode step ran: what the
+    engine decoded together, seen from inside."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.steps: list[tuple[int, ...]] = []
+
+    def _draw(self, batch, logits):
+        self.steps.append(tuple(r.job.sampling.priority for r in batch.rows))
+        super()._draw(batch, logits)
+
+
+def with_backend(model_dir: Path, body, cls=TransformersBackend, **kw):
     async def main():
-        backend = TransformersBackend(model_dir, batch_wait_ms=1, **kw)
+        backend = cls(model_dir, batch_wait_ms=1, **kw)
         await backend.start()
         try:
             return await body(backend)
@@ -110,6 +126,12 @@ def test_admission_priority_capacity_and_prefill_budget():
     live = job()
     pending = [gone, live]
     assert admit(pending, running=0, max_batch=1, batching="continuous", prefill_token_budget=25) == [live]
+    # pre-emption: with interactive work present only jobs below the cutoff join, even into an empty batch
+    chat, rollout = job(priority=0), job(priority=10)
+    pending = [rollout, chat]
+    assert admit(pending, running=0, max_batch=8, batching="continuous", prefill_token_budget=99, below=10) == [chat]
+    assert admit(pending, running=0, max_batch=8, batching="continuous", prefill_token_budget=99, below=10) == []
+    assert pending == [rollout]
 
 
 # --- joining a running batch -----------------------------------------------------------------
@@ -292,3 +314,100 @@ def test_swaps_under_continuous_load_fail_nothing_and_report_the_right_version(t
         ref = sequence_logprobs(models[version], ids, out.token_ids)
         worst = (ref - torch.tensor(out.logprobs)).abs().max().item()
         assert worst < ABS_TOL, f"a version-{version} response is not that version's ({worst:.2e})"
+
+
+# --- pre-emption -----------------------------------------------------------------------------
+
+
+def mixed(steps: list[tuple[int, ...]]) -> list[int]:
+    """Indices of the decode steps that ran a chat and a rollout row together."""
+    return [i for i, p in enumerate(steps) if INTERACTIVE in p and BACKGROUND in p]
+
+
+@pytest.mark.parametrize("preemption", [True, False])
+def test_a_parked_rollout_resumes_exactly_while_chats_decode_alone(tiny_model_dir, preemption):
+    """A greedy rollout (penalised, with top log-probs) decodes; two chats arrive. With
+    pre-emption the rollout is parked, no decode step runs it beside a chat, and it resumes
+    afterwards with the tokens and log-probs it gets alone; without, they decode side by side
+    (today's continuous batching), with the same outputs."""
+    rollout = Sampling(max_tokens=120, priority=BACKGROUND, top_logprobs=2, frequency_penalty=0.5, **GREEDY)
+    running = (RUNNING_PROMPT, rollout)
+    joiners = [(SHORT_PROMPT, Sampling(max_tokens=16, **GREEDY)), (LONG_PROMPT, Sampling(max_tokens=12, **GREEDY))]
+
+    async def body(backend):
+        out = await alone_then_joined(backend, running, joiners)
+        return out, backend.steps
+
+    (alone, joined), steps = with_backend(tiny_model_dir, body, cls=Recording, max_batch=8, preemption=preemption)
+    for a, j in zip(alone, joined):
+        assert_same(j[0], a[0])
+    chat_steps = [i for i, p in enumerate(steps) if INTERACTIVE in p]
+    if preemption:
+        assert not mixed(steps), "a chat decoded beside a rollout row"
+        last_chat = chat_steps[-1]
+        assert any(BACKGROUND in p for p in steps[last_chat + 1 :]), "the rollout did not resume after the chats"
+    else:
+        assert mixed(steps), "without pre-emption the chats decode beside the rollout"
+
+
+def test_parked_seeded_samples_keep_their_streams_and_a_cancelled_one_leaves(tiny_model_dir):
+    """A seeded n=2 rollout with a logit bias is parked under a chat and resumes with the same
+    samples as alone (each row's generator and penalty counts travel with it); a second
+    rollout cancelled while parked leaves for good: no later step runs it."""
+    rollout = Sampling(
+        n=2, temperature=1.0, seed=5, max_tokens=60, ignore_eos=True, priority=BACKGROUND, logit_bias=((42, 2.0),)
+    )
+    doomed = Sampling(max_tokens=5000, priority=BACKGROUND + 1, **GREEDY)
+    chat = Sampling(n=1, temperature=0.8, seed=3, max_tokens=16)
+
+    async def body(backend):
+        alone = await collect(backend, RUNNING_PROMPT, rollout)
+        first, doomed_first = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(collect(backend, RUNNING_PROMPT, rollout, first=first))
+        gen = backend.generate(LONG_PROMPT, doomed, "doomed", None)
+        await gen.__anext__()
+        await first.wait()
+        chat_task = asyncio.create_task(collect(backend, SHORT_PROMPT, chat, first=doomed_first))
+        await doomed_first.wait()  # the chat decodes: both rollouts are parked now
+        await gen.aclose()  # the doomed rollout's caller goes away while it is parked
+        cancelled_at = len(backend.steps)
+        await chat_task
+        resumed = await task
+        return alone, resumed, backend.steps, cancelled_at
+
+    alone, resumed, steps, cancelled_at = with_backend(tiny_model_dir, body, cls=Recording, max_batch=8)
+    for a, r in zip(alone, resumed):
+        assert_same(r, a)
+    assert len({tuple(s.token_ids) for s in resumed}) == 2  # the two samples still differ
+    assert not mixed(steps)
+    assert not any(BACKGROUND + 1 in p for p in steps[cancelled_at + 1 :]), "the cancelled rollout ran again"
+
+
+def test_the_starvation_bound_brings_a_parked_rollout_back_beside_the_chat(tiny_model_dir):
+    """An endless chat would keep a rollout parked for ever; with preempt_max_wait_seconds
+    the rollout comes back after that long parked, decodes beside the chat to its end (not
+    parked again) with what it gets alone, while the chat goes on."""
+    rollout = Sampling(max_tokens=40, priority=BACKGROUND, **GREEDY)
+    endless = Sampling(max_tokens=5000, **GREEDY)
+
+    async def body(backend):
+        alone = (await collect(backend, RUNNING_PROMPT, rollout))[0]
+        backend.steps.clear()
+        first = asyncio.Event()
+        task = asyncio.create_task(collect(backend, RUNNING_PROMPT, rollout, first=first))
+        await first.wait()
+        chat = backend.generate(SHORT_PROMPT, endless, "endless", None)
+        await chat.__anext__()
+        done = (await asyncio.wait_for(task, timeout=120))[0]  # parked for ever: times out
+        await chat.__anext__()  # the chat still decodes
+        await chat.aclose()
+        return alone, done, list(backend.steps)
+
+    alone, done, steps = with_backend(tiny_model_dir, body, cls=Recording, max_batch=8, preempt_max_wait_seconds=0.5)
+    assert_same(done, alone)
+    together = mixed(steps)
+    assert together, "the rollout never decoded beside the chat"
+    alone_chat = [i for i, p in enumerate(steps) if p == (INTERACTIVE,)]
+    assert alone_chat and alone_chat[0] < together[0], "the rollout was not parked first"
+    rollout_steps = [i for i, p in enumerate(steps) if BACKGROUND in p and i >= together[0]]
+    assert rollout_steps == list(range(together[0], together[0] + len(rollout_steps))), "parked again after release"
