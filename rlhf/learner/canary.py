@@ -11,7 +11,8 @@ announcements (docs/canary.md, "The controller in the learner").
 and adds what a service needs around it:
 
 - `feedback_record`: a `Feedback` event as the controller's `FeedbackRecord` (Rating →
-  thumbs on `policy_version`; Comparison → chosen over rejected, a tie as value 0), or the
+  thumbs on `policy_version`; Comparison → chosen over rejected, a tie or both-bad as
+  value 0), or the
   bounded reason it has none, counted (rlhf_learner_canary_feedback_total{outcome});
 - the feedback topic's offsets it has read, and the running canary's inputs (its start and
   the records it used), so `to_json` / `from_json` put the exact state in the learner's
@@ -66,9 +67,13 @@ class LearnerCanaryConfig(CanaryConfig):
 
 
 def _is_tie(comparison: Any) -> bool:
-    """A comparison the person marked as a tie (the field exists once the gateway sends it)."""
-    fields = comparison.DESCRIPTOR.fields_by_name
-    return "tie" in fields and bool(comparison.tie)
+    """A comparison the person judged a tie, or both answers bad (`Comparison.outcome`, once
+    the gateway sends it): neither version won, so value 0 for the head-to-head."""
+    field_ = comparison.DESCRIPTOR.fields_by_name.get("outcome")
+    if field_ is None or field_.enum_type is None:
+        return False
+    value = field_.enum_type.values_by_number.get(comparison.outcome)
+    return value is not None and value.name.endswith(("_TIE", "_BOTH_BAD"))
 
 
 def feedback_record(event: Any) -> FeedbackRecord | str:

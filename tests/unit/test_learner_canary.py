@@ -182,3 +182,16 @@ def test_metrics_export_and_wilson():
     assert REGISTRY.get_sample_value("rlhf_learner_canary_candidate_version") == 1
     assert REGISTRY.get_sample_value("rlhf_learner_canary_thumbs", {"role": "candidate", "value": "up"}) == 1
     assert REGISTRY.get_sample_value("rlhf_learner_canary_thumbs_up_ratio", {"role": "stable"}) == 0.0
+
+
+@pytest.mark.skipif(
+    "outcome" not in events_pb2.Comparison.DESCRIPTOR.fields_by_name, reason="Feedback carries no tie yet"
+)
+def test_a_tie_or_both_bad_is_a_comparison_neither_version_won():
+    for name in ("COMPARISON_OUTCOME_TIE", "COMPARISON_OUTCOME_BOTH_BAD"):
+        event = comparison(2, 1, T0)
+        event.comparison.outcome = getattr(events_pb2, name)
+        assert feedback_record(event) == FeedbackRecord("comparison", (2, 1), 0, T0)
+    event = comparison(2, 1, T0)
+    event.comparison.outcome = events_pb2.COMPARISON_OUTCOME_CHOSEN
+    assert feedback_record(event).value == 1
