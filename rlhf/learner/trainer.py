@@ -22,6 +22,12 @@ same for every objective. Users' feedback (user_feedback; rlhf/learner/feedback_
 adds user_feedback_coef × its DPO/NLL loss, a slice per optimizer step, to whichever
 objective runs (_optimizer_step).
 
+On several ranks (rlhf/learner/distributed.py) the step is the same computation: every
+rank has the batch and draws the same shuffles; each runs its share of the rows of the
+behaviour pass (then all-reduced) and of every minibatch, whose losses are normalised by
+the minibatch's global token or pair count, and the gradients are summed before clipping.
+Rank 0's `step` first broadcasts the batch to the others, which wait in `follow`.
+
 A step is all or nothing: if it raises, or ends with a non-finite loss, gradient norm or
 KL (NonFiniteStep), the weights, optimizer, LR schedule, β and shuffle RNG are put back
 as they were before it, so the caller can drop the batch and train on.
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 import time
 from typing import Any
@@ -39,6 +46,7 @@ import torch
 
 from rlhf.learner.batch import RolloutBatch
 from rlhf.learner.config import PPOConfig
+from rlhf.learner.distributed import Commands, RankLost, Ranks
 from rlhf.learner.feedback_loss import FeedbackBatch, FeedbackTerm
 from rlhf.learner.policy import PolicyWithValueHead
 from rlhf.ppo import (
@@ -103,7 +111,8 @@ def lr_lambda(cfg: PPOConfig):
 
 
 class PPOTrainer:
-    def __init__(self, policy: PolicyWithValueHead, cfg: PPOConfig):
+    def __init__(self, policy: PolicyWithValueHead, cfg: PPOConfig, ranks: Ranks | None = None):
+        """`ranks`: the learner's ranks (rlhf/learner/distributed.py); None: one process."""
         if cfg.batch_size % cfg.minibatch_size or cfg.minibatch_size % cfg.micro_batch_size:
             raise ValueError(
                 f"batch_size ({cfg.batch_size}) must be a multiple of minibatch_size ({cfg.minibatch_size}), "
@@ -127,6 +136,8 @@ class PPOTrainer:
         )
         self.shuffle = torch.Generator().manual_seed(cfg.seed)
         self.steps = 0  # PPO steps taken (batches trained)
+        self.ranks = ranks or Ranks.single()
+        self.commands = Commands(self.ranks)  # rank 0's channel to the others
 
     def _autocast(self):
         if self.cfg.mixed_precision == "bf16":
@@ -156,7 +167,8 @@ class PPOTrainer:
         logprobs = torch.zeros_like(batch.logprobs)
         values = torch.zeros_like(batch.logprobs)
         entropy = torch.zeros_like(batch.logprobs)
-        for rows in self._chunks(torch.arange(batch.size, device=self.device), self.cfg.micro_batch_size):
+        mine = self.ranks.shard(torch.arange(batch.size, device=self.device))  # every row on one rank
+        for rows in self._chunks(mine, self.cfg.micro_batch_size):
             mb = batch.select(rows)
             logits, v = self._forward(mb)
             r = mb.response_width
@@ -164,6 +176,7 @@ class PPOTrainer:
             values[rows, :r] = v
             entropy[rows, :r] = entropy_from_logits(logits)
             del logits
+        self.ranks.sum_(logprobs, values, entropy)  # the other ranks' rows: 0 here
         mask = batch.response_mask
         return zero_padding(logprobs, mask), zero_padding(values, mask), zero_padding(entropy, mask)
 
@@ -173,8 +186,31 @@ class PPOTrainer:
         `feedback`: users' examples (user_feedback; rlhf/learner/feedback_loss.py) whose loss,
         × user_feedback_coef, joins each optimizer step of the batch's objective.
         All or nothing: on any exception (NonFiniteStep included) the trainer and the
-        policy's trainable weights are as they were before the call.
+        policy's trainable weights are as they were before the call. On rank 0 of several,
+        the batch goes to the other ranks first (they run the same step in `follow`).
         """
+        if not self.ranks.distributed:
+            return self._all_or_nothing(batch, feedback)
+        self.commands.send(Commands.STEP, batch.to("cpu"), None if feedback is None else feedback.to("cpu"))
+        return self._step_together(batch, feedback)
+
+    def _step_together(self, batch: RolloutBatch, feedback: FeedbackBatch | None) -> dict[str, float]:
+        """The step on one of several ranks. A NonFiniteStep comes from numbers every rank
+        shares (summed losses, the gradient norm, the batch's KL), so every rank undoes the
+        step and they train on together; any other failure may be this rank's alone (out
+        of memory) and leaves the ranks' collectives out of step: RankLost, restart them all."""
+        try:
+            return self._all_or_nothing(batch, feedback)
+        except NonFiniteStep:
+            raise
+        except Exception as e:
+            self.ranks.broken = True
+            raise RankLost(
+                f"learner rank {self.ranks.rank}: PPO step failed ({type(e).__name__}: {str(e)[:300]}); "
+                "the ranks are out of step, exiting so that every rank restarts"
+            ) from e
+
+    def _all_or_nothing(self, batch: RolloutBatch, feedback: FeedbackBatch | None) -> dict[str, float]:
         before = self._snapshot()
         try:
             stats = self._step(batch, feedback)
@@ -307,8 +343,18 @@ class PPOTrainer:
     def _optimizer_step(self, feedback: FeedbackTerm | None, part: int, parts: int) -> torch.Tensor:
         """Add the users' loss of slice `part` of `parts` (if any) to the accumulated gradient,
         clip it, step the optimizer and the LR schedule; returns the norm before clipping."""
+        params = self.policy.trainable_parameters()
         if feedback is not None:
-            feedback.backward(part, parts)
+            if self.ranks.leader:
+                feedback.backward(part, parts)
+            else:  # the same backward (the shuffle RNG must advance alike), but only rank 0's gradient counts
+                kept = [p.grad for p in params]
+                for p in params:
+                    p.grad = None
+                feedback.backward(part, parts)
+                for p, g in zip(params, kept):
+                    p.grad = g
+        self.ranks.sum_gradients(params)
         norm = torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), self.cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
@@ -362,7 +408,7 @@ class PPOTrainer:
                 if target_mask is not None:
                     minibatch_target_tokens = target_mask[minibatch].sum().clamp_min(1.0)
                 self.optimizer.zero_grad(set_to_none=True)
-                for rows in self._chunks(minibatch, cfg.micro_batch_size):
+                for rows in self._chunks(self.ranks.shard(minibatch), cfg.micro_batch_size):
                     mb = batch.select(rows)
                     r = mb.response_width
                     mb_mask = mb.response_mask
@@ -403,6 +449,7 @@ class PPOTrainer:
                     weight = weight + tokens
                     del logits, values, logprobs, loss
                 grad_norms.append(self._optimizer_step(feedback, part, parts))
+        sums, weight, distill_sum, distill_tokens = self._sum_over_ranks(sums, weight, distill_sum, distill_tokens)
         extra = {}
         if target_mask is not None:
             extra["distill_loss"] = distill_sum / distill_tokens if distill_tokens else 0.0
@@ -430,7 +477,7 @@ class PPOTrainer:
             for part, minibatch in enumerate(self._chunks(order, cfg.minibatch_size)):
                 minibatch_tokens = mask[minibatch].sum().clamp_min(1.0)
                 self.optimizer.zero_grad(set_to_none=True)
-                for rows in self._chunks(minibatch, cfg.micro_batch_size):
+                for rows in self._chunks(self.ranks.shard(minibatch), cfg.micro_batch_size):
                     mb = batch.select(rows)
                     logits, _ = self._forward(mb)
                     logprobs = logprobs_from_logits(logits, mb.response_ids)  # (b, r)
@@ -442,6 +489,7 @@ class PPOTrainer:
                     weight = weight + tokens
                     del logits, logprobs, nll
                 grad_norms.append(self._optimizer_step(feedback, part, parts))
+        sums, weight = self._sum_over_ranks(sums, weight)
         extra.update(reward_mean=batch.scores.mean(), groups=float(torch.unique(batch.group_ids).numel()))
         if not n:
             extra["distill_loss"] = 0.0
@@ -468,7 +516,7 @@ class PPOTrainer:
             order = torch.randperm(n_pairs, generator=self.shuffle).to(self.device)
             for part, minibatch in enumerate(self._chunks(order, max(1, cfg.minibatch_size // 2))):
                 self.optimizer.zero_grad(set_to_none=True)
-                for micro in self._chunks(minibatch, max(1, cfg.micro_batch_size // 2)):
+                for micro in self._chunks(self.ranks.shard(minibatch), max(1, cfg.micro_batch_size // 2)):
                     rows = pairs[micro].reshape(-1)  # (2p,) chosen, rejected, chosen, …
                     mb = batch.select(rows)
                     logits, _ = self._forward(mb)
@@ -483,6 +531,7 @@ class PPOTrainer:
                     weight = weight + micro.numel()
                     del logits, seq, loss
                 grad_norms.append(self._optimizer_step(feedback, part, parts))
+        sums, weight = self._sum_over_ranks(sums, weight)
         extra = {
             "dpo_pairs": float(n_pairs),
             "dpo_ties_skipped": float(groups - n_pairs),
@@ -492,6 +541,62 @@ class PPOTrainer:
         if not n_pairs:
             extra["dpo_loss"] = 0.0
         return sums, weight, grad_norms, extra
+
+    def _sum_over_ranks(self, sums: dict[str, Any], weight: Any, *more: Any) -> tuple[Any, ...]:
+        """(sums, weight, *more) over every rank's rows: a step's weighted stat sums, on every rank."""
+        if not self.ranks.distributed:
+            return (sums, weight, *more)
+        named = {f"sum.{k}": v for k, v in sums.items()} | {"weight": weight}
+        total = self.ranks.sum_floats(named | {f"more.{i}": v for i, v in enumerate(more)})
+        out = {k.removeprefix("sum."): v for k, v in total.items() if k.startswith("sum.")}
+        return (out, total["weight"], *(total[f"more.{i}"] for i in range(len(more))))
+
+    # --- the other ranks (rlhf/learner/distributed.py) --------------------------------
+
+    def share_state(self) -> None:
+        """Rank 0: make every rank's trainable weights and trainer state this rank's (after a
+        checkpoint restore, a revert or a rollback). A no-op on one rank."""
+        if not self.ranks.distributed:
+            return
+        self.commands.send(Commands.STATE)
+        self._receive_state()
+
+    def _receive_state(self) -> None:
+        self.ranks.broadcast_(self.policy.trainable_parameters())
+        state = self.ranks.broadcast_object(_to_cpu(self.state_dict()) if self.ranks.leader else None)
+        if not self.ranks.leader:
+            self.load_state_dict(state)  # an empty optimizer state (fresh, or reset) empties this one too
+
+    def keep_alive(self) -> None:
+        """Rank 0, while it trains nothing: tell the waiting ranks it is alive."""
+        self.commands.keep_alive()
+
+    def release(self) -> None:
+        """Rank 0, at shutdown: tell the other ranks to exit, and leave the process group."""
+        if self.ranks.distributed and not self.ranks.broken:
+            try:
+                self.commands.send(Commands.STOP)
+            except RankLost as e:  # they are gone already: nothing to tell
+                logging.getLogger(__name__).warning("the other ranks did not take the stop", extra={"error": str(e)})
+        self.ranks.close()
+
+    def follow(self) -> None:
+        """A rank other than 0: run rank 0's commands until it says stop (_step_together:
+        a non-finite step is undone here as there; a lost rank raises RankLost)."""
+        log = logging.getLogger(__name__)
+        while True:
+            kind, *payload = self.ranks.broadcast_object()
+            if kind == Commands.STEP:
+                batch, feedback = payload
+                try:
+                    self._step_together(batch, feedback)
+                except NonFiniteStep as e:  # on rank 0 too: it dead-letters the batch
+                    log.warning("PPO step undone on every rank", extra={"error": str(e)})
+            elif kind == Commands.STATE:
+                self._receive_state()
+            elif kind == Commands.STOP:
+                self.ranks.close()
+                return
 
     # --- checkpoint state -------------------------------------------------------------
 
@@ -515,3 +620,14 @@ class PPOTrainer:
     def reset_optimizer(self) -> None:
         """Forget Adam's moments (after a rollback the old trajectory's momentum is wrong)."""
         self.optimizer.state.clear()
+
+
+def _to_cpu(obj: Any) -> Any:
+    """A copy of a nested state dict with its tensors on the CPU (to pickle between ranks)."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
