@@ -378,6 +378,12 @@ def cmd_poisoning(args) -> int:
     return main(args)
 
 
+def cmd_canary_experiment(args) -> int:
+    from rlhf.experiments.canary import main
+
+    return main(args)
+
+
 def cmd_sft(args) -> int:
     from rlhf.sft.command import main_sft
 
@@ -527,7 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     _sim_arguments("eval")(ev)
     ev.set_defaults(fn=cmd_eval)
 
-    ex = sub.add_parser("experiment", help="experiments: kl-sweep (one process), win-rate (against `rlhf up`)")
+    ex = sub.add_parser(
+        "experiment", help="experiments: kl-sweep (one process), win-rate and canary (against `rlhf up`)"
+    )
     exsub = ex.add_subparsers(dest="experiment", required=True)
     kl = exsub.add_parser("kl-sweep", help="β = 0 / moderate / large: reward hacking, the drift gate, rollback")
     _sim_arguments("kl_sweep")(kl)
@@ -540,6 +548,13 @@ def build_parser() -> argparse.ArgumentParser:
     br = exsub.add_parser("base-rates", help="how often the model already shows each oracle's behaviour")
     _sim_arguments("base_rates")(br)
     br.set_defaults(fn=cmd_base_rates)
+    from rlhf.experiments.canary import add_arguments as canary_arguments  # light: argparse only
+
+    cx = exsub.add_parser(
+        "canary", help="against `rlhf up` with canaries on: simulated users until the canary promotes or rolls back"
+    )
+    canary_arguments(cx)
+    cx.set_defaults(fn=cmd_canary_experiment)
     from rlhf.experiments.poisoning import add_arguments as poisoning_arguments  # light: no torch, no httpx
 
     po = exsub.add_parser(
