@@ -14,10 +14,12 @@ class PolicyAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     POLICY_ACTION_PROMOTED: _ClassVar[PolicyAction]
     POLICY_ACTION_REJECTED: _ClassVar[PolicyAction]
     POLICY_ACTION_ROLLED_BACK: _ClassVar[PolicyAction]
+    POLICY_ACTION_CANARY: _ClassVar[PolicyAction]
 POLICY_ACTION_UNSPECIFIED: PolicyAction
 POLICY_ACTION_PROMOTED: PolicyAction
 POLICY_ACTION_REJECTED: PolicyAction
 POLICY_ACTION_ROLLED_BACK: PolicyAction
+POLICY_ACTION_CANARY: PolicyAction
 
 class Feedback(_message.Message):
     __slots__ = ("schema_version", "event_id", "created_unix_ms", "conversation_id", "prompt", "rating", "comparison", "comment", "corrected_answer", "source", "rater_id", "anonymous")
@@ -152,7 +154,7 @@ class Rollout(_message.Message):
     def __init__(self, schema_version: _Optional[int] = ..., event_id: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., prompt_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., response_token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., ref_logprobs: _Optional[_Iterable[float]] = ..., score: _Optional[float] = ..., raw_score: _Optional[float] = ..., policy_version: _Optional[int] = ..., rm_version: _Optional[int] = ..., finish_reason: _Optional[str] = ..., source: _Optional[str] = ..., prompt: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., response: _Optional[str] = ..., group_id: _Optional[str] = ..., group_size: _Optional[int] = ...) -> None: ...
 
 class PolicyUpdate(_message.Message):
-    __slots__ = ("schema_version", "event_id", "created_unix_ms", "version", "parent_version", "step", "uri", "sha256", "format", "action", "kl_to_reference", "kl_budget", "base_model", "reason", "rollouts_per_version", "max_policy_lag", "temperature")
+    __slots__ = ("schema_version", "event_id", "created_unix_ms", "version", "parent_version", "step", "uri", "sha256", "format", "action", "kl_to_reference", "kl_budget", "base_model", "reason", "rollouts_per_version", "max_policy_lag", "temperature", "stable_version", "candidate_version", "canary_share", "decision_json")
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +172,10 @@ class PolicyUpdate(_message.Message):
     ROLLOUTS_PER_VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_POLICY_LAG_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    STABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CANARY_SHARE_FIELD_NUMBER: _ClassVar[int]
+    DECISION_JSON_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
     event_id: str
     created_unix_ms: int
@@ -187,7 +193,11 @@ class PolicyUpdate(_message.Message):
     rollouts_per_version: int
     max_policy_lag: int
     temperature: float
-    def __init__(self, schema_version: _Optional[int] = ..., event_id: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., version: _Optional[int] = ..., parent_version: _Optional[int] = ..., step: _Optional[int] = ..., uri: _Optional[str] = ..., sha256: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.WeightFormat, str]] = ..., action: _Optional[_Union[PolicyAction, str]] = ..., kl_to_reference: _Optional[float] = ..., kl_budget: _Optional[float] = ..., base_model: _Optional[str] = ..., reason: _Optional[str] = ..., rollouts_per_version: _Optional[int] = ..., max_policy_lag: _Optional[int] = ..., temperature: _Optional[float] = ...) -> None: ...
+    stable_version: int
+    candidate_version: int
+    canary_share: float
+    decision_json: str
+    def __init__(self, schema_version: _Optional[int] = ..., event_id: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., version: _Optional[int] = ..., parent_version: _Optional[int] = ..., step: _Optional[int] = ..., uri: _Optional[str] = ..., sha256: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.WeightFormat, str]] = ..., action: _Optional[_Union[PolicyAction, str]] = ..., kl_to_reference: _Optional[float] = ..., kl_budget: _Optional[float] = ..., base_model: _Optional[str] = ..., reason: _Optional[str] = ..., rollouts_per_version: _Optional[int] = ..., max_policy_lag: _Optional[int] = ..., temperature: _Optional[float] = ..., stable_version: _Optional[int] = ..., candidate_version: _Optional[int] = ..., canary_share: _Optional[float] = ..., decision_json: _Optional[str] = ...) -> None: ...
 
 class RewardModelUpdate(_message.Message):
     __slots__ = ("schema_version", "event_id", "created_unix_ms", "version", "train_step", "uri", "sha256", "online_accuracy", "score_mean", "score_std", "pairs_seen")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from rlhf.v1 import common_pb2 as rlhf_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18rlhf/v1/generation.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/common.proto\"\xbc\x03\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x02\x88\x01\x01\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x10\n\x08priority\x18\x08 \x01(\r\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\r\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x18\n\x10presence_penalty\x18\x0c \x01(\x02\x12:\n\nlogit_bias\x18\r \x03(\x0b\x32&.rlhf.v1.SamplingParams.LogitBiasEntry\x12\x13\n\x0bjson_object\x18\x0e \x01(\x08\x12\x13\n\x0bjson_schema\x18\x0f \x01(\t\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xc2\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x08messages\x18\x02 \x01(\x0b\x32\x15.rlhf.v1.ChatMessagesH\x00\x12-\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x11.rlhf.v1.TokenIdsH\x00\x12\x0e\n\x04text\x18\x05 \x01(\tH\x00\x12\'\n\x06params\x18\x04 \x01(\x0b\x32\x17.rlhf.v1.SamplingParamsB\x08\n\x06prompt\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"@\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\x0c\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"@\n\x0bTokenDetail\x12\r\n\x05token\x18\x01 \x01(\x0c\x12\"\n\x03top\x18\x02 \x03(\x0b\x32\x15.rlhf.v1.TokenLogprob\"\x87\x01\n\x06Sample\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12$\n\x06tokens\x18\x06 \x03(\x0b\x32\x14.rlhf.v1.TokenDetail\"\x99\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12 \n\x07samples\x18\x03 \x03(\x0b\x32\x0f.rlhf.v1.Sample\x12\x1d\n\x05usage\x18\x04 \x01(\x0b\x32\x0e.rlhf.v1.Usage\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x03\"\xe8\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x12\n\ntext_delta\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x16\n\x0epolicy_version\x18\x07 \x01(\x03\x12\x1d\n\x05usage\x18\x08 \x01(\x0b\x32\x0e.rlhf.v1.Usage\x12$\n\x06tokens\x18\t \x03(\x0b\x32\x14.rlhf.v1.TokenDetail\"\x88\x01\n\x0cWeightHeader\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12%\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x15.rlhf.v1.WeightFormat\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x1b\n\x13\x61\x64\x61pter_config_json\x18\x05 \x01(\t\"O\n\x0bWeightChunk\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.WeightHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x63hunk\"i\n\x12LoadVersionRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12%\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x15.rlhf.v1.WeightFormat\"9\n\x15UpdateWeightsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"\x10\n\x0eGetInfoRequest\"\x8c\x01\n\rGeneratorInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x03\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12,\n\rweight_format\x18\x05 \x01(\x0e\x32\x15.rlhf.v1.WeightFormat2\xf4\x02\n\x11GenerationService\x12?\n\x08Generate\x12\x18.rlhf.v1.GenerateRequest\x1a\x19.rlhf.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x18.rlhf.v1.GenerateRequest\x1a\x1f.rlhf.v1.GenerateStreamResponse0\x01\x12G\n\rUpdateWeights\x12\x14.rlhf.v1.WeightChunk\x1a\x1e.rlhf.v1.UpdateWeightsResponse(\x01\x12J\n\x0bLoadVersion\x12\x1b.rlhf.v1.LoadVersionRequest\x1a\x1e.rlhf.v1.UpdateWeightsResponse\x12:\n\x07GetInfo\x12\x17.rlhf.v1.GetInfoRequest\x1a\x16.rlhf.v1.GeneratorInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18rlhf/v1/generation.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/common.proto\"\xbc\x03\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x02\x88\x01\x01\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x10\n\x08priority\x18\x08 \x01(\r\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\r\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x18\n\x10presence_penalty\x18\x0c \x01(\x02\x12:\n\nlogit_bias\x18\r \x03(\x0b\x32&.rlhf.v1.SamplingParams.LogitBiasEntry\x12\x13\n\x0bjson_object\x18\x0e \x01(\x08\x12\x13\n\x0bjson_schema\x18\x0f \x01(\t\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xda\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x08messages\x18\x02 \x01(\x0b\x32\x15.rlhf.v1.ChatMessagesH\x00\x12-\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x11.rlhf.v1.TokenIdsH\x00\x12\x0e\n\x04text\x18\x05 \x01(\tH\x00\x12\'\n\x06params\x18\x04 \x01(\x0b\x32\x17.rlhf.v1.SamplingParams\x12\x16\n\x0epolicy_version\x18\x06 \x01(\x03\x42\x08\n\x06prompt\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"@\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\x0c\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"@\n\x0bTokenDetail\x12\r\n\x05token\x18\x01 \x01(\x0c\x12\"\n\x03top\x18\x02 \x03(\x0b\x32\x15.rlhf.v1.TokenLogprob\"\x87\x01\n\x06Sample\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12$\n\x06tokens\x18\x06 \x03(\x0b\x32\x14.rlhf.v1.TokenDetail\"\x99\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12 \n\x07samples\x18\x03 \x03(\x0b\x32\x0f.rlhf.v1.Sample\x12\x1d\n\x05usage\x18\x04 \x01(\x0b\x32\x0e.rlhf.v1.Usage\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x03\"\xe8\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x12\n\ntext_delta\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x16\n\x0epolicy_version\x18\x07 \x01(\x03\x12\x1d\n\x05usage\x18\x08 \x01(\x0b\x32\x0e.rlhf.v1.Usage\x12$\n\x06tokens\x18\t \x03(\x0b\x32\x14.rlhf.v1.TokenDetail\"\x88\x01\n\x0cWeightHeader\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12%\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x15.rlhf.v1.WeightFormat\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x1b\n\x13\x61\x64\x61pter_config_json\x18\x05 \x01(\t\"O\n\x0bWeightChunk\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.WeightHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x63hunk\"i\n\x12LoadVersionRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12%\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x15.rlhf.v1.WeightFormat\"9\n\x15UpdateWeightsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"\x10\n\x0eGetInfoRequest\"\xbd\x01\n\rGeneratorInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x03\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12,\n\rweight_format\x18\x05 \x01(\x0e\x32\x15.rlhf.v1.WeightFormat\x12\x19\n\x11\x63\x61ndidate_version\x18\x06 \x01(\x03\x12\x14\n\x0c\x63\x61nary_share\x18\x07 \x01(\x01\x32\xf4\x02\n\x11GenerationService\x12?\n\x08Generate\x12\x18.rlhf.v1.GenerateRequest\x1a\x19.rlhf.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x18.rlhf.v1.GenerateRequest\x1a\x1f.rlhf.v1.GenerateStreamResponse0\x01\x12G\n\rUpdateWeights\x12\x14.rlhf.v1.WeightChunk\x1a\x1e.rlhf.v1.UpdateWeightsResponse(\x01\x12J\n\x0bLoadVersion\x12\x1b.rlhf.v1.LoadVersionRequest\x1a\x1e.rlhf.v1.UpdateWeightsResponse\x12:\n\x07GetInfo\x12\x17.rlhf.v1.GetInfoRequest\x1a\x16.rlhf.v1.GeneratorInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,31 +39,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=421
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=469
   _globals['_GENERATEREQUEST']._serialized_start=507
-  _globals['_GENERATEREQUEST']._serialized_end=701
-  _globals['_USAGE']._serialized_start=703
-  _globals['_USAGE']._serialized_end=760
-  _globals['_TOKENLOGPROB']._serialized_start=762
-  _globals['_TOKENLOGPROB']._serialized_end=826
-  _globals['_TOKENDETAIL']._serialized_start=828
-  _globals['_TOKENDETAIL']._serialized_end=892
-  _globals['_SAMPLE']._serialized_start=895
-  _globals['_SAMPLE']._serialized_end=1030
-  _globals['_GENERATERESPONSE']._serialized_start=1033
-  _globals['_GENERATERESPONSE']._serialized_end=1186
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1189
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1421
-  _globals['_WEIGHTHEADER']._serialized_start=1424
-  _globals['_WEIGHTHEADER']._serialized_end=1560
-  _globals['_WEIGHTCHUNK']._serialized_start=1562
-  _globals['_WEIGHTCHUNK']._serialized_end=1641
-  _globals['_LOADVERSIONREQUEST']._serialized_start=1643
-  _globals['_LOADVERSIONREQUEST']._serialized_end=1748
-  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_start=1750
-  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_end=1807
-  _globals['_GETINFOREQUEST']._serialized_start=1809
-  _globals['_GETINFOREQUEST']._serialized_end=1825
-  _globals['_GENERATORINFO']._serialized_start=1828
-  _globals['_GENERATORINFO']._serialized_end=1968
-  _globals['_GENERATIONSERVICE']._serialized_start=1971
-  _globals['_GENERATIONSERVICE']._serialized_end=2343
+  _globals['_GENERATEREQUEST']._serialized_end=725
+  _globals['_USAGE']._serialized_start=727
+  _globals['_USAGE']._serialized_end=784
+  _globals['_TOKENLOGPROB']._serialized_start=786
+  _globals['_TOKENLOGPROB']._serialized_end=850
+  _globals['_TOKENDETAIL']._serialized_start=852
+  _globals['_TOKENDETAIL']._serialized_end=916
+  _globals['_SAMPLE']._serialized_start=919
+  _globals['_SAMPLE']._serialized_end=1054
+  _globals['_GENERATERESPONSE']._serialized_start=1057
+  _globals['_GENERATERESPONSE']._serialized_end=1210
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1213
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1445
+  _globals['_WEIGHTHEADER']._serialized_start=1448
+  _globals['_WEIGHTHEADER']._serialized_end=1584
+  _globals['_WEIGHTCHUNK']._serialized_start=1586
+  _globals['_WEIGHTCHUNK']._serialized_end=1665
+  _globals['_LOADVERSIONREQUEST']._serialized_start=1667
+  _globals['_LOADVERSIONREQUEST']._serialized_end=1772
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_start=1774
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_end=1831
+  _globals['_GETINFOREQUEST']._serialized_start=1833
+  _globals['_GETINFOREQUEST']._serialized_end=1849
+  _globals['_GENERATORINFO']._serialized_start=1852
+  _globals['_GENERATORINFO']._serialized_end=2041
+  _globals['_GENERATIONSERVICE']._serialized_start=2044
+  _globals['_GENERATIONSERVICE']._serialized_end=2416
 # @@protoc_insertion_point(module_scope)

@@ -49,18 +49,20 @@ class SamplingParams(_message.Message):
     def __init__(self, n: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., priority: _Optional[int] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., frequency_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., json_object: _Optional[bool] = ..., json_schema: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "messages", "prompt_token_ids", "text", "params")
+    __slots__ = ("request_id", "messages", "prompt_token_ids", "text", "params", "policy_version")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     messages: _common_pb2.ChatMessages
     prompt_token_ids: _common_pb2.TokenIds
     text: str
     params: SamplingParams
-    def __init__(self, request_id: _Optional[str] = ..., messages: _Optional[_Union[_common_pb2.ChatMessages, _Mapping]] = ..., prompt_token_ids: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ..., text: _Optional[str] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
+    policy_version: int
+    def __init__(self, request_id: _Optional[str] = ..., messages: _Optional[_Union[_common_pb2.ChatMessages, _Mapping]] = ..., prompt_token_ids: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ..., text: _Optional[str] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., policy_version: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens")
@@ -187,15 +189,19 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GeneratorInfo(_message.Message):
-    __slots__ = ("model", "backend", "policy_version", "max_model_len", "weight_format")
+    __slots__ = ("model", "backend", "policy_version", "max_model_len", "weight_format", "candidate_version", "canary_share")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CANARY_SHARE_FIELD_NUMBER: _ClassVar[int]
     model: str
     backend: str
     policy_version: int
     max_model_len: int
     weight_format: _common_pb2.WeightFormat
-    def __init__(self, model: _Optional[str] = ..., backend: _Optional[str] = ..., policy_version: _Optional[int] = ..., max_model_len: _Optional[int] = ..., weight_format: _Optional[_Union[_common_pb2.WeightFormat, str]] = ...) -> None: ...
+    candidate_version: int
+    canary_share: float
+    def __init__(self, model: _Optional[str] = ..., backend: _Optional[str] = ..., policy_version: _Optional[int] = ..., max_model_len: _Optional[int] = ..., weight_format: _Optional[_Union[_common_pb2.WeightFormat, str]] = ..., candidate_version: _Optional[int] = ..., canary_share: _Optional[float] = ...) -> None: ...

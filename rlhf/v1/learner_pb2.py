@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from rlhf.v1 import common_pb2 as rlhf_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15rlhf/v1/learner.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/common.proto\"\x12\n\x10GetStatusRequest\"\x0e\n\x0cPauseRequest\"\x0f\n\rResumeRequest\"\x15\n\x13ListVersionsRequest\"\"\n\x0fRollbackRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\"\xe1\x02\n\rLearnerStatus\x12\x0e\n\x06paused\x18\x01 \x01(\x08\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x03\x12\x17\n\x0fserving_version\x18\x04 \x01(\x03\x12\x0f\n\x07kl_coef\x18\x05 \x01(\x01\x12\x18\n\x10rollouts_trained\x18\x06 \x01(\x03\x12\x1e\n\x16rollouts_dropped_stale\x18\x07 \x01(\x03\x12\x39\n\nlast_stats\x18\x08 \x03(\x0b\x32%.rlhf.v1.LearnerStatus.LastStatsEntry\x12\x1c\n\x14rollouts_per_version\x18\t \x01(\x03\x12\x16\n\x0emax_policy_lag\x18\n \x01(\x03\x12\x13\n\x0btemperature\x18\x0b \x01(\x01\x1a\x30\n\x0eLastStatsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xca\x01\n\x11PolicyVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x17\n\x0f\x63reated_unix_ms\x18\x03 \x01(\x03\x12\x0b\n\x03uri\x18\x04 \x01(\t\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12%\n\x06\x66ormat\x18\x06 \x01(\x0e\x32\x15.rlhf.v1.WeightFormat\x12\x17\n\x0fkl_to_reference\x18\x07 \x01(\x01\x12\x10\n\x08promoted\x18\x08 \x01(\x08\x12\x0e\n\x06reason\x18\t \x01(\t\"D\n\x14ListVersionsResponse\x12,\n\x08versions\x18\x01 \x03(\x0b\x32\x1a.rlhf.v1.PolicyVersionInfo2\xd1\x02\n\x0eLearnerService\x12>\n\tGetStatus\x12\x19.rlhf.v1.GetStatusRequest\x1a\x16.rlhf.v1.LearnerStatus\x12\x36\n\x05Pause\x12\x15.rlhf.v1.PauseRequest\x1a\x16.rlhf.v1.LearnerStatus\x12\x38\n\x06Resume\x12\x16.rlhf.v1.ResumeRequest\x1a\x16.rlhf.v1.LearnerStatus\x12K\n\x0cListVersions\x12\x1c.rlhf.v1.ListVersionsRequest\x1a\x1d.rlhf.v1.ListVersionsResponse\x12@\n\x08Rollback\x12\x18.rlhf.v1.RollbackRequest\x1a\x1a.rlhf.v1.PolicyVersionInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15rlhf/v1/learner.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/common.proto\"!\n\x0ePromoteRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\"Z\n\x10SetCanaryRequest\x12\x11\n\tset_share\x18\x01 \x01(\x08\x12\r\n\x05share\x18\x02 \x01(\x01\x12\x13\n\x0bset_enabled\x18\x03 \x01(\x08\x12\x0f\n\x07\x65nabled\x18\x04 \x01(\x08\"\x12\n\x10GetCanaryRequest\"\xa4\x01\n\x0c\x43\x61naryStatus\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x16\n\x0estable_version\x18\x02 \x01(\x03\x12\x19\n\x11\x63\x61ndidate_version\x18\x03 \x01(\x03\x12\r\n\x05share\x18\x04 \x01(\x01\x12\x0e\n\x06queued\x18\x05 \x03(\x03\x12\x15\n\revidence_json\x18\x06 \x01(\t\x12\x1a\n\x12last_decision_json\x18\x07 \x01(\t\"\x12\n\x10GetStatusRequest\"\x0e\n\x0cPauseRequest\"\x0f\n\rResumeRequest\"\x15\n\x13ListVersionsRequest\"\"\n\x0fRollbackRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\"\xe1\x02\n\rLearnerStatus\x12\x0e\n\x06paused\x18\x01 \x01(\x08\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x03\x12\x17\n\x0fserving_version\x18\x04 \x01(\x03\x12\x0f\n\x07kl_coef\x18\x05 \x01(\x01\x12\x18\n\x10rollouts_trained\x18\x06 \x01(\x03\x12\x1e\n\x16rollouts_dropped_stale\x18\x07 \x01(\x03\x12\x39\n\nlast_stats\x18\x08 \x03(\x0b\x32%.rlhf.v1.LearnerStatus.LastStatsEntry\x12\x1c\n\x14rollouts_per_version\x18\t \x01(\x03\x12\x16\n\x0emax_policy_lag\x18\n \x01(\x03\x12\x13\n\x0btemperature\x18\x0b \x01(\x01\x1a\x30\n\x0eLastStatsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xca\x01\n\x11PolicyVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x17\n\x0f\x63reated_unix_ms\x18\x03 \x01(\x03\x12\x0b\n\x03uri\x18\x04 \x01(\t\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12%\n\x06\x66ormat\x18\x06 \x01(\x0e\x32\x15.rlhf.v1.WeightFormat\x12\x17\n\x0fkl_to_reference\x18\x07 \x01(\x01\x12\x10\n\x08promoted\x18\x08 \x01(\x08\x12\x0e\n\x06reason\x18\t \x01(\t\"D\n\x14ListVersionsResponse\x12,\n\x08versions\x18\x01 \x03(\x0b\x32\x1a.rlhf.v1.PolicyVersionInfo2\x8a\x04\n\x0eLearnerService\x12>\n\tGetStatus\x12\x19.rlhf.v1.GetStatusRequest\x1a\x16.rlhf.v1.LearnerStatus\x12\x36\n\x05Pause\x12\x15.rlhf.v1.PauseRequest\x1a\x16.rlhf.v1.LearnerStatus\x12\x38\n\x06Resume\x12\x16.rlhf.v1.ResumeRequest\x1a\x16.rlhf.v1.LearnerStatus\x12K\n\x0cListVersions\x12\x1c.rlhf.v1.ListVersionsRequest\x1a\x1d.rlhf.v1.ListVersionsResponse\x12@\n\x08Rollback\x12\x18.rlhf.v1.RollbackRequest\x1a\x1a.rlhf.v1.PolicyVersionInfo\x12\x39\n\x07Promote\x12\x17.rlhf.v1.PromoteRequest\x1a\x15.rlhf.v1.CanaryStatus\x12=\n\tSetCanary\x12\x19.rlhf.v1.SetCanaryRequest\x1a\x15.rlhf.v1.CanaryStatus\x12=\n\tGetCanary\x12\x19.rlhf.v1.GetCanaryRequest\x1a\x15.rlhf.v1.CanaryStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,24 +34,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LEARNERSTATUS_LASTSTATSENTRY']._loaded_options = None
   _globals['_LEARNERSTATUS_LASTSTATSENTRY']._serialized_options = b'8\001'
-  _globals['_GETSTATUSREQUEST']._serialized_start=56
-  _globals['_GETSTATUSREQUEST']._serialized_end=74
-  _globals['_PAUSEREQUEST']._serialized_start=76
-  _globals['_PAUSEREQUEST']._serialized_end=90
-  _globals['_RESUMEREQUEST']._serialized_start=92
-  _globals['_RESUMEREQUEST']._serialized_end=107
-  _globals['_LISTVERSIONSREQUEST']._serialized_start=109
-  _globals['_LISTVERSIONSREQUEST']._serialized_end=130
-  _globals['_ROLLBACKREQUEST']._serialized_start=132
-  _globals['_ROLLBACKREQUEST']._serialized_end=166
-  _globals['_LEARNERSTATUS']._serialized_start=169
-  _globals['_LEARNERSTATUS']._serialized_end=522
-  _globals['_LEARNERSTATUS_LASTSTATSENTRY']._serialized_start=474
-  _globals['_LEARNERSTATUS_LASTSTATSENTRY']._serialized_end=522
-  _globals['_POLICYVERSIONINFO']._serialized_start=525
-  _globals['_POLICYVERSIONINFO']._serialized_end=727
-  _globals['_LISTVERSIONSRESPONSE']._serialized_start=729
-  _globals['_LISTVERSIONSRESPONSE']._serialized_end=797
-  _globals['_LEARNERSERVICE']._serialized_start=800
-  _globals['_LEARNERSERVICE']._serialized_end=1137
+  _globals['_PROMOTEREQUEST']._serialized_start=56
+  _globals['_PROMOTEREQUEST']._serialized_end=89
+  _globals['_SETCANARYREQUEST']._serialized_start=91
+  _globals['_SETCANARYREQUEST']._serialized_end=181
+  _globals['_GETCANARYREQUEST']._serialized_start=183
+  _globals['_GETCANARYREQUEST']._serialized_end=201
+  _globals['_CANARYSTATUS']._serialized_start=204
+  _globals['_CANARYSTATUS']._serialized_end=368
+  _globals['_GETSTATUSREQUEST']._serialized_start=370
+  _globals['_GETSTATUSREQUEST']._serialized_end=388
+  _globals['_PAUSEREQUEST']._serialized_start=390
+  _globals['_PAUSEREQUEST']._serialized_end=404
+  _globals['_RESUMEREQUEST']._serialized_start=406
+  _globals['_RESUMEREQUEST']._serialized_end=421
+  _globals['_LISTVERSIONSREQUEST']._serialized_start=423
+  _globals['_LISTVERSIONSREQUEST']._serialized_end=444
+  _globals['_ROLLBACKREQUEST']._serialized_start=446
+  _globals['_ROLLBACKREQUEST']._serialized_end=480
+  _globals['_LEARNERSTATUS']._serialized_start=483
+  _globals['_LEARNERSTATUS']._serialized_end=836
+  _globals['_LEARNERSTATUS_LASTSTATSENTRY']._serialized_start=788
+  _globals['_LEARNERSTATUS_LASTSTATSENTRY']._serialized_end=836
+  _globals['_POLICYVERSIONINFO']._serialized_start=839
+  _globals['_POLICYVERSIONINFO']._serialized_end=1041
+  _globals['_LISTVERSIONSRESPONSE']._serialized_start=1043
+  _globals['_LISTVERSIONSRESPONSE']._serialized_end=1111
+  _globals['_LEARNERSERVICE']._serialized_start=1114
+  _globals['_LEARNERSERVICE']._serialized_end=1636
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,46 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class PromoteRequest(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
+
+class SetCanaryRequest(_message.Message):
+    __slots__ = ("set_share", "share", "set_enabled", "enabled")
+    SET_SHARE_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    SET_ENABLED_FIELD_NUMBER: _ClassVar[int]
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    set_share: bool
+    share: float
+    set_enabled: bool
+    enabled: bool
+    def __init__(self, set_share: _Optional[bool] = ..., share: _Optional[float] = ..., set_enabled: _Optional[bool] = ..., enabled: _Optional[bool] = ...) -> None: ...
+
+class GetCanaryRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CanaryStatus(_message.Message):
+    __slots__ = ("enabled", "stable_version", "candidate_version", "share", "queued", "evidence_json", "last_decision_json")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    STABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    EVIDENCE_JSON_FIELD_NUMBER: _ClassVar[int]
+    LAST_DECISION_JSON_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    stable_version: int
+    candidate_version: int
+    share: float
+    queued: _containers.RepeatedScalarFieldContainer[int]
+    evidence_json: str
+    last_decision_json: str
+    def __init__(self, enabled: _Optional[bool] = ..., stable_version: _Optional[int] = ..., candidate_version: _Optional[int] = ..., share: _Optional[float] = ..., queued: _Optional[_Iterable[int]] = ..., evidence_json: _Optional[str] = ..., last_decision_json: _Optional[str] = ...) -> None: ...
+
 class GetStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

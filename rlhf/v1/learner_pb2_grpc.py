@@ -60,6 +60,21 @@ class LearnerServiceStub:
                 request_serializer=rlhf_dot_v1_dot_learner__pb2.RollbackRequest.SerializeToString,
                 response_deserializer=rlhf_dot_v1_dot_learner__pb2.PolicyVersionInfo.FromString,
                 _registered_method=True)
+        self.Promote = channel.unary_unary(
+                '/rlhf.v1.LearnerService/Promote',
+                request_serializer=rlhf_dot_v1_dot_learner__pb2.PromoteRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_learner__pb2.CanaryStatus.FromString,
+                _registered_method=True)
+        self.SetCanary = channel.unary_unary(
+                '/rlhf.v1.LearnerService/SetCanary',
+                request_serializer=rlhf_dot_v1_dot_learner__pb2.SetCanaryRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_learner__pb2.CanaryStatus.FromString,
+                _registered_method=True)
+        self.GetCanary = channel.unary_unary(
+                '/rlhf.v1.LearnerService/GetCanary',
+                request_serializer=rlhf_dot_v1_dot_learner__pb2.GetCanaryRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_learner__pb2.CanaryStatus.FromString,
+                _registered_method=True)
 
 
 class LearnerServiceServicer:
@@ -97,6 +112,27 @@ class LearnerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Promote(self, request, context):
+        """The canary (issue 15). Promote: make `version` (the candidate, or any version that
+        passed the drift gate) stable now, ending a canary as an operator decision.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetCanary(self, request, context):
+        """Set the canary's share of new conversations (0 ≤ share ≤ 1) and/or turn canaries on/off.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCanary(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LearnerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -124,6 +160,21 @@ def add_LearnerServiceServicer_to_server(servicer, server):
                     servicer.Rollback,
                     request_deserializer=rlhf_dot_v1_dot_learner__pb2.RollbackRequest.FromString,
                     response_serializer=rlhf_dot_v1_dot_learner__pb2.PolicyVersionInfo.SerializeToString,
+            ),
+            'Promote': grpc.unary_unary_rpc_method_handler(
+                    servicer.Promote,
+                    request_deserializer=rlhf_dot_v1_dot_learner__pb2.PromoteRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_learner__pb2.CanaryStatus.SerializeToString,
+            ),
+            'SetCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCanary,
+                    request_deserializer=rlhf_dot_v1_dot_learner__pb2.SetCanaryRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_learner__pb2.CanaryStatus.SerializeToString,
+            ),
+            'GetCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCanary,
+                    request_deserializer=rlhf_dot_v1_dot_learner__pb2.GetCanaryRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_learner__pb2.CanaryStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -262,6 +313,87 @@ class LearnerService:
             '/rlhf.v1.LearnerService/Rollback',
             rlhf_dot_v1_dot_learner__pb2.RollbackRequest.SerializeToString,
             rlhf_dot_v1_dot_learner__pb2.PolicyVersionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Promote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.LearnerService/Promote',
+            rlhf_dot_v1_dot_learner__pb2.PromoteRequest.SerializeToString,
+            rlhf_dot_v1_dot_learner__pb2.CanaryStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.LearnerService/SetCanary',
+            rlhf_dot_v1_dot_learner__pb2.SetCanaryRequest.SerializeToString,
+            rlhf_dot_v1_dot_learner__pb2.CanaryStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.LearnerService/GetCanary',
+            rlhf_dot_v1_dot_learner__pb2.GetCanaryRequest.SerializeToString,
+            rlhf_dot_v1_dot_learner__pb2.CanaryStatus.FromString,
             options,
             channel_credentials,
             insecure,
