@@ -1,0 +1,153 @@
+"""Chat latency and throughput with one version vs two versions served at once (issue 15).
+
+    .venv/bin/python benchmarks/canary_serving.py                  # demo model (SmolLM2-135M), transformers
+    .venv/bin/python benchmarks/canary_serving.py --model tiny --rounds 1   # a smoke run
+    .venv/bin/python benchmarks/canary_serving.py --backends transformers,vllm   # vLLM multi-LoRA too
+
+The same batch both ways: `--prompts` (16) chat prompts of the bundled prompt set, sent at
+once as concurrent `Generator.generate` calls in this process (no gRPC: the engine's cost is
+measured, not the transport), each asking for exactly `--tokens` (64) new tokens
+(ignore_eos, temperature 1, seeded). The candidate is a rank-16 LoRA on q/k/v/o (the learner's
+default targets) with random A and B (`rlhf.testing.lora.make_random_lora`, init_scale 0.05:
+random, not trained; the cost does not depend on the values).
+
+- **one version**: the stable version alone (no candidate loaded);
+- **two versions**: the candidate loaded beside it, every other request naming it
+  (`version=`), so half the rows of the same batch run the candidate: transformers adds the
+  adapter per row in the same forward pass (rlhf/generation/adapters.py), vLLM batches two
+  LoRA adapters (the stable version is then a LoRA too: vLLM serves LoRA versions as adapters).
+
+Throughput is all completion tokens over the time from the first call to the last answer;
+latency is each request's own time; the two set-ups alternate within each round (which goes
+first alternates too) so both see the same machine load, and each figure is the median over
+rounds. The cost of the second
+version is the drop in throughput, in % of the one-version figure (target ≤ 10 %).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import aclosing
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CANDIDATE = 2
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+async def one_batch(gen, prompts: list[list[int]], sampling, versions: list[int]) -> tuple[float, list[float], int]:
+    """(wall seconds, per-request seconds, completion tokens) of the prompts sent at once."""
+
+    async def request(i: int) -> tuple[float, int]:
+        start, n = time.perf_counter(), 0
+        async with aclosing(gen.generate(prompts[i], sampling, f"r{i}", stream=False, version=versions[i])) as s:
+            async for version, d in s:
+                assert version == (versions[i] or gen.version), (version, versions[i])
+                n += len(d.token_ids)
+        return time.perf_counter() - start, n
+
+    start = time.perf_counter()
+    done = await asyncio.gather(*(request(i) for i in range(len(prompts))))
+    return time.perf_counter() - start, [t for t, _ in done], sum(n for _, n in done)
+
+
+async def bench_backend(name: str, model_dir: Path, store_root: Path, work: Path, prompts, args) -> dict:
+    from rlhf.generation import Generator, Limits, Sampling, make_backend
+
+    backend = make_backend(
+        name, model_dir, max_model_len=1024, max_batch=max(32, len(prompts)), device=args.device, max_lora_rank=16
+    )
+    gen = Generator(backend, model_dir, Limits(max_model_len=1024, max_max_tokens=args.tokens), store_root, work)
+    await gen.start()
+    try:
+        if name == "vllm":
+            await gen.load_version(1)  # the stable version as a LoRA adapter too (vLLM serves LoRA versions so)
+        sampling = Sampling(temperature=1.0, max_tokens=args.tokens, seed=0, ignore_eos=True)
+        await one_batch(gen, prompts[:2], sampling, [0, 0])  # warm-up
+        results: dict[str, list[tuple[float, list[float], int]]] = {"one": [], "two": []}
+        half = [CANDIDATE if i % 2 else 0 for i in range(len(prompts))]
+        for r in range(args.rounds):
+            for mode in ("one", "two") if r % 2 == 0 else ("two", "one"):  # alternate which goes first
+                if mode == "one":
+                    results["one"].append(await one_batch(gen, prompts, sampling, [0] * len(prompts)))
+                else:
+                    await gen.load_candidate(CANDIDATE)
+                    results["two"].append(await one_batch(gen, prompts, sampling, half))
+                    await gen.drop_candidate("benchmark round over")
+        return {
+            mode: {
+                "tokens_per_s": statistics.median(n / wall for wall, _, n in runs),
+                "p50_latency_s": statistics.median(statistics.median(lat) for _, lat, _ in runs),
+                "p90_latency_s": statistics.median(sorted(lat)[int(0.9 * (len(lat) - 1))] for _, lat, _ in runs),
+            }
+            for mode, runs in results.items()
+        }
+    finally:
+        await gen.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="demo", help='"demo" (SmolLM2-135M-Instruct), "tiny", or a folder')
+    ap.add_argument("--backends", default="transformers")
+    ap.add_argument("--device", default="auto", help="transformers backend device")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=64)
+    args = ap.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = Path(tempfile.mkdtemp(prefix="bench-canary-"))
+    try:
+        run(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args, work: Path) -> None:
+    from rlhf.models import build_tiny_model, chat_prompt_ids, load_tokenizer, resolve_model
+    from rlhf.rollout import TRAIN, load_prompts
+    from rlhf.testing.lora import make_random_lora
+    from rlhf.weightstore import WeightStore
+
+    model_dir = build_tiny_model(work / "tiny") if args.model == "tiny" else resolve_model(args.model)
+    tok = load_tokenizer(model_dir)
+    records = load_prompts(TRAIN)
+    prompts = [chat_prompt_ids(tok, records[i % len(records)]["messages"]) for i in range(args.prompts)]
+    store = WeightStore(work / "weights")
+    for version, seed in [(1, 1), (CANDIDATE, 2)]:
+        tensors, cfg = make_random_lora(
+            model_dir, work / f"lora{version}", rank=16, alpha=16, seed=seed, target_modules=TARGETS, init_scale=0.05
+        )
+        store.put(version, tensors, fmt="lora", adapter_config=cfg, meta={"promoted": True})
+    print(
+        f"model {model_dir.name} · {args.prompts} chat requests × {args.tokens} new tokens in one batch · "
+        f"candidate: rank-16 LoRA on {'/'.join(t.removesuffix('_proj') for t in TARGETS)} (random A, B) · "
+        f"median of {args.rounds} rounds · {os.cpu_count()} CPUs\n"
+    )
+    print("| backend | versions served | completion tokens/s | p50 latency (s) | p90 latency (s) | cost |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name in args.backends.split(","):
+        r = asyncio.run(bench_backend(name, model_dir, store.root, work / f"gen-{name}", prompts, args))
+        one, two = r["one"], r["two"]
+        cost = 100 * (1 - two["tokens_per_s"] / one["tokens_per_s"])
+        print(
+            f"| {name} | one | {one['tokens_per_s']:.1f} | {one['p50_latency_s']:.2f} | {one['p90_latency_s']:.2f} | |"
+        )
+        print(
+            f"| {name} | two (half the rows on the candidate) | {two['tokens_per_s']:.1f} | "
+            f"{two['p50_latency_s']:.2f} | {two['p90_latency_s']:.2f} | {cost:+.1f} % |"
+        )
+
+
+if __name__ == "__main__":
+    main()
