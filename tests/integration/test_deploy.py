@@ -440,3 +440,27 @@ def test_every_compose_variable_is_documented():
     # RLHF_* names pass settings through: each must be a setting some service reads
     every_setting = set().union(*(settings_env(s) for s in SERVICES))
     assert sorted(v for v in variables if v.startswith("RLHF_") and v not in every_setting) == []
+
+
+def test_learner_ranks_overlay_runs_torchrun_with_a_gpu_per_rank():
+    """overlays/gpu-learner-ranks: the GPU overlay with the learner as torchrun ranks in its
+    pod (rlhf/learner/distributed.py): as many ranks as GPUs, the service's own module, valid
+    objects, only settings the learner reads, shared memory for NCCL."""
+    docs = render("gpu-learner-ranks")
+    version = kubernetes_validate.latest_version()
+    for doc in docs:
+        kubernetes_validate.validate(doc, version, strict=True)
+    learner = by_kind(docs, "StatefulSet")["learner"]
+    c = learner["spec"]["template"]["spec"]["containers"][0]
+    assert c["command"] == ["/usr/bin/tini", "--", "torchrun"]
+    args = c["args"]
+    assert args[-2:] == ["-m", "services.learner"] and "--standalone" in args
+    ranks = args[args.index("--nproc-per-node") + 1]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == c["resources"]["requests"]["nvidia.com/gpu"] == ranks
+    assert int(ranks) >= 2
+    assert {m["mountPath"] for m in c["volumeMounts"]} >= {"/dev/shm", "/var/lib/rlhf", "/var/lib/rlhf/weights"}
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert unknown_rlhf_vars("learner", env) == []
+    assert env["RLHF_PORT"] == str(GRPC_PORTS["learner"])  # rank 0 serves where the probes look
+    assert c["readinessProbe"]["grpc"]["port"] == GRPC_PORTS["learner"]
+    assert rlhf_workloads(docs).keys() == rlhf_workloads(render("gpu")).keys() - {"learner"}
