@@ -17,12 +17,24 @@ A comparison (n=2) with compare_candidates = k > 2 and compare_selection other t
 then carries each chosen answer whole (the pick needs all k finished). Only the two shown
 are stored and published: an Interaction says what a person saw, and feedback can only
 name what was shown (an unseen candidate's id does not exist).
+
+The canary (issue 15, docs/canary.md): each chat and text completion names the version that
+answers (`GenerateRequest.policy_version`, from the conversation's pin or the sticky split,
+services/gateway/state.py), and every choice reports the version that wrote it
+(`choices[i].policy_version`, beside the top-level `policy_version`). While a candidate
+runs, canary_compare_share of comparisons (n=2) are cross-version: one answer of each
+version (two n=1 calls at once), shown in random order, each stored and published with its
+own version — two Interaction events, one per answer — so a pick between them is a
+head-to-head between the versions. A version that stopped being served between GetInfo and
+the call (FAILED_PRECONDITION from the generator) is asked for once more as the stable one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import random
 import time
 import uuid
 from typing import AsyncIterator, Callable
@@ -39,10 +51,12 @@ from services.gateway.compare import pick_best, pick_pair
 from services.gateway.errors import ApiError, error_body
 from services.gateway.metrics import (
     BEST_OF_SELECTIONS,
+    CANARY_COMPARISONS,
     COMPARE_SELECTIONS,
     COMPLETION_TOKENS,
     GENERATOR_ERRORS,
     INTERACTIONS,
+    REQUESTS_BY_VERSION,
     TOKENS_STREAMED,
 )
 from services.gateway.schemas import ChatCompletionRequest, CompletionRequest
@@ -231,6 +245,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     )
     k = _candidates(req, gw)
     greq = _generate_request(req, prompt, max_tokens, completion_id, k)
+    greq.policy_version = await gw.version_for(conversation_id)
     base = {
         "id": completion_id,
         "created": int(time.time()),
@@ -238,18 +253,23 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
         "conversation_id": conversation_id,
     }
 
+    if req.n == 2 and gw.candidate_version:
+        cross = random.random() < gw.settings.canary_compare_share
+        CANARY_COMPARISONS.labels("cross" if cross else "same").inc()
+        if cross:
+            greq.params.n = 1
+            return await _cross_compare(req, gw, greq, base, prompt, response_ids)
+
     if req.stream and k == req.n:
         return await _stream(req, gw, greq, base, prompt, response_ids)
 
     started = time.perf_counter()
     try:
-        resp = await gw.generator.Generate(
-            greq, timeout=gw.settings.generate_timeout_seconds, metadata=tracing.outgoing_metadata()
-        )
+        resp = await _generate(gw, greq, conversation_id)
     except grpc.RpcError as e:
         raise generator_error(e) from None
     generate_ms = 1000 * (time.perf_counter() - started)
-    gw.policy_version = resp.policy_version
+    _served(gw, conversation_id, resp.policy_version)
     _trace_usage(span, resp.usage, resp.policy_version)
     samples = sorted(resp.samples, key=lambda s: s.index)
     extra_headers: dict[str, str] = {}
@@ -274,6 +294,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
                 "finish_reason": s.finish_reason or "stop",
                 "logprobs": _choice_logprobs(req, s.logprobs, s.tokens),
                 "response_id": response_ids[s.index],
+                "policy_version": resp.policy_version,
             }
             for s in samples
         ],
@@ -285,6 +306,108 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
         **_headers(conversation_id, resp.policy_version),
         "server-timing": f"generate;dur={generate_ms:.2f}",
         **extra_headers,
+    }
+    return JSONResponse(body, headers=headers)
+
+
+async def _generate(gw: Gateway, greq, conversation_id: str | None):
+    """Generate, asking once more for the stable version (0) when the version named is no
+    longer served (a canary decision landed since the last GetInfo)."""
+    timeout, metadata = gw.settings.generate_timeout_seconds, tracing.outgoing_metadata()
+    try:
+        return await gw.generator.Generate(greq, timeout=timeout, metadata=metadata)
+    except grpc.RpcError as e:
+        if not _version_gone(e, greq):
+            raise
+    await _version_refused(gw, greq, conversation_id)
+    return await gw.generator.Generate(greq, timeout=timeout, metadata=metadata)
+
+
+def _version_gone(e: grpc.RpcError, greq) -> bool:
+    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+    return code == grpc.StatusCode.FAILED_PRECONDITION and greq.policy_version != 0
+
+
+async def _version_refused(gw: Gateway, greq, conversation_id: str | None) -> None:
+    log.info("version no longer served; asking for the stable one", extra={"policy_version": greq.policy_version})
+    if conversation_id:
+        gw.unpin(conversation_id)
+    await gw.refresh_info()
+    greq.policy_version = 0
+
+
+def _served(gw: Gateway, conversation_id: str | None, version: int) -> None:
+    """What answered: remembered for the conversation's next turn, counted by role."""
+    gw.policy_version = version if gw.role(version) == "stable" else gw.policy_version
+    if conversation_id:
+        gw.pin(conversation_id, version)
+    REQUESTS_BY_VERSION.labels(gw.role(version)).inc()
+
+
+async def _cross_compare(req, gw: Gateway, greq, base: dict, prompt, response_ids: list[str]):
+    """A comparison of the candidate against stable: one n=1 answer from each, at once, shown
+    in random order; each answer stored (and published) with its own version."""
+    stable, candidate = gw.policy_version, gw.candidate_version
+    calls = []
+    for version in (stable, candidate):
+        one = generation_pb2.GenerateRequest()
+        one.CopyFrom(greq)
+        one.policy_version = version
+        one.request_id = f"{greq.request_id}-v{version}"
+        calls.append(one)
+    started = time.perf_counter()
+    try:
+        answers = await asyncio.gather(*(_generate(gw, one, None) for one in calls))
+    except grpc.RpcError as e:
+        raise generator_error(e) from None
+    generate_ms = 1000 * (time.perf_counter() - started)
+    if random.random() < 0.5:
+        answers = answers[::-1]
+    samples, versions = [], []
+    for index, resp in enumerate(answers):
+        copy = generation_pb2.Sample()
+        copy.CopyFrom(resp.samples[0])
+        copy.index = index
+        samples.append(copy)
+        versions.append(resp.policy_version)
+        REQUESTS_BY_VERSION.labels(gw.role(resp.policy_version)).inc()
+    usage = generation_pb2.Usage(
+        prompt_tokens=answers[0].usage.prompt_tokens,
+        completion_tokens=sum(a.usage.completion_tokens for a in answers),
+    )
+    cid = base["conversation_id"]
+    for sample, version in zip(samples, versions):
+        await gw.store.record_completion(cid, prompt, [(response_ids[sample.index], sample.text)], version)
+    INTERACTIONS.inc(2)
+    COMPLETION_TOKENS.inc(usage.completion_tokens)
+    _trace_usage(trace.get_current_span(), usage, stable)
+    headers = {
+        **_headers(cid, stable),
+        "x-policy-versions": ",".join(str(v) for v in versions),
+        "x-compare-versions": "cross",
+        "server-timing": f"generate;dur={generate_ms:.2f}",
+    }
+    if req.stream:
+        resp = generation_pb2.GenerateResponse(policy_version=stable, usage=usage)
+        return await _stream_whole(req, gw, base, prompt, response_ids, samples, resp, headers, versions=versions)
+    body = {
+        **base,
+        "object": "chat.completion",
+        "system_fingerprint": f"policy-v{stable}",
+        "policy_version": stable,
+        "policy_versions": versions,
+        "choices": [
+            {
+                "index": s.index,
+                "message": {"role": "assistant", "content": s.text},
+                "finish_reason": s.finish_reason or "stop",
+                "logprobs": _choice_logprobs(req, s.logprobs, s.tokens),
+                "response_id": response_ids[s.index],
+                "policy_version": v,
+            }
+            for s, v in zip(samples, versions)
+        ],
+        "usage": _usage(usage.prompt_tokens, usage.completion_tokens),
     }
     return JSONResponse(body, headers=headers)
 
@@ -325,9 +448,19 @@ async def _best(gw: Gateway, prompt, samples: list) -> tuple[list, dict[str, str
 
 
 async def _stream_whole(
-    req, gw: Gateway, base: dict, prompt, response_ids: list[str], samples: list, resp, extra_headers: dict[str, str]
+    req,
+    gw: Gateway,
+    base: dict,
+    prompt,
+    response_ids: list[str],
+    samples: list,
+    resp,
+    extra_headers: dict[str, str],
+    versions: list[int] | None = None,
 ) -> StreamingResponse:
-    """An SSE stream of answers already generated: each choice's text in one chunk."""
+    """An SSE stream of answers already generated: each choice's text in one chunk.
+    `versions`: each sample's version, when they differ (a cross-version comparison, stored
+    by the caller); else all are resp.policy_version and stored here."""
     version = resp.policy_version
     head = {
         **base,
@@ -336,11 +469,14 @@ async def _stream_whole(
         "policy_version": version,
     }
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    await gw.store.record_completion(
-        base["conversation_id"], prompt, [(response_ids[x.index], x.text) for x in samples], version
-    )
-    INTERACTIONS.inc()
-    COMPLETION_TOKENS.inc(resp.usage.completion_tokens)
+    if versions is None:
+        await gw.store.record_completion(
+            base["conversation_id"], prompt, [(response_ids[x.index], x.text) for x in samples], version
+        )
+        INTERACTIONS.inc()
+        COMPLETION_TOKENS.inc(resp.usage.completion_tokens)
+        versions = [version] * len(samples)
+    version_of = {x.index: v for x, v in zip(samples, versions)}
 
     def chunk(index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> bytes:
         choice = {
@@ -349,6 +485,7 @@ async def _stream_whole(
             "finish_reason": finish,
             "logprobs": logprobs,
             "response_id": response_ids[index],
+            "policy_version": version_of[index],
         }
         return _sse({**head, "choices": [choice]})
 
@@ -393,28 +530,36 @@ def _sse(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def _open_stream(gw: Gateway, greq, to_api_error: Callable[[grpc.RpcError], ApiError]):
+async def _open_stream(
+    gw: Gateway, greq, to_api_error: Callable[[grpc.RpcError], ApiError], conversation_id: str | None = None
+):
     """Start a GenerateStream and wait for its first message before answering, so a refused
-    request is a plain HTTP error (`to_api_error`) rather than an error inside a 200 stream.
+    request is a plain HTTP error (`to_api_error`) rather than an error inside a 200 stream;
+    a version no longer served is asked for once more as the stable one (as `_generate`).
     Returns (call, the message iterator, the first message or None, the policy version)."""
-    call = gw.generator.GenerateStream(
-        greq, timeout=gw.settings.generate_timeout_seconds, metadata=tracing.outgoing_metadata()
-    )
-    messages = call.__aiter__()
-    try:
-        first = await messages.__anext__()
-    except StopAsyncIteration:
-        first = None
-    except grpc.RpcError as e:
-        raise to_api_error(e) from None
+    for attempt in (0, 1):
+        call = gw.generator.GenerateStream(
+            greq, timeout=gw.settings.generate_timeout_seconds, metadata=tracing.outgoing_metadata()
+        )
+        messages = call.__aiter__()
+        try:
+            first = await messages.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except grpc.RpcError as e:
+            if attempt == 0 and _version_gone(e, greq):
+                await _version_refused(gw, greq, conversation_id)
+                continue
+            raise to_api_error(e) from None
+        break
     version = first.policy_version if first is not None else gw.policy_version
-    gw.policy_version = version
+    _served(gw, conversation_id, version)
     return call, messages, first, version
 
 
 async def _stream(req, gw: Gateway, greq, base: dict, prompt, response_ids: list[str]) -> StreamingResponse:
     span = trace.get_current_span()  # the chat's (tracing.http_span); events() runs after the handler returned
-    call, messages, first, version = await _open_stream(gw, greq, generator_error)
+    call, messages, first, version = await _open_stream(gw, greq, generator_error, base["conversation_id"])
     head = {
         **base,
         "object": "chat.completion.chunk",
@@ -430,6 +575,7 @@ async def _stream(req, gw: Gateway, greq, base: dict, prompt, response_ids: list
             "finish_reason": finish,
             "logprobs": logprobs,
             "response_id": response_ids[index],
+            "policy_version": version,
         }
         return _sse({**head, "choices": [choice]})
 
@@ -558,6 +704,9 @@ async def text_completions(req: CompletionRequest, request: Request):
     params.logprobs = req.logprobs is not None
     params.top_logprobs = k
     greq = generation_pb2.GenerateRequest(request_id=completion_id, text=req.prompt, params=params)
+    # not stored, but split as a chat is: by the caller's X-Conversation-Id, else as a conversation of its own
+    conversation_id = request.headers.get("x-conversation-id") or f"conv-{uuid.uuid4().hex}"
+    greq.policy_version = await gw.version_for(conversation_id)
     base = {"id": completion_id, "object": "text_completion", "created": int(time.time()), "model": gw.model_name}
 
     def logprobs_of(x) -> dict | None:
@@ -565,12 +714,10 @@ async def text_completions(req: CompletionRequest, request: Request):
 
     if not req.stream:
         try:
-            resp = await gw.generator.Generate(
-                greq, timeout=gw.settings.generate_timeout_seconds, metadata=tracing.outgoing_metadata()
-            )
+            resp = await _generate(gw, greq, conversation_id)
         except grpc.RpcError as e:
             raise _completion_error(e) from None
-        gw.policy_version = resp.policy_version
+        _served(gw, conversation_id, resp.policy_version)
         _trace_usage(span, resp.usage, resp.policy_version)
         choices = [
             {"index": x.index, "text": x.text, "logprobs": logprobs_of(x), "finish_reason": x.finish_reason or "stop"}
@@ -585,7 +732,7 @@ async def text_completions(req: CompletionRequest, request: Request):
         }
         return JSONResponse(body, headers={"x-policy-version": str(resp.policy_version)})
 
-    call, messages, first, version = await _open_stream(gw, greq, _completion_error)
+    call, messages, first, version = await _open_stream(gw, greq, _completion_error, conversation_id)
     head = {**base, "system_fingerprint": f"policy-v{version}", "policy_version": version}
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 

@@ -41,6 +41,25 @@ class GatewaySettings(RewardAddress, GeneratorAddress, CommonSettings):
         "is least sure about, its best and worst, or the most different pair (shingle Jaccard)",
     )
 
+    # --- the canary (issue 15, docs/canary.md): the generator's GetInfo says stable, candidate, share
+    canary_compare_share: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="while a candidate is in canary: share of comparisons (n=2) that show one answer of the "
+        "candidate and one of the stable version, in random order (the head-to-head evidence); the rest show "
+        "two answers of the conversation's version",
+    )
+    canary_info_ttl_seconds: float = Field(
+        1.0, gt=0.0, description="how long the generator's stable/candidate/share (GetInfo) is reused before asking"
+    )
+    canary_pinned_conversations: int = Field(
+        100_000,
+        ge=0,
+        description="conversations whose version is remembered (LRU) so a conversation keeps its version while it is "
+        "served, whatever share or candidate comes next; past this the oldest fall back to the hash split",
+    )
+
     # --- serving: RM-reranked best-of-n ------------------------------------------------
     serve_best_of: int = Field(
         1,
@@ -81,6 +100,11 @@ class GatewaySettings(RewardAddress, GeneratorAddress, CommonSettings):
     )
     feedback_rate_limit_burst: int = Field(
         30, ge=1, description="feedback requests a rater may send at once before feedback_rate_limit_rps applies"
+    )
+    feedback_export_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="keys that may read GET /v1/feedback (Authorization: Bearer <key>), comma separated; "
+        "empty = the export is off (403)",
     )
 
     # --- privacy ------------------------------------------------------------------------
@@ -135,7 +159,7 @@ class GatewaySettings(RewardAddress, GeneratorAddress, CommonSettings):
     )
     response_retention_hours: float = Field(168.0, description="how long served responses can still receive feedback")
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "feedback_export_keys", mode="before")
     @classmethod
     def _split_keys(cls, v: object) -> object:
         if isinstance(v, str):
