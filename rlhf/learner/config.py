@@ -225,6 +225,12 @@ class LearnerConfig(PPOConfig):
     group_id: str = Field("learner", description="Kafka consumer group of the rollout consumer")
     device: str = Field("auto", description='"auto" (cuda if present), "cpu" or "cuda[:n]"')
     torch_threads: int = Field(0, description="torch intra-op threads; 0 keeps torch's default")
+    dist_timeout_seconds: float = Field(
+        600.0,
+        description="torchrun-launched ranks (rlhf/learner/distributed.py): torch.distributed's collective timeout; "
+        "a rank that stops answering fails the others after this (a dead one at once), and rank 0 sends a "
+        "keep-alive every quarter of it while it trains nothing",
+    )
     max_buffered_rollouts: int = Field(256, description="rollouts held in memory before polling pauses")
     checkpoint_every: int = Field(1, description="PPO steps between checkpoints (Kafka commits follow them)")
     keep_checkpoints: int = Field(2, description="checkpoints kept on disk")

@@ -50,6 +50,7 @@ from rlhf.learner.batch import RolloutLimits, collate
 from rlhf.learner.canary import CanaryPlane, Change, LearnerCanaryConfig
 from rlhf.learner.checkpoint import CheckpointStore, Ledger
 from rlhf.learner.config import LearnerConfig
+from rlhf.learner.distributed import Ranks
 from rlhf.learner.drift import DEFAULT_HELDOUT_PROMPTS, DriftGate, GateResult
 from rlhf.learner.feedback_intake import FeedbackChannel
 from rlhf.learner.feedback_loss import collate_feedback
@@ -83,6 +84,7 @@ class Learner:
         topic_prefix: str = "rlhf",
         weight_store: str | Path | None = None,
         canary: LearnerCanaryConfig | None = None,
+        ranks: Ranks | None = None,
     ):
         """`canary`: the promotion controller's settings (None: no canary plane at all, the
         Promote/SetCanary/GetCanary RPCs answer FAILED_PRECONDITION)."""
@@ -110,6 +112,8 @@ class Learner:
         self.canary_consumer = None  # rlhf.feedback for the canary, own group; opened while canaries are on
         self._canary_unannounced: list[Change] = []  # changes a broker outage kept from being announced
         self._canary_ticked = 0.0
+        # this process is rank 0 of `ranks` (rlhf/learner/distributed.py): the others follow its trainer
+        self.ranks = ranks or Ranks.single()
 
     # --- start-up and recovery ---------------------------------------------------------
 
@@ -121,11 +125,11 @@ class Learner:
 
         cfg = self.cfg
         set_torch_threads(cfg.torch_threads)
-        device = resolve_device(cfg.device)
+        device = self.ranks.device(resolve_device(cfg.device))
         self.tokenizer = load_tokenizer(self.model_dir)
         self.pad_id = pad_id(self.tokenizer)
         self.policy = build_policy(self.model_dir, cfg, device)
-        self.trainer = PPOTrainer(self.policy, cfg)
+        self.trainer = PPOTrainer(self.policy, cfg, self.ranks)
         prompts = (
             load_prompt_texts(path=cfg.drift_prompts_file) if cfg.drift_prompts_file else list(DEFAULT_HELDOUT_PROMPTS)
         )
@@ -172,6 +176,7 @@ class Learner:
             self.feedback = FeedbackChannel(consumer, cfg, self.tokenizer, self.policy.causal_lm)
         self.tracker = open_tracker(cfg.tracking, self.state_dir, "learner")
         self._recover()
+        self.trainer.share_state()  # the other ranks (if any) start from the restored state
 
     def _open_canary_consumer(self, log_ids: dict[str, str] | None = None) -> None:
         """The canary's own rlhf.feedback consumer (group `<group_id>-canary`), at the plane's offsets."""
@@ -314,6 +319,7 @@ class Learner:
         try:
             while not stop.is_set():
                 self._run_commands()
+                self.trainer.keep_alive()  # the other ranks wait for rank 0's next command
                 self._canary_iteration()
                 if self.paused.is_set():
                     stop.wait(0.1)
@@ -681,6 +687,7 @@ class Learner:
         _, tensors = self.store.load(version)
         self.policy.load_policy_state_dict({k: v.to(self.policy.device) for k, v in tensors.items()})
         self.trainer.reset_optimizer()
+        self.trainer.share_state()
         self.state.switch_to(version)
 
     # --- control plane (any thread) ----------------------------------------------------
@@ -850,3 +857,5 @@ class Learner:
             self.canary_consumer.close()
         if self.producer is not None:
             self.producer.close()
+        if getattr(self, "trainer", None) is not None:
+            self.trainer.release()  # the other ranks exit too

@@ -3,6 +3,12 @@
 Wiring only: the loop is `rlhf.learner.Learner`, the math `rlhf.ppo`. Every field of
 `rlhf.learner.LearnerConfig` is a setting here with a `learner_` prefix:
 `RLHF_LEARNER_BATCH_SIZE=32` or `--learner-batch-size 32`.
+
+Under torchrun (rlhf/learner/distributed.py) every rank runs this module with the same
+settings: rank 0 is the service (Kafka, checkpoints, publishing, gRPC, metrics), the others
+follow its PPO steps and serve nothing:
+
+    torchrun --nproc-per-node 2 -m services.learner
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Sequence
 import grpc
 
 from rlhf.learner import Learner
+from rlhf.learner.distributed import Ranks
 from rlhf.learner.servicer import LearnerServicer
 from rlhf.serving import Service, load_settings, run_service
 from rlhf.v1 import learner_pb2_grpc
@@ -30,12 +37,14 @@ class LearnerService(Service):
     name = "learner"
     grpc_services = ("rlhf.v1.LearnerService",)
 
-    def __init__(self, settings: _LearnerSettingsBase):
+    def __init__(self, settings: _LearnerSettingsBase, ranks: Ranks | None = None):
         self.settings = settings
         self.learner: Learner | None = None
         self.servicer = LearnerServicer()  # answers UNAVAILABLE until start() hands it the learner
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._failed = False  # the training loop died: exit non-zero
+        self.ranks = ranks
 
     def register(self, server: grpc.aio.Server) -> None:
         learner_pb2_grpc.add_LearnerServiceServicer_to_server(self.servicer, server)
@@ -53,6 +62,7 @@ class LearnerService(Service):
             s.topic_prefix,
             weight_store=s.weight_store_path(),
             canary=s.canary_config(),
+            ranks=self.ranks,
         )
         await asyncio.to_thread(learner.start)  # weights loaded, checkpoint restored, consumer assigned
         self.learner = self.servicer.learner = learner
@@ -62,10 +72,11 @@ class LearnerService(Service):
     def _run(self) -> None:
         try:
             self.learner.run(self._stop)
-        except Exception:
-            # A learner that cannot train must not keep reporting SERVING: drain and exit,
-            # and let the supervisor restart it from its last checkpoint.
+        except BaseException:  # RankLost (another rank died) is a SystemExit
+            # A learner that cannot train must not keep reporting SERVING: drain and exit
+            # non-zero, and let the supervisor restart it (and every rank) from its last checkpoint.
             log.exception("training loop failed; shutting down")
+            self._failed = True
             os.kill(os.getpid(), signal.SIGTERM)
 
     async def stop(self) -> None:
@@ -74,8 +85,43 @@ class LearnerService(Service):
             await asyncio.to_thread(self._thread.join)
         if self.learner is not None:
             self.learner.close()
+        if self._failed:
+            raise RuntimeError("the training loop failed (see above); exiting non-zero for the supervisor")
+
+
+def join_ranks(settings: _LearnerSettingsBase) -> Ranks:
+    """This process's rank among torchrun's (one rank, no process group, without torchrun)."""
+    from rlhf.models import resolve_device
+
+    cfg = settings.learner_config()
+    return Ranks.from_env(resolve_device(cfg.device), cfg.dist_timeout_seconds)
+
+
+def follow(settings: _LearnerSettingsBase, ranks: Ranks) -> int:
+    """A rank other than 0: the policy and trainer replica, running rank 0's commands until it
+    stops (0) or a rank is lost (RankLost: exit 1, torchrun restarts the group)."""
+    from rlhf.learner import PPOTrainer, build_policy
+    from rlhf.models import resolve_device, resolve_model, set_torch_threads
+    from rlhf.serving.logs import setup_logging
+
+    setup_logging(f"learner-rank{ranks.rank}", settings.log_level, settings.log_format)
+    # rank 0 decides when the ranks stop (its drain ends with a stop command); torchrun signals
+    # every rank at once, and this one must still be there to take that command
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    cfg = settings.learner_config()
+    set_torch_threads(cfg.torch_threads)
+    device = ranks.device(resolve_device(cfg.device))
+    policy = build_policy(resolve_model(settings.model), cfg, device)
+    log.info("following rank 0", extra={"rank": ranks.rank, "world_size": ranks.world_size, "device": str(device)})
+    PPOTrainer(policy, cfg, ranks).follow()
+    log.info("rank 0 stopped; exiting", extra={"rank": ranks.rank})
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = load_settings(LearnerSettings, sys.argv[1:] if argv is None else argv, prog="rlhf-learner")
-    return run_service(LearnerService(settings), settings)
+    ranks = join_ranks(settings)
+    if not ranks.leader:
+        return follow(settings, ranks)
+    return run_service(LearnerService(settings, ranks), settings)
