@@ -13,6 +13,13 @@ there, or when its sha256 or format is not the manifest's. Without a weight stor
 generator fed by UpdateWeights) a well-formed announcement (version ≥ 0, 64-hex sha256) is
 recorded as the lineage UpdateWeights checks against (`Generator.announced`). The event's
 `uri` (the learner's path) is not followed: a generator reads its own store by version.
+
+Canaries (issue 15): a learner that runs them states the whole serving state in every event
+(`stable_version`, `candidate_version`, `canary_share`; all 0 = an old-style event), and the
+served set follows it (`_follow`): CANARY loads its version as the candidate beside the
+stable one; PROMOTED naming the candidate as stable promotes it without a reload; an event
+whose candidate is 0 drops the candidate; a stable version that differs from the one
+serving is loaded. `catch_up` replays to the last such event and reaches the same state.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ INVALID_EVENTS = Counter(
 )
 
 PROMOTED, ROLLED_BACK = events_pb2.POLICY_ACTION_PROMOTED, events_pb2.POLICY_ACTION_ROLLED_BACK
+CANARY = events_pb2.POLICY_ACTION_CANARY
+SERVING = (PROMOTED, ROLLED_BACK, CANARY)  # the actions that change what is served
 _FORMATS = {common_pb2.WEIGHT_FORMAT_FULL: FULL, common_pb2.WEIGHT_FORMAT_LORA: LORA}
 
 
@@ -64,11 +73,15 @@ class PolicyFollower:
         while True:
             records = await asyncio.to_thread(self.consumer.poll, 500)
             for r in records:
-                if r.event.action in (PROMOTED, ROLLED_BACK) and await self._valid(r.event):
+                if r.event.action in SERVING and await self._valid(r.event):
                     last = r.event
             if not records and sum((await asyncio.to_thread(self.consumer.lag)).values()) == 0:
                 break
-        if last is not None and last.version != self.gen.version and self.gen.store.root.is_dir():
+        if last is None or not self.gen.store.root.is_dir():
+            return
+        if has_canary_state(last):
+            await self._follow(last, replay=True)
+        elif last.action != CANARY and (last.version != self.gen.version or self.gen.candidate_version):
             await self._load(last, replay=True)
 
     async def run(self) -> None:
@@ -82,10 +95,15 @@ class PolicyFollower:
                 continue
             for r in records:
                 ev = r.event
-                if ev.action not in (PROMOTED, ROLLED_BACK) or not await self._valid(ev):
+                if ev.action not in SERVING or not await self._valid(ev):
                     continue
                 if not self.gen.store.root.is_dir():
                     POLICY_EVENTS.labels(events_pb2.PolicyAction.Name(ev.action), "announced").inc()
+                elif has_canary_state(ev):
+                    await self._follow(ev)
+                elif ev.action == CANARY:  # a candidate must say what it is served beside
+                    POLICY_EVENTS.labels("POLICY_ACTION_CANARY", "invalid").inc()
+                    log.error("CANARY event without a serving state ignored", extra={"version": ev.version})
                 elif ev.action == ROLLED_BACK or ev.version > self.gen.version:
                     await self._load(ev)
                 else:
@@ -139,9 +157,67 @@ class PolicyFollower:
             return "format_mismatch", f"event {fmt!r}, manifest {record.format!r}"
         return None
 
+    async def _follow(self, ev: events_pb2.PolicyUpdate, replay: bool = False) -> None:
+        """Serve what a canary-state event says: stable `stable_version`, candidate
+        `candidate_version` (0: none), share `canary_share`. A failed step is logged and
+        counted; the steps after it still run (a refused candidate leaves the stable serving)."""
+        action = events_pb2.PolicyAction.Name(ev.action)
+        gen = self.gen
+        stable, candidate = ev.stable_version, ev.candidate_version
+        gen.set_canary_share(ev.canary_share)
+
+        def sha(version: int) -> str:
+            return ev.sha256 if version == ev.version else ""  # the manifest's is checked anyway
+
+        def fmt(version: int) -> str:
+            return _FORMATS.get(ev.format, "") if version == ev.version else ""
+
+        steps = []
+        if gen.candidate_version and gen.candidate_version not in (stable, candidate):
+            steps.append(("drop", lambda: gen.drop_candidate(f"{action}: candidate {candidate or 'none'}")))
+        if stable != gen.version:
+            if stable == gen.candidate_version:
+                steps.append(("promote", gen.promote_candidate))
+            else:
+                steps.append(("load", lambda: gen.load_version(stable, "", sha(stable), fmt(stable))))
+        outcome = "loaded"
+        for what, step in steps:
+            outcome = "failed" if not await self._step(ev, what, step) else outcome
+        if candidate and candidate != gen.candidate_version and candidate != gen.version:
+            load = gen.load_candidate(candidate, sha(candidate), fmt(candidate))
+            outcome = "failed" if not await self._step(ev, "candidate", lambda: load) else outcome
+        elif not candidate and gen.candidate_version:
+            await gen.drop_candidate(f"{action}: no candidate")
+        POLICY_EVENTS.labels(action, outcome).inc()
+        log.info(
+            "policy update followed",
+            extra={
+                "action": action,
+                "stable_version": gen.version,
+                "candidate_version": gen.candidate_version,
+                "canary_share": gen.canary_share,
+                "replay": replay,
+            },
+        )
+
+    async def _step(self, ev: events_pb2.PolicyUpdate, what: str, step) -> bool:
+        try:
+            await step()
+        except WeightsRefused as e:
+            log.error(
+                "policy update refused",
+                extra={"version": ev.version, "step": what, "reason": str(e), "event_id": ev.event_id},
+            )
+            return False
+        except Exception:
+            log.exception("policy update failed", extra={"version": ev.version, "step": what})
+            return False
+        return True
+
     async def _load(self, ev: events_pb2.PolicyUpdate, replay: bool = False) -> None:
         action = events_pb2.PolicyAction.Name(ev.action)
         try:
+            await self.gen.drop_candidate(f"{action} of version {ev.version} without canary state")
             await self.gen.load_version(ev.version, "", ev.sha256, _FORMATS.get(ev.format, ""))
         except WeightsRefused as e:
             POLICY_EVENTS.labels(action, "refused").inc()
@@ -157,3 +233,8 @@ class PolicyFollower:
     def close(self) -> None:
         if self.consumer is not None:
             self.consumer.close()
+
+
+def has_canary_state(ev: events_pb2.PolicyUpdate) -> bool:
+    """Whether the event states the serving state in full (a learner that runs canaries)."""
+    return bool(ev.stable_version or ev.candidate_version or ev.canary_share)

@@ -4,7 +4,11 @@ UpdateWeights and LoadVersion need the control token (rlhf/serving/auth.py, chec
 server's interceptor before these handlers run). Refusals are rlhf.errors exceptions, answered
 with their status code by the server (rlhf/serving/server.py). A refused update keeps the
 serving version: NotPublished (a version the learner did not publish) → PermissionDenied, any
-other WeightsRefused (bad header, size, sha256, shapes, manifest) → InvalidArgument."""
+other WeightsRefused (bad header, size, sha256, shapes, manifest) → InvalidArgument.
+
+A request may name the version that answers it (`policy_version`: the stable one or the
+canary's candidate; 0 = the stable one); one this generator does not serve is
+FailedPrecondition naming the versions it does (rlhf/generation/gate.py)."""
 
 from __future__ import annotations
 
@@ -41,6 +45,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             raise Unavailable("the policy model is still loading")
 
     def _prepare(self, request: generation_pb2.GenerateRequest) -> tuple[str, list[int], Sampling]:
+        if request.policy_version < 0:
+            raise InvalidRequest("policy_version", f"must be ≥ 0 (0: the stable one), got {request.policy_version}")
+        self.gen.gate.pick(request.policy_version)  # NotServed before the prompt is tokenised
         which = request.WhichOneof("prompt")
         if which == "messages":
             ids = self.gen.chat_ids([{"role": m.role, "content": m.content} for m in request.messages.messages])
@@ -134,7 +141,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             self._trace_request(span, rid, ids, sampling)
             samples = [SampleOut(i) for i in range(sampling.n)]
             version = self.gen.version
-            async with aclosing(self.gen.generate(ids, sampling, rid, stream=False)) as stream:
+            gen = self.gen.generate(ids, sampling, rid, stream=False, version=request.policy_version)
+            async with aclosing(gen) as stream:
                 async for chunk_version, d in stream:
                     version = chunk_version  # the response names the version of the last chunk
                     samples[d.index].add(d)
@@ -166,7 +174,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             span.set_attribute("rlhf.stream", True)
             completion, finished, version = 0, 0, self.gen.version
             reasons = [""] * sampling.n
-            async with aclosing(self.gen.generate(ids, sampling, rid)) as stream:
+            async with aclosing(self.gen.generate(ids, sampling, rid, version=request.policy_version)) as stream:
                 async for version, d in stream:
                     completion += len(d.token_ids)
                     finished += d.finish_reason is not None
@@ -231,4 +239,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             policy_version=self.gen.version,
             max_model_len=self.gen.limits.max_model_len,
             weight_format=FORMAT_ENUM[self.gen.fmt],
+            candidate_version=self.gen.candidate_version,
+            canary_share=self.gen.canary_share,
         )
