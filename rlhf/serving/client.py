@@ -1,5 +1,12 @@
 """Client side of the scaffold: channels with retries on UNAVAILABLE (and, given the control
-token, its `authorization` metadata on every call: rlhf/serving/auth.py), and health checks."""
+token, its `authorization` metadata on every call: rlhf/serving/auth.py), and health checks.
+
+Load balancing follows the address. `host:port` is one connection to whichever address the
+name resolves to first (gRPC's pick_first): a Kubernetes ClusterIP Service, one pod per
+client. `dns:///host:port` resolves every A record and spreads calls over all of them
+(round_robin): point it at a headless Service (clusterIP: None) and a client uses every
+generator or reference pod, e.g. RLHF_GENERATOR_ADDR=dns:///generator-headless.rlhf.svc:50051.
+`load_balancing=` overrides the choice."""
 
 from __future__ import annotations
 
@@ -13,31 +20,38 @@ from rlhf.serving.auth import control_metadata
 
 # Retry only UNAVAILABLE (the server is not there yet or is restarting): every other code
 # is an answer, and retrying it would repeat work or hide a caller's mistake.
-_SERVICE_CONFIG = json.dumps(
-    {
-        "methodConfig": [
-            {
-                "name": [{}],
-                "retryPolicy": {
-                    "maxAttempts": 5,
-                    "initialBackoff": "0.2s",
-                    "maxBackoff": "5s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ]
-    }
-)
+_RETRY = {
+    "methodConfig": [
+        {
+            "name": [{}],
+            "retryPolicy": {
+                "maxAttempts": 5,
+                "initialBackoff": "0.2s",
+                "maxBackoff": "5s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ]
+}
+LOAD_BALANCING = ("pick_first", "round_robin")
 
 
-def channel_options(max_message_mb: int = 64) -> list[tuple[str, object]]:
+def load_balancing_for(address: str) -> str:
+    """round_robin for a `dns:///` address (every resolved backend), else pick_first."""
+    return "round_robin" if address.startswith("dns:") else "pick_first"
+
+
+def channel_options(max_message_mb: int = 64, load_balancing: str = "pick_first") -> list[tuple[str, object]]:
+    if load_balancing not in LOAD_BALANCING:
+        raise ValueError(f"load_balancing must be one of {LOAD_BALANCING}, not {load_balancing!r}")
     limit = max_message_mb * 1024 * 1024
+    config = {**_RETRY, "loadBalancingConfig": [{load_balancing: {}}]}
     return [
         ("grpc.max_send_message_length", limit),
         ("grpc.max_receive_message_length", limit),
         ("grpc.enable_retries", 1),
-        ("grpc.service_config", _SERVICE_CONFIG),
+        ("grpc.service_config", json.dumps(config)),
     ]
 
 
@@ -87,15 +101,24 @@ class _AioBearer(
     intercept_stream_unary = intercept_stream_stream = _call
 
 
-def aio_channel(address: str, max_message_mb: int = 64, control_token: str = "") -> grpc.aio.Channel:
-    """A grpc.aio channel; with `control_token`, every call carries it (control RPCs need it)."""
+def aio_channel(
+    address: str, max_message_mb: int = 64, control_token: str = "", load_balancing: str | None = None
+) -> grpc.aio.Channel:
+    """A grpc.aio channel; with `control_token`, every call carries it (control RPCs need it).
+    `load_balancing`: None follows the address (load_balancing_for)."""
     interceptors = [_AioBearer(control_token)] if control_token else None
-    return grpc.aio.insecure_channel(address, options=channel_options(max_message_mb), interceptors=interceptors)
+    options = channel_options(max_message_mb, load_balancing or load_balancing_for(address))
+    return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
 
 
-def sync_channel(address: str, max_message_mb: int = 64, control_token: str = "") -> grpc.Channel:
-    """A blocking channel; with `control_token`, every call carries it (control RPCs need it)."""
-    channel = grpc.insecure_channel(address, options=channel_options(max_message_mb))
+def sync_channel(
+    address: str, max_message_mb: int = 64, control_token: str = "", load_balancing: str | None = None
+) -> grpc.Channel:
+    """A blocking channel; with `control_token`, every call carries it (control RPCs need it).
+    `load_balancing`: None follows the address (load_balancing_for)."""
+    channel = grpc.insecure_channel(
+        address, options=channel_options(max_message_mb, load_balancing or load_balancing_for(address))
+    )
     return grpc.intercept_channel(channel, _SyncBearer(control_token)) if control_token else channel
 
 
