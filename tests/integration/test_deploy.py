@@ -464,3 +464,23 @@ def test_learner_ranks_overlay_runs_torchrun_with_a_gpu_per_rank():
     assert env["RLHF_PORT"] == str(GRPC_PORTS["learner"])  # rank 0 serves where the probes look
     assert c["readinessProbe"]["grpc"]["port"] == GRPC_PORTS["learner"]
     assert rlhf_workloads(docs).keys() == rlhf_workloads(render("gpu")).keys() - {"learner"}
+
+
+def test_clients_spread_over_every_generator_and_reference_pod(manifests):
+    """The gateway and the rollout worker reach the generators and reference servers through
+    dns:/// addresses of headless Services (round_robin over every ready pod,
+    rlhf/serving/client.py), not a ClusterIP that pins each connection to one pod."""
+    _, docs = manifests
+    services = by_kind(docs, "Service")
+    workloads = rlhf_workloads(docs)
+    wanted = {"gateway": ["RLHF_GENERATOR_ADDR"], "rollout": ["RLHF_GENERATOR_ADDR", "RLHF_REFERENCE_ADDR"]}
+    for service, variables in wanted.items():
+        env = {e["name"]: e.get("value") for e in workloads[service][2]["env"]}
+        for var in variables:
+            target = env[var]
+            assert target.startswith("dns:///"), (service, var, target)
+            host, port = target.removeprefix("dns:///").split(":")
+            svc = services[host.split(".")[0]]
+            assert svc["spec"]["clusterIP"] == "None", host
+            assert not svc["spec"].get("publishNotReadyAddresses"), host  # only ready pods get calls
+            assert int(port) in {p["port"] for p in svc["spec"]["ports"]}, target
