@@ -29,6 +29,8 @@ class Topics:
         self.rollouts = f"{prefix}.rollouts"  # Rollout, key prompt_id
         self.policy_updates = f"{prefix}.policy-updates"  # PolicyUpdate, key "policy"
         self.reward_updates = f"{prefix}.reward-updates"  # RewardModelUpdate, key "reward"
+        # Feedback from raters the reward service quarantined (unreliable): kept, replayable, read by no service
+        self.feedback_quarantine = f"{prefix}.feedback.quarantine"
 
     def events(self) -> dict[str, type[Message]]:
         """Each event topic and the protobuf message class its values decode to."""
@@ -38,6 +40,7 @@ class Topics:
             self.rollouts: events_pb2.Rollout,
             self.policy_updates: events_pb2.PolicyUpdate,
             self.reward_updates: events_pb2.RewardModelUpdate,
+            self.feedback_quarantine: events_pb2.Feedback,
         }
 
     def message_class(self, topic: str) -> type[Message]:

@@ -2,6 +2,10 @@
 
 How ratings become training signal (the choice the issue asks to document):
   * a comparison is one Bradley-Terry pair (chosen ≻ rejected);
+  * a tie ("as good as each other") is one tie pair: Bradley-Terry with target ½, i.e.
+    −½ log σ(r_a − r_b) − ½ log σ(r_b − r_a), which pulls the two scores together;
+  * "both bad" is no pair (neither is preferred, so it says nothing about their order):
+    each answer trains a pointwise thumbs-down term, as two −1 ratings would;
   * a thumbs rating that finds an *opposite* rating of a *different* answer to the same
     prompt (same conversation messages) among the recent ratings becomes a Bradley-Terry
     pair (up ≻ down), the cleanest signal a rating can give;
@@ -26,10 +30,12 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+from rlhf.v1 import events_pb2
 from rlhf.validation import Invalid
 
 PAIR = "pair"
 POINT = "point"
+TIE = "tie"  # a pair judged equally good: chosen/rejected are just the two answers
 RATING_VALUES = (1, -1)  # thumbs up, thumbs down: what the gateway accepts
 
 Messages = tuple[tuple[str, str], ...]  # ((role, content), ...)
@@ -40,7 +46,9 @@ class Example:
     """One unit of reward-model training signal.
 
     kind == "pair":  chosen ≻ rejected for prompt
+    kind == "tie":   chosen ≈ rejected for prompt (the two answers, in the order shown)
     kind == "point": response rated label (+1 up, −1 down) for prompt
+    rater: who gave the event (Feedback.rater_id; "" anonymous): its reliability weighs it
     """
 
     kind: str
@@ -50,9 +58,10 @@ class Example:
     response: str = ""
     label: int = 0
     event_id: str = ""
+    rater: str = ""
 
     def texts(self) -> list[str]:
-        return [self.chosen, self.rejected] if self.kind == PAIR else [self.response]
+        return [self.chosen, self.rejected] if self.kind in (PAIR, TIE) else [self.response]
 
     def to_json(self) -> list[Any]:
         return [
@@ -63,12 +72,14 @@ class Example:
             self.response,
             self.label,
             self.event_id,
+            self.rater,
         ]
 
     @classmethod
     def from_json(cls, row: Sequence[Any]) -> "Example":
-        kind, prompt, chosen, rejected, response, label, event_id = row
-        return cls(kind, tuple((r, c) for r, c in prompt), chosen, rejected, response, int(label), event_id)
+        kind, prompt, chosen, rejected, response, label, event_id, *rest = row  # no rater: an older checkpoint
+        rater = rest[0] if rest else ""
+        return cls(kind, tuple((r, c) for r, c in prompt), chosen, rejected, response, int(label), event_id, rater)
 
 
 @dataclass(frozen=True)
@@ -179,13 +190,26 @@ class FeedbackConverter:
         if problem is not None:
             return kind, [], problem
         prompt = messages_of(fb.prompt)
+        ids = dict(event_id=fb.event_id, rater=fb.rater_id)
         if which == "comparison":
             c = fb.comparison
-            return kind, [Example(PAIR, prompt, chosen=c.chosen, rejected=c.rejected, event_id=fb.event_id)], None
+            outcome = c.outcome
+            if outcome == events_pb2.COMPARISON_OUTCOME_TIE:
+                return "tie", [Example(TIE, prompt, chosen=c.chosen, rejected=c.rejected, **ids)], None
+            if outcome == events_pb2.COMPARISON_OUTCOME_BOTH_BAD:
+                both = [Example(POINT, prompt, response=t, label=-1, **ids) for t in (c.chosen, c.rejected)]
+                return "both_bad", both, None
+            return kind, [Example(PAIR, prompt, chosen=c.chosen, rejected=c.rejected, **ids)], None
         r = fb.rating
-        return kind, [self._rate(prompt, r.response, r.value, fb.event_id)], None
+        return kind, [self._rate(prompt, r.response, r.value, fb.event_id, fb.rater_id)], None
 
-    def _rate(self, prompt: Messages, response: str, value: int, event_id: str) -> Example:
+    def forget(self, prompt: Messages, response: str) -> None:
+        """Drop a retracted rating from the pairing memory, so that no later rating pairs with it."""
+        key = prompt_key(prompt)
+        if key in self._ratings:
+            self._ratings[key] = [(resp, v) for resp, v in self._ratings[key] if resp != response]
+
+    def _rate(self, prompt: Messages, response: str, value: int, event_id: str, rater: str = "") -> Example:
         key = prompt_key(prompt)
         seen = self._ratings.pop(key, [])
         partner = next((resp for resp, v in reversed(seen) if v == -value and resp != response), None)
@@ -194,9 +218,9 @@ class FeedbackConverter:
         while len(self._ratings) > self.max_prompts:
             self._ratings.popitem(last=False)
         if partner is None:
-            return Example(POINT, prompt, response=response, label=value, event_id=event_id)
+            return Example(POINT, prompt, response=response, label=value, event_id=event_id, rater=rater)
         chosen, rejected = (response, partner) if value > 0 else (partner, response)
-        return Example(PAIR, prompt, chosen=chosen, rejected=rejected, event_id=event_id)
+        return Example(PAIR, prompt, chosen=chosen, rejected=rejected, event_id=event_id, rater=rater)
 
     def state(self) -> list[list[Any]]:
         return [[k, [list(x) for x in v]] for k, v in self._ratings.items()]
@@ -217,6 +241,18 @@ class ReplayBuffer:
 
     def extend(self, examples: Iterable[Example]) -> None:
         self._items.extend(examples)
+
+    def remove(self, drop) -> list[Example]:
+        """Take out every example for which `drop(example)` is true; returns them (oldest first)."""
+        kept, gone = [], []
+        for e in self._items:
+            (gone if drop(e) else kept).append(e)
+        if gone:
+            self._items = deque(kept, maxlen=self._items.maxlen)
+        return gone
+
+    def __iter__(self):
+        return iter(self._items)
 
     def sample(self, k: int) -> list[Example]:
         k = min(k, len(self._items))

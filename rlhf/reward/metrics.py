@@ -38,3 +38,16 @@ LOOP_ERRORS = Counter(
     "rlhf_rm_loop_errors_total", "Training-loop iterations that failed and restored the last checkpoint"
 )
 SCORED = Counter("rlhf_reward_scored_items_total", "(prompt, response) items scored by Score")
+QUARANTINED_RATERS = Gauge(
+    "rlhf_reward_quarantined_raters", "Raters quarantined now: reliability below the threshold, their events held"
+)
+QUARANTINED_EVENTS = Counter(
+    "rlhf_reward_quarantined_events_total", "Feedback events from quarantined raters, copied to the quarantine topic"
+)
+QUARANTINE_CHANGES = Counter(
+    "rlhf_reward_rater_quarantine_changes_total", "Raters quarantined or released, by change", ["change"]
+)
+RETRACTED = Counter(
+    "rlhf_reward_retracted_examples_total", "Training examples taken back because their rater changed the vote"
+)
+RATER_WEIGHT = Gauge("rlhf_reward_mean_example_weight", "Mean reliability weight of the last step's examples")

@@ -6,7 +6,9 @@ is an independent copy, swapped in by replacing one reference (ServingSnapshot).
 
 One iteration:
   1. poll feedback events
-  2. de-duplicate by event id, turn them into pairs / lone ratings
+  2. de-duplicate by event id, turn them into pairs / ties / lone ratings; a superseding
+     event retracts the one it replaces; events of quarantined raters are copied to the
+     quarantine topic (rlhf.feedback.quarantine) and held, not trained
   3. train (progressive validation first), publishing a version every N steps
   4. checkpoint every M steps or T seconds, and when the topic runs dry; commit the
      offsets only after the checkpoint that contains their effect
@@ -73,11 +75,13 @@ class OnlineRewardLoop:
         cfg: LoopConfig,
         on_swap: Callable[[ServingSnapshot], None],
         tracker: Tracker | None = None,
+        quarantine_topic: str | None = None,
     ):
         self.make_trainer, self.make_consumer = make_trainer, make_consumer
         self.producer, self.updates_topic = producer, updates_topic
         self.checkpoints, self.backbone, self.cfg, self.on_swap = checkpoints, backbone, cfg, on_swap
         self.tracker = tracker or Tracker(None, "reward")  # each step's stats (rlhf/tracking.py)
+        self.quarantine_topic = quarantine_topic  # where quarantined raters' events are copied
         self.trainer: OnlineRewardTrainer | None = None
         self.consumer: EventConsumer | None = None
         self.version = 0
@@ -170,6 +174,17 @@ class OnlineRewardLoop:
         ingested = self.trainer.ingest(r.event for r in records)
         for i, reason in ingested.refused:  # no training signal: to rlhf.feedback.dlq, with why
             self.consumer.dead_letter(records[i], reason)
+        for i in ingested.quarantined:  # kept where an operator can read and replay them
+            if self.producer is not None and self.quarantine_topic:
+                r = records[i]
+                self.producer.publish_bytes(
+                    self.quarantine_topic,
+                    r.value,
+                    r.key,
+                    {"quarantine.rater": r.event.rater_id.encode()},
+                )
+        m.QUARANTINED_EVENTS.inc(len(ingested.quarantined))
+        m.RETRACTED.inc(ingested.retracted)
         for kind, n in ingested.kinds.items():
             m.FEEDBACK.labels(kind).inc(n)
         for reason, n in ingested.invalid.items():
@@ -197,6 +212,12 @@ class OnlineRewardLoop:
         m.REPLAYED.inc(stats["replayed"])
         m.REPLAY_SIZE.set(len(self.trainer.buffer))
         m.STEP_SECONDS.observe(stats["step_seconds"])
+        m.QUARANTINED_RATERS.set(len(self.trainer.reliability.quarantined))
+        m.RATER_WEIGHT.set(stats["mean_weight"])
+        for rater, change, accuracy in self.trainer.quarantine_changes:
+            m.QUARANTINE_CHANGES.labels(change).inc()
+            log.warning(f"rater {change}", extra={"rater_id": rater, "accuracy": round(accuracy, 3)})
+        self.trainer.quarantine_changes.clear()
         self.tracker.log(self.trainer.step, stats)
         log.debug("rm step", extra={"train_step": self.trainer.step, **stats})
 

@@ -5,25 +5,50 @@ A step, in order:
      training on them; their accuracy is the online accuracy (rlhf_rm_accuracy_ratio)
   2. update the score normaliser with those (eval-mode) raw scores
   3. mix in a uniform sample of older examples from the replay buffer
-  4. Bradley-Terry loss on pairs + pointwise logistic loss on lone ratings, one AdamW step
+  4. Bradley-Terry loss on pairs, the tie loss on ties, pointwise logistic loss on lone
+     ratings, each example weighted by its rater's reliability; one AdamW step
   5. remember the new examples in the replay buffer
+
+Rater reliability (rlhf/reward/reliability.py): the held-out scores of step 1 are the RM's
+prediction for each new vote; the votes refit a one-coin Dawid-Skene model every few
+steps. A rater who falls below the threshold is quarantined: their examples leave the
+replay buffer and later ones are not trained, both held aside (`held`, in checkpoints); the
+reward service copies their events to the quarantine topic. A released rater's held
+examples are trained again (`pending`).
+
+A superseding event (Feedback.supersedes_event_id: a rater changed their vote) retracts
+the old one: its examples leave the replay buffer, the held and pending lists and the
+batch being ingested, its vote leaves the reliability window, and the counts
+(examples_seen, pairs_seen) drop by what it had added; the new vote trains as usual.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import torch
 
 from rlhf.reward.config import TrainerConfig
-from rlhf.reward.data import PAIR, EventDedup, Example, FeedbackConverter, FeedbackLimits, ReplayBuffer
-from rlhf.reward.loss import bradley_terry_loss, odin_disentangle_loss, pointwise_logistic_loss
+from rlhf.reward.data import (
+    PAIR,
+    POINT,
+    TIE,
+    EventDedup,
+    Example,
+    FeedbackConverter,
+    FeedbackLimits,
+    ReplayBuffer,
+    prompt_key,
+)
+from rlhf.reward.loss import bradley_terry_loss, odin_disentangle_loss, pointwise_logistic_loss, tie_loss
 from rlhf.reward.model import RewardModel
 from rlhf.reward.normalizer import ScoreNormalizer
+from rlhf.reward.reliability import RaterReliability, ReliabilityConfig, Vote
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +62,37 @@ class Ingested:
     duplicates: int
     invalid: dict[str, int]  # events without training signal, per reason class
     refused: list[tuple[int, str]] = field(default_factory=list)  # (index in the input, why): to dead-letter
+    quarantined: list[int] = field(default_factory=list)  # indices of events from quarantined raters
+    retracted: int = 0  # examples taken back by superseding events
+
+
+def vote_of(e: Example, scores: list[float]) -> Vote | None:
+    """The reliability vote an example casts, with the RM's held-out prediction as prior
+    (`scores`: its texts' raw scores before training); None for ties and anonymous ones."""
+    if not e.rater or e.kind == TIE:
+        return None
+    key = prompt_key(e.prompt)
+    if e.kind == PAIR:
+        first, second = sorted((e.chosen, e.rejected))
+        s_first, s_second = (scores[0], scores[1]) if first == e.chosen else (scores[1], scores[0])
+        prior = 1 / (1 + math.exp(-max(-30.0, min(30.0, s_first - s_second))))
+        return Vote(e.rater, f"{key}|{first}|{second}", 1 if first == e.chosen else -1, prior, e.event_id)
+    prior = 1 / (1 + math.exp(-max(-30.0, min(30.0, scores[0]))))
+    return Vote(e.rater, f"{key}|{e.response}", e.label, prior, e.event_id)
 
 
 class OnlineRewardTrainer:
-    def __init__(self, model: RewardModel, cfg: TrainerConfig):
+    def __init__(self, model: RewardModel, cfg: TrainerConfig, reliability: ReliabilityConfig | None = None):
         self.model = model
         self.cfg = cfg
+        self.reliability = RaterReliability(reliability or ReliabilityConfig())
+        self.held: dict[str, list[Example]] = {}  # quarantined raters' examples, kept for a release
+        self.pending: list[Example] = []  # released raters' examples, trained in the next steps
+        # event id → (rater, examples, pairs) its first training added: what a superseding event takes back
+        self.event_log: OrderedDict[str, tuple[str, int, int]] = OrderedDict()
+        self.superseded = EventDedup(cfg.dedup_capacity)  # ids retracted (dropped should they come later)
+        self.retracted = 0  # examples retracted so far
+        self.quarantine_changes: list[tuple[str, str, float]] = []  # (rater, "quarantined"/"released", p) since read
         if cfg.length_debias == "odin":
             # before the optimiser is built, so that it trains the length head too
             model.add_length_head(seed=cfg.seed + 1)
@@ -65,6 +115,14 @@ class OnlineRewardTrainer:
             if not self.dedup.add(fb.event_id):
                 out.duplicates += 1
                 continue
+            if fb.event_id in self.superseded:  # a vote its rater already changed
+                out.kinds["superseded"] = out.kinds.get("superseded", 0) + 1
+                continue
+            old = getattr(fb, "supersedes_event_id", "")
+            if old:
+                out.retracted += self.retract(old, fb.rater_id, out.examples)
+            if self.reliability.is_quarantined(fb.rater_id):
+                out.quarantined.append(i)
             kind, examples, problem = self.converter.convert(fb)
             out.kinds[kind] = out.kinds.get(kind, 0) + 1
             if problem is not None:
@@ -72,7 +130,44 @@ class OnlineRewardTrainer:
                 out.refused.append((i, str(problem)))
                 log.warning("feedback event refused", extra={"event_id": fb.event_id, "reason": str(problem)})
             out.examples.extend(examples)
+            if examples:
+                self.event_log[fb.event_id] = (fb.rater_id, 0, 0)  # counted as it trains
+                while len(self.event_log) > self.cfg.dedup_capacity:
+                    self.event_log.popitem(last=False)
         return out
+
+    def retract(self, event_id: str, rater: str, batch: list[Example] | None = None) -> int:
+        """Take back what event `event_id` trained (its rater changed their vote); only the
+        same rater can retract their event. Returns the examples removed; examples_seen and
+        pairs_seen drop by what the event's first training added, even where its examples
+        already left the replay buffer."""
+        self.superseded.add(event_id)
+        logged = self.event_log.get(event_id)
+        if logged is None or logged[0] != rater:
+            if logged is not None:
+                log.warning("supersedes_event_id names another rater's event; ignored", extra={"event_id": event_id})
+            return 0
+        del self.event_log[event_id]
+        mine = lambda e: e.event_id == event_id  # noqa: E731
+        gone = self.buffer.remove(mine)
+        if batch is not None:
+            gone += [e for e in batch if mine(e)]
+            batch[:] = [e for e in batch if not mine(e)]
+        gone += [e for e in self.pending if mine(e)]
+        self.pending = [e for e in self.pending if not mine(e)]
+        if rater in self.held:
+            gone += [e for e in self.held[rater] if mine(e)]
+            self.held[rater] = [e for e in self.held[rater] if not mine(e)]
+        for e in gone:
+            if e.kind == POINT:
+                self.converter.forget(e.prompt, e.response)
+        self.reliability.forget(event_id)
+        _, trained, trained_pairs = logged
+        self.examples_seen -= trained
+        self.pairs_seen -= trained_pairs
+        self.retracted += len(gone)
+        log.info("feedback retracted", extra={"event_id": event_id, "examples": len(gone)})
+        return len(gone)
 
     def train(self, examples: list[Example]) -> Iterator[dict[str, float]]:
         """One step per `train_batch_size` new examples, lazily: the stats of each step as it is
@@ -89,41 +184,105 @@ class OnlineRewardTrainer:
             raw = self._scores(new)  # (n_texts,)
         right = self._correct(new, raw)
         self.correct.extend(right)
-        self.online_accuracy = sum(self.correct) / len(self.correct)
+        if self.correct:
+            self.online_accuracy = sum(self.correct) / len(self.correct)
         # 2. the normaliser follows the scores the current weights give
         self.normalizer.update(raw)
-        # 3. replay: older examples keep the RM from forgetting them
-        batch = new + self.buffer.sample(round(self.cfg.replay_ratio * len(new)))
-        # 4. one optimiser step on the mixed batch
+        # 3. the held-out scores are the RM's prediction of each vote: refit reliability
+        self._observe(new, raw.tolist())
+        trainable = [e for e in new if not self.reliability.is_quarantined(e.rater)]
+        for e in new:
+            if self.reliability.is_quarantined(e.rater):
+                self._hold(e)
+        released, self.pending = self.pending[: len(new) or 1], self.pending[len(new) or 1 :]
+        # 4. replay: older examples keep the RM from forgetting them
+        batch = trainable + released + self.buffer.sample(round(self.cfg.replay_ratio * len(new)))
+        # 5. one optimiser step on the mixed batch, each example weighted by its rater's reliability
+        weights = torch.tensor([self.reliability.weight(e.rater) for e in batch], dtype=torch.float32)
         self.model.train()
-        if self.cfg.length_debias == "odin":
-            loss, stats = self._odin_loss(batch)
+        if not batch or float(weights.sum()) <= 0:
+            loss, stats, grad_norm = torch.zeros(()), {}, torch.zeros(())
         else:
-            scores = self._scores(batch)  # (n_texts,) with grad
-            loss, stats = self._loss(batch, scores)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
-        self.optimizer.step()
+            if self.cfg.length_debias == "odin":
+                loss, stats = self._odin_loss(batch, weights)
+            else:
+                scores = self._scores(batch)  # (n_texts,) with grad
+                loss, stats = self._loss(batch, scores, weights.to(scores.device))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+            self.optimizer.step()
         self.model.eval()
-        # 5. remember
-        self.buffer.extend(new)
+        # 6. remember
+        self.buffer.extend(trainable + released)
         self.step += 1
-        self.examples_seen += len(new)
-        n_pairs = sum(e.kind == PAIR for e in new)
+        self.examples_seen += len(trainable)
+        n_pairs = sum(e.kind == PAIR for e in trainable)
         self.pairs_seen += n_pairs
+        for e in trainable:
+            if e.event_id in self.event_log:
+                rater, n, pairs = self.event_log[e.event_id]
+                self.event_log[e.event_id] = (rater, n + 1, pairs + (e.kind == PAIR))
         out = {k: float(v) for k, v in stats.items()}
         out.update(
             loss=float(loss.detach()),
             grad_norm=float(grad_norm),
-            new_examples=len(new),
+            new_examples=len(trainable),
             new_pairs=n_pairs,
-            replayed=len(batch) - len(new),
-            validation_accuracy=sum(right) / len(right),
+            replayed=len(batch) - len(trainable),
+            held_examples=len(new) - len(trainable),
+            mean_weight=float(weights.mean()) if len(batch) else 0.0,
+            quarantined_raters=len(self.reliability.quarantined),
+            validation_accuracy=sum(right) / len(right) if right else 0.0,
             online_accuracy=self.online_accuracy,
             step_seconds=time.perf_counter() - t0,
         )
         return out
+
+    # ---- reliability and quarantine ------------------------------------------------------
+
+    def _observe(self, new: list[Example], raw: list[float]) -> None:
+        votes, i = [], 0
+        for e in new:
+            n = len(e.texts())
+            vote = vote_of(e, raw[i : i + n])
+            i += n
+            if vote is not None:
+                votes.append(vote)
+        if not self.reliability.cfg.enabled:
+            return
+        newly_in, newly_out = self.reliability.observe(votes)
+        for rater in sorted(newly_in):
+            for e in self.buffer.remove(lambda e, r=rater: e.rater == r):
+                self._hold(e)
+            p = self.reliability.accuracy.get(rater, 0.0)
+            self.quarantine_changes.append((rater, "quarantined", p))
+            log.warning("rater quarantined", extra={"rater_id": rater, "accuracy": round(p, 3)})
+        for rater in sorted(newly_out):
+            self._release_held(rater)
+
+    def _hold(self, e: Example) -> None:
+        held = self.held.setdefault(e.rater, [])
+        held.append(e)
+        if len(held) > self.cfg.replay_size:
+            del held[0]
+
+    def _release_held(self, rater: str) -> None:
+        examples = self.held.pop(rater, [])
+        self.pending.extend(examples)
+        p = self.reliability.accuracy.get(rater, 0.0)
+        self.quarantine_changes.append((rater, "released", p))
+        log.warning("rater released", extra={"rater_id": rater, "accuracy": round(p, 3), "examples": len(examples)})
+
+    def release(self, rater: str) -> int:
+        """An operator's release: `rater` is trusted again, and their held examples train
+        in the next steps. Returns how many."""
+        held = len(self.held.get(rater, []))
+        if self.reliability.release(rater) or held:
+            self._release_held(rater)
+        return held
+
+    # ---- scores and losses ---------------------------------------------------------------
 
     def _scores(self, examples: list[Example]) -> torch.Tensor:
         prompts = [e.prompt for e in examples for _ in e.texts()]
@@ -132,55 +291,78 @@ class OnlineRewardTrainer:
 
     @staticmethod
     def _split(examples: list[Example], scores: torch.Tensor):
-        """Scores laid out by _scores → (chosen (P,), rejected (P,), point scores (N,), labels (N,))."""
-        chosen, rejected, points, labels, i = [], [], [], [], 0
-        for e in examples:
-            if e.kind == PAIR:
-                chosen.append(i)
-                rejected.append(i + 1)
+        """Scores laid out by _scores → {kind: (index tensors)}: pair (chosen, rejected),
+        tie (a, b), point (scores) with labels, each with the examples' positions."""
+        pos: dict[str, list] = {PAIR: [[], [], []], TIE: [[], [], []], POINT: [[], [], []]}
+        i = 0
+        for j, e in enumerate(examples):
+            if e.kind in (PAIR, TIE):
+                pos[e.kind][0].append(i)
+                pos[e.kind][1].append(i + 1)
                 i += 2
             else:
-                points.append(i)
-                labels.append(float(e.label))
+                pos[POINT][0].append(i)
+                pos[POINT][1].append(float(e.label))
                 i += 1
+            pos[e.kind][2].append(j)
         idx = lambda xs: torch.tensor(xs, dtype=torch.long, device=scores.device)  # noqa: E731
-        return (
-            scores[idx(chosen)],
-            scores[idx(rejected)],
-            scores[idx(points)],
-            torch.tensor(labels, device=scores.device),
-        )
+        return {
+            PAIR: (scores[idx(pos[PAIR][0])], scores[idx(pos[PAIR][1])], idx(pos[PAIR][2])),
+            TIE: (scores[idx(pos[TIE][0])], scores[idx(pos[TIE][1])], idx(pos[TIE][2])),
+            POINT: (
+                scores[idx(pos[POINT][0])],
+                torch.tensor(pos[POINT][1], device=scores.device),
+                idx(pos[POINT][2]),
+            ),
+        }
 
     def _correct(self, examples: list[Example], scores: torch.Tensor) -> list[int]:
-        chosen, rejected, points, labels = self._split(examples, scores)
+        """1/0 per pair and rating: judged right before training; ties are not judged."""
+        parts = self._split(examples, scores)
+        chosen, rejected, _ = parts[PAIR]
+        points, labels, _ = parts[POINT]
         pair_right = iter((chosen > rejected).tolist())
         point_right = iter((points * labels > 0).tolist())
-        return [int(next(pair_right) if e.kind == PAIR else next(point_right)) for e in examples]
+        out = []
+        for e in examples:
+            if e.kind == PAIR:
+                out.append(int(next(pair_right)))
+            elif e.kind == POINT:
+                out.append(int(next(point_right)))
+        return out
 
-    def _loss(self, examples: list[Example], scores: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Mean over examples: each pair and each lone rating weighs the same."""
-        chosen, rejected, points, labels = self._split(examples, scores)
-        n_pairs, n_points = chosen.numel(), points.numel()
+    def _loss(
+        self, examples: list[Example], scores: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Weighted mean over examples: with equal weights each pair, tie and lone rating weighs the same."""
+        parts = self._split(examples, scores)
+        if weights is None:
+            weights = torch.ones(len(examples), device=scores.device)
         loss = scores.new_zeros(())
+        total = weights.sum().clamp(min=1e-12)
         stats: dict[str, torch.Tensor] = {}
-        if n_pairs:
-            bt, s = bradley_terry_loss(chosen, rejected)
-            loss = loss + bt * n_pairs
-            stats.update(s)
-        if n_points:
-            pt, s = pointwise_logistic_loss(points, labels)
-            loss = loss + pt * n_points
-            stats.update(s)
-        return loss / max(1, n_pairs + n_points), stats
+        for kind, fn in ((PAIR, bradley_terry_loss), (TIE, tie_loss), (POINT, pointwise_logistic_loss)):
+            a, b, where = parts[kind]
+            if not where.numel():
+                continue
+            w = weights[where]
+            if float(w.sum()) <= 0:
+                continue
+            term, st = fn(a, b, w)
+            loss = loss + term * w.sum()
+            stats.update(st)
+        return loss / total, stats
 
-    def _odin_loss(self, examples: list[Example]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _odin_loss(
+        self, examples: list[Example], weights: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """ODIN (rlhf.reward.loss.odin_disentangle_loss): the ranking and pointwise losses on
         r_Q + r_L, plus the terms that put length into r_L and keep it out of r_Q. Validation,
         the normaliser and serving see r_Q alone (RewardModel.forward)."""
         prompts = [e.prompt for e in examples for _ in e.texts()]
         texts = [t for e in examples for t in e.texts()]
         quality, length = self.model.score_heads(prompts, texts)  # (n_texts,) each, with grad
-        loss, stats = self._loss(examples, quality + length)
+        loss, stats = self._loss(examples, quality + length, None if weights is None else weights.to(quality.device))
         lengths = torch.tensor(
             [len(t.split()) for t in texts], dtype=quality.dtype, device=quality.device
         )  # (n_texts,)
@@ -204,6 +386,12 @@ class OnlineRewardTrainer:
             "converter": self.converter.state(),
             "buffer": self.buffer.state(),
             "config": self.cfg.model_dump(),
+            "reliability": self.reliability.state_dict(),
+            "held": {r: [e.to_json() for e in es] for r, es in self.held.items()},
+            "pending": [e.to_json() for e in self.pending],
+            "event_log": [[k, *v] for k, v in self.event_log.items()],
+            "superseded": self.superseded.state(),
+            "retracted": self.retracted,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -228,3 +416,10 @@ class OnlineRewardTrainer:
         self.dedup = EventDedup(self.cfg.dedup_capacity, state["dedup"])
         self.converter.load_state(state["converter"])
         self.buffer.load_state(state["buffer"])
+        if "reliability" in state:  # absent in checkpoints from before rater reliability
+            self.reliability.load_state_dict(state["reliability"])
+            self.held = {r: [Example.from_json(x) for x in es] for r, es in state["held"].items()}
+            self.pending = [Example.from_json(x) for x in state["pending"]]
+            self.event_log = OrderedDict((k, (r, int(n), int(p))) for k, r, n, p in state["event_log"])
+            self.superseded = EventDedup(self.cfg.dedup_capacity, state["superseded"])
+            self.retracted = int(state["retracted"])

@@ -8,6 +8,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ComparisonOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    COMPARISON_OUTCOME_CHOSEN: _ClassVar[ComparisonOutcome]
+    COMPARISON_OUTCOME_TIE: _ClassVar[ComparisonOutcome]
+    COMPARISON_OUTCOME_BOTH_BAD: _ClassVar[ComparisonOutcome]
+
 class PolicyAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     POLICY_ACTION_UNSPECIFIED: _ClassVar[PolicyAction]
@@ -15,6 +21,9 @@ class PolicyAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     POLICY_ACTION_REJECTED: _ClassVar[PolicyAction]
     POLICY_ACTION_ROLLED_BACK: _ClassVar[PolicyAction]
     POLICY_ACTION_CANARY: _ClassVar[PolicyAction]
+COMPARISON_OUTCOME_CHOSEN: ComparisonOutcome
+COMPARISON_OUTCOME_TIE: ComparisonOutcome
+COMPARISON_OUTCOME_BOTH_BAD: ComparisonOutcome
 POLICY_ACTION_UNSPECIFIED: PolicyAction
 POLICY_ACTION_PROMOTED: PolicyAction
 POLICY_ACTION_REJECTED: PolicyAction
@@ -22,7 +31,14 @@ POLICY_ACTION_ROLLED_BACK: PolicyAction
 POLICY_ACTION_CANARY: PolicyAction
 
 class Feedback(_message.Message):
-    __slots__ = ("schema_version", "event_id", "created_unix_ms", "conversation_id", "prompt", "rating", "comparison", "comment", "corrected_answer", "source", "rater_id", "anonymous")
+    __slots__ = ("schema_version", "event_id", "created_unix_ms", "conversation_id", "prompt", "rating", "comparison", "comment", "corrected_answer", "source", "rater_id", "anonymous", "scores", "tags", "metadata", "supersedes_event_id")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +51,10 @@ class Feedback(_message.Message):
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     RATER_ID_FIELD_NUMBER: _ClassVar[int]
     ANONYMOUS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDES_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
     event_id: str
     created_unix_ms: int
@@ -47,7 +67,21 @@ class Feedback(_message.Message):
     source: str
     rater_id: str
     anonymous: bool
-    def __init__(self, schema_version: _Optional[int] = ..., event_id: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., conversation_id: _Optional[str] = ..., prompt: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., rating: _Optional[_Union[Rating, _Mapping]] = ..., comparison: _Optional[_Union[Comparison, _Mapping]] = ..., comment: _Optional[str] = ..., corrected_answer: _Optional[str] = ..., source: _Optional[str] = ..., rater_id: _Optional[str] = ..., anonymous: _Optional[bool] = ...) -> None: ...
+    scores: _containers.RepeatedCompositeFieldContainer[NamedScore]
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    metadata: _containers.ScalarMap[str, str]
+    supersedes_event_id: str
+    def __init__(self, schema_version: _Optional[int] = ..., event_id: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., conversation_id: _Optional[str] = ..., prompt: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., rating: _Optional[_Union[Rating, _Mapping]] = ..., comparison: _Optional[_Union[Comparison, _Mapping]] = ..., comment: _Optional[str] = ..., corrected_answer: _Optional[str] = ..., source: _Optional[str] = ..., rater_id: _Optional[str] = ..., anonymous: _Optional[bool] = ..., scores: _Optional[_Iterable[_Union[NamedScore, _Mapping]]] = ..., tags: _Optional[_Iterable[str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., supersedes_event_id: _Optional[str] = ...) -> None: ...
+
+class NamedScore(_message.Message):
+    __slots__ = ("name", "value", "category")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: float
+    category: str
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[float] = ..., category: _Optional[str] = ...) -> None: ...
 
 class Rating(_message.Message):
     __slots__ = ("response_id", "response", "value", "policy_version")
@@ -62,20 +96,22 @@ class Rating(_message.Message):
     def __init__(self, response_id: _Optional[str] = ..., response: _Optional[str] = ..., value: _Optional[int] = ..., policy_version: _Optional[int] = ...) -> None: ...
 
 class Comparison(_message.Message):
-    __slots__ = ("chosen_id", "chosen", "rejected_id", "rejected", "chosen_policy_version", "rejected_policy_version")
+    __slots__ = ("chosen_id", "chosen", "rejected_id", "rejected", "chosen_policy_version", "rejected_policy_version", "outcome")
     CHOSEN_ID_FIELD_NUMBER: _ClassVar[int]
     CHOSEN_FIELD_NUMBER: _ClassVar[int]
     REJECTED_ID_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
     CHOSEN_POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     REJECTED_POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
     chosen_id: str
     chosen: str
     rejected_id: str
     rejected: str
     chosen_policy_version: int
     rejected_policy_version: int
-    def __init__(self, chosen_id: _Optional[str] = ..., chosen: _Optional[str] = ..., rejected_id: _Optional[str] = ..., rejected: _Optional[str] = ..., chosen_policy_version: _Optional[int] = ..., rejected_policy_version: _Optional[int] = ...) -> None: ...
+    outcome: ComparisonOutcome
+    def __init__(self, chosen_id: _Optional[str] = ..., chosen: _Optional[str] = ..., rejected_id: _Optional[str] = ..., rejected: _Optional[str] = ..., chosen_policy_version: _Optional[int] = ..., rejected_policy_version: _Optional[int] = ..., outcome: _Optional[_Union[ComparisonOutcome, str]] = ...) -> None: ...
 
 class Interaction(_message.Message):
     __slots__ = ("schema_version", "event_id", "created_unix_ms", "conversation_id", "prompt", "response_ids", "responses", "policy_version")

@@ -11,11 +11,12 @@ from typing import Sequence
 import grpc
 
 from rlhf.reward.config import LoopConfig, TrainerConfig
+from rlhf.reward.reliability import ReliabilityConfig
 from rlhf.reward.servicer import RewardServicer
 from rlhf.serving import Service, load_settings, run_service
 from rlhf.serving.settings import config_from
 from rlhf.v1 import reward_pb2_grpc
-from services.reward.settings import PREFIX, RewardSettings, _RewardSettingsBase
+from services.reward.settings import PREFIX, RELIABILITY_PREFIX, RewardSettings, _RewardSettingsBase
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +61,16 @@ class RewardService(Service):
         s = self.settings
         set_torch_threads(s.reward_torch_threads)
         topics = Topics(s.topic_prefix)
-        ensure_topics(s.kafka_bootstrap, [topics.feedback, Topics.dlq(topics.feedback), topics.reward_updates])
+        ensure_topics(
+            s.kafka_bootstrap,
+            [topics.feedback, Topics.dlq(topics.feedback), topics.reward_updates, topics.feedback_quarantine],
+        )
         spec = resolve_backbone(s.reward_backbone, policy_model=s.model)
         base = load_reward_model(
             spec, max_tokens=s.reward_max_tokens, head_seed=s.reward_seed, device=resolve_device(s.reward_device)
         )
         cfg = config_from(s, TrainerConfig, PREFIX)
+        reliability = config_from(s, ReliabilityConfig, RELIABILITY_PREFIX)
         self._producer = EventProducer(s.kafka_bootstrap, client_id="reward")
 
         def make_consumer():
@@ -79,7 +84,7 @@ class RewardService(Service):
             )
 
         self.loop = OnlineRewardLoop(
-            make_trainer=lambda: OnlineRewardTrainer(base.clone(), cfg),
+            make_trainer=lambda: OnlineRewardTrainer(base.clone(), cfg, reliability),
             make_consumer=make_consumer,
             producer=self._producer,
             updates_topic=topics.reward_updates,
@@ -88,6 +93,7 @@ class RewardService(Service):
             cfg=config_from(s, LoopConfig, PREFIX),
             on_swap=self.servicer.swap,
             tracker=open_tracker(s.reward_tracking, s.state_dir, "reward"),
+            quarantine_topic=topics.feedback_quarantine,
         )
         self.servicer.loop = self.loop
         self.loop.restore()

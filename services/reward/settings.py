@@ -6,6 +6,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from rlhf.reward.config import LoopConfig, TrainerConfig
+from rlhf.reward.reliability import ReliabilityConfig
 from rlhf.serving import GrpcServiceSettings
 from rlhf.serving.settings import PolicyModelSettings, settings_model
 
@@ -28,10 +29,11 @@ class _RewardSettingsBase(PolicyModelSettings, GrpcServiceSettings):
 
 
 PREFIX = "reward_"
+RELIABILITY_PREFIX = "reward_reliability_"
 RewardSettings = settings_model(
     "RewardSettings",
     _RewardSettingsBase,
-    "Settings of the reward service: the gRPC/Kafka basics, its own fields, and every TrainerConfig and "
-    "LoopConfig field with a reward_ prefix.",
-    {PREFIX: (TrainerConfig, LoopConfig)},
+    "Settings of the reward service: the gRPC/Kafka basics, its own fields, every TrainerConfig and "
+    "LoopConfig field with a reward_ prefix, and every ReliabilityConfig field with a reward_reliability_ prefix.",
+    {PREFIX: (TrainerConfig, LoopConfig), RELIABILITY_PREFIX: (ReliabilityConfig,)},
 )

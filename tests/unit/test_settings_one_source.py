@@ -14,12 +14,13 @@ from rlhf.cli import settings_classes
 from rlhf.learner.canary import LearnerCanaryConfig
 from rlhf.learner.config import LearnerConfig
 from rlhf.reward.config import LoopConfig, TrainerConfig
+from rlhf.reward.reliability import ReliabilityConfig
 from rlhf.rollout import PolicyBudget, WorkerConfig
 from rlhf.serving import settings as common
 from rlhf.serving.settings import config_from
 
 SETTINGS = settings_classes()
-LIBRARY_CONFIGS = {LearnerConfig, TrainerConfig, LoopConfig, WorkerConfig, LearnerCanaryConfig}
+LIBRARY_CONFIGS = {LearnerConfig, TrainerConfig, LoopConfig, WorkerConfig, LearnerCanaryConfig, ReliabilityConfig}
 
 
 def origin(cls: type, name: str) -> type:
