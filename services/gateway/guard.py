@@ -266,7 +266,9 @@ class GuardMiddleware:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
 
         principal = None
-        if self.authenticate is not None:
+        # the feedback export checks its own keys (feedback_export_keys, feedback.py)
+        export = scope["path"] == "/v1/feedback" and scope.get("method") == "GET"
+        if self.authenticate is not None and not export:
             principal = self.authenticate(_api_key(headers), headers)
             if principal is None:
                 return await _refuse(
@@ -289,7 +291,7 @@ class GuardMiddleware:
                     {"retry-after": str(retry)},
                 )
 
-        if scope["path"] == "/v1/feedback":
+        if scope["path"] == "/v1/feedback" and not export:
             try:
                 rater = self.rater(principal, headers)
             except ApiError as e:

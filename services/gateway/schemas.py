@@ -325,6 +325,19 @@ class CompletionRequest(BaseModel):
 
 _Id = Annotated[str, Field(pattern=ID_PATTERN)]
 
+# Bounds of the structured extras a feedback may carry (422 naming the field and the limit).
+MAX_SCORES = 16  # named scores per feedback
+MAX_TAGS = 16
+MAX_METADATA_KEYS = 16
+MAX_LABEL_CHARS = 64  # a score's name or category, a tag, a metadata key
+MAX_METADATA_VALUE_CHARS = 512
+NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"  # score names, tags, metadata keys
+EVENT_ID_PATTERN = r"^[A-Za-z0-9-]{8,64}$"
+
+_Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+# a numeric score (finite) or a categorical one (a short label)
+_ScoreValue = Union[Annotated[float, Field(allow_inf_nan=False)], Annotated[Text, Field(min_length=1, max_length=64)]]
+
 
 class _FeedbackBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -333,12 +346,33 @@ class _FeedbackBase(BaseModel):
     corrected_answer: Text = Field("", description="a better answer the person wrote")
     source: Literal["web", "api", "simulated"] = "api"
     # a client-chosen id makes retries idempotent: the same event_id is stored once
-    event_id: str | None = Field(None, pattern=r"^[A-Za-z0-9-]{8,64}$")
+    event_id: str | None = Field(None, pattern=EVENT_ID_PATTERN)
+    scores: dict[_Name, _ScoreValue] = Field(
+        default_factory=dict,
+        max_length=MAX_SCORES,
+        description='named scores, numeric or categorical: {"helpfulness": 4, "harmless": "yes"}',
+    )
+    tags: list[Annotated[str, Field(pattern=NAME_PATTERN)]] = Field(
+        default_factory=list, max_length=MAX_TAGS, description="free labels (letters, digits, _.:-; 64 characters)"
+    )
+    metadata: dict[_Name, Annotated[Text, Field(max_length=MAX_METADATA_VALUE_CHARS)]] = Field(
+        default_factory=dict, max_length=MAX_METADATA_KEYS, description="free string key/value pairs"
+    )
+    # the event this one replaces (the rater changed their vote); the gateway also finds it
+    # itself: a rater's later feedback on the same response (or the same pair) supersedes their earlier one
+    supersedes: str | None = Field(None, pattern=EVENT_ID_PATTERN)
+
+    @field_validator("tags")
+    @classmethod
+    def _unique_tags(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))
 
 
 class RatingIn(_FeedbackBase):
     kind: Literal["rating"]
-    response_id: _Id
+    # the choice's response_id, or the completion's top-level id when it had one choice;
+    # may be left out when the X-Response-Id header names it
+    response_id: _Id | None = None
     value: Literal[1, -1] = Field(description="+1 thumbs up, -1 thumbs down")
 
 
@@ -346,6 +380,9 @@ class ComparisonIn(_FeedbackBase):
     kind: Literal["comparison"]
     chosen_id: _Id
     rejected_id: _Id
+    # chosen: chosen_id is better; tie: both as good; both_bad: neither is good. For tie and
+    # both_bad the two ids are just the two answers shown
+    outcome: Literal["chosen", "tie", "both_bad"] = "chosen"
 
 
 class FeedbackIn(RootModel[Annotated[Union[RatingIn, ComparisonIn], Field(discriminator="kind")]]):

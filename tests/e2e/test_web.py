@@ -128,7 +128,7 @@ def test_chat_thumbs_and_compare_reach_the_broker(browser, gateway_url, broker):
     page.locator(".thumb-up.chosen").wait_for()
     assert "good answer" in page.locator("#status").inner_text()
     assert (up.get_attribute("aria-pressed"), down.get_attribute("aria-pressed")) == ("true", "false")
-    assert up.is_disabled() and down.is_disabled()  # a rating is final: the API has no retraction
+    assert not down.is_disabled()  # the other thumb changes the rating (test_changed_thumb_tie_and_comment...)
 
     # 2. compare mode: two answers side by side, pick B
     page.locator(".switch").click()
@@ -188,6 +188,44 @@ def test_chat_thumbs_and_compare_reach_the_broker(browser, gateway_url, broker):
         broker.bootstrap, topics.interactions, events_pb2.Interaction, lambda evs: len(evs) >= 3, group="web-test"
     )
     assert sorted(len(i.response_ids) for i in interactions) == [1, 2, 2]
+
+
+def test_changed_thumb_tie_and_comment_reach_the_broker(browser, gateway_url, broker):
+    """Pressing the other thumb sends a rating that supersedes the first; in compare mode
+    "Tie" sends a tie with the comment typed in the turn's comment box."""
+    url, topics = gateway_url
+    page = browser.new_page(viewport={"width": 1100, "height": 800})
+    page.goto(url)
+    page.get_by_label("Message", exact=True).fill("Name a colour.")
+    page.keyboard.press("Enter")
+    page.locator(".answer.done").wait_for()
+    page.locator(".thumb-up").click()
+    page.locator(".thumb-up.chosen").wait_for()
+    page.locator(".thumb-down").click()
+    page.locator(".thumb-down.chosen").wait_for()
+    assert "Changed" in page.locator("#status").inner_text()
+    assert page.locator(".thumb-up").get_attribute("aria-pressed") == "false"
+
+    page.locator(".switch").click()
+    page.get_by_label("Message", exact=True).fill("Another colour?")
+    page.locator("#send").click()
+    turn = page.locator(".turn.compare")
+    turn.locator(".answer.done").nth(1).wait_for()
+    turn.locator(".comment").fill("they are equally good")
+    turn.locator(".tie").click()
+    turn.locator(".tie.chosen").wait_for()
+    assert turn.locator(".answer.picked").count() == 2  # a tie marks both
+    assert stored_conversation(page)["entries"][3]["picked"] == "tie"
+    page.screenshot(path=str(ARTIFACTS / "web-chat-tie.png"), full_page=True)
+
+    feedback = consume(
+        broker.bootstrap, topics.feedback, events_pb2.Feedback, lambda evs: len(evs) >= 3, group="web-tie"
+    )
+    ratings = [f for f in feedback if f.WhichOneof("kind") == "rating"]
+    (tie,) = [f for f in feedback if f.WhichOneof("kind") == "comparison"]
+    assert [r.rating.value for r in ratings] == [1, -1]
+    assert ratings[1].supersedes_event_id == ratings[0].event_id and ratings[0].rater_id.startswith("web:")
+    assert tie.comparison.outcome == events_pb2.COMPARISON_OUTCOME_TIE and tie.comment == "they are equally good"
 
 
 def test_regenerate_and_the_conversation_survives_a_reload(browser, gateway_url, broker):

@@ -261,12 +261,32 @@ function finishTurn(conv, entry, turn) {
       ),
     );
   });
-  if (entry.answers.length === 1) wireThumbs(conv, entry.answers[0], nodes[0]);
-  else wirePicks(conv, entry, nodes);
+  const comment = $("#tpl-comment").content.firstElementChild.cloneNode(true);
+  turn.append(comment);
+  const resend = entry.answers.length === 1 ? wireThumbs(conv, entry.answers[0], nodes[0], comment) : wirePicks(conv, entry, nodes, turn, comment);
+  wireComment(entry, comment, resend);
 }
 
-// Thumbs are toggle buttons (aria-pressed); a rating is final, as the API has no retraction.
-function wireThumbs(conv, a, node) {
+// The comment box of a turn: its text goes with the next judgement of the turn; once the
+// turn is judged, "Send comment" sends that judgement again with it (the gateway's later
+// event from the same rater supersedes the earlier one).
+function commentText(box) {
+  return box.querySelector(".comment").value.trim();
+}
+
+function wireComment(entry, box, resend) {
+  const btn = box.querySelector(".send-comment");
+  const field = box.querySelector(".comment");
+  field.value = entry.comment ?? "";
+  btn.addEventListener("click", async () => {
+    if (!commentText(box)) return;
+    if (!(await resend())) setStatus("Rate or pick an answer: the comment is sent with it.");
+  });
+}
+
+// Thumbs are toggle buttons (aria-pressed); pressing the other thumb changes the rating: a new
+// event that supersedes the old one (the reward model retracts it).
+function wireThumbs(conv, a, node, box) {
   const up = node.querySelector(".thumb-up");
   const down = node.querySelector(".thumb-down");
   const show = () => {
@@ -274,62 +294,86 @@ function wireThumbs(conv, a, node) {
     down.setAttribute("aria-pressed", String(a.rating === -1));
     up.classList.toggle("chosen", a.rating === 1);
     down.classList.toggle("chosen", a.rating === -1);
-    up.disabled = down.disabled = a.rating !== null || !a.id || a.stopped;
+    up.disabled = down.disabled = !a.id || a.stopped;
   };
-  const rate = async (value) => {
-    if (a.rating !== null) return;
+  const rate = async (value, again = false) => {
+    if (a.rating === value && !again) return false;
     up.disabled = down.disabled = true;
+    const changing = a.rating !== null && a.rating !== value;
     try {
-      await postFeedback({ kind: "rating", response_id: a.id, value });
+      await postFeedback({ kind: "rating", response_id: a.id, value, comment: commentText(box) });
     } catch (err) {
       show();
       setStatus("Feedback not saved: " + err.message, true);
-      return;
+      return false;
     }
     a.rating = value;
     show();
     saveConv(conv);
-    setStatus(value > 0 ? "Thanks — marked as a good answer." : "Thanks — marked as a bad answer.");
+    const what = value > 0 ? "a good answer" : "a bad answer";
+    setStatus(again ? "Thanks — comment sent." : changing ? `Changed — now marked as ${what}.` : `Thanks — marked as ${what}.`);
+    return true;
   };
   up.addEventListener("click", () => rate(1));
   down.addEventListener("click", () => rate(-1));
   show();
+  return () => (a.rating === null ? Promise.resolve(false) : rate(a.rating, true));
 }
 
-function wirePicks(conv, entry, nodes) {
+// A pair: prefer A or B, or call it a tie, or both bad. The judgement is final (the comment
+// box can send it again, with a comment).
+function wirePicks(conv, entry, nodes, turn, box) {
+  const pair = $("#tpl-pair").content.firstElementChild.cloneNode(true);
+  turn.insertBefore(pair, box);
+  const tie = pair.querySelector(".tie");
+  const bothBad = pair.querySelector(".both-bad");
   const open = () => entry.picked === null && !entry.settled && entry.answers.every((a) => a.id && !a.stopped);
-  const show = (busy = false) =>
+  const show = (busy = false) => {
     nodes.forEach((node, i) => {
       const btn = node.querySelector(".pick");
       btn.disabled = busy || !open();
       btn.textContent = entry.picked === i ? "Preferred" : "Prefer this";
       btn.setAttribute("aria-pressed", String(entry.picked === i));
-      node.classList.toggle("picked", entry.picked === i);
-      node.classList.toggle("not-picked", entry.picked !== null && entry.picked !== i);
+      node.classList.toggle("picked", entry.picked === i || entry.picked === "tie");
+      node.classList.toggle("not-picked", entry.picked === "both_bad" || (typeof entry.picked === "number" && entry.picked !== i));
     });
-  const pick = async (chosen) => {
-    if (!open()) return;
+    for (const [btn, value] of [[tie, "tie"], [bothBad, "both_bad"]]) {
+      btn.disabled = busy || !open();
+      btn.setAttribute("aria-pressed", String(entry.picked === value));
+      btn.classList.toggle("chosen", entry.picked === value);
+    }
+  };
+  const judge = async (choice, again = false) => {
+    if (!open() && !again) return false;
     show(true);
-    const rejected = chosen === 0 ? 1 : 0;
+    const first = typeof choice === "number" ? choice : 0;
+    const body = {
+      kind: "comparison",
+      chosen_id: entry.answers[first].id,
+      rejected_id: entry.answers[1 - first].id,
+      outcome: typeof choice === "number" ? "chosen" : choice,
+      comment: commentText(box),
+    };
     try {
-      await postFeedback({
-        kind: "comparison",
-        chosen_id: entry.answers[chosen].id,
-        rejected_id: entry.answers[rejected].id,
-      });
+      await postFeedback(body);
     } catch (err) {
       show();
       setStatus("Feedback not saved: " + err.message, true);
-      return;
+      return false;
     }
-    entry.picked = chosen;
+    entry.picked = choice;
     show();
     saveConv(conv);
-    setStatus(`Thanks — answer ${"AB"[chosen]} preferred.`);
+    const said = { tie: "a tie", both_bad: "both bad" }[choice] ?? `answer ${"AB"[choice]} preferred`;
+    setStatus(again ? "Thanks — comment sent." : `Thanks — ${said}.`);
+    return true;
   };
-  nodes.forEach((node, i) => node.querySelector(".pick").addEventListener("click", () => pick(i)));
+  nodes.forEach((node, i) => node.querySelector(".pick").addEventListener("click", () => judge(i)));
+  tie.addEventListener("click", () => judge("tie"));
+  bothBad.addEventListener("click", () => judge("both_bad"));
   show();
-  if (open()) setStatus("Pick the better answer; it continues the conversation.");
+  if (open()) setStatus("Pick the better answer (or a tie, or both bad); it continues the conversation.");
+  return () => (entry.picked === null ? Promise.resolve(false) : judge(entry.picked, true));
 }
 
 function renderConversation() {
