@@ -56,6 +56,48 @@ CALLS_PER_CLIENT = 3
 CONTROL_TOKEN = secrets.token_urlsafe(16)  # the benchmark's generator needs one for LoadVersion/UpdateWeights
 
 
+def peak_rss_mb(pid: int) -> float:
+    """Peak resident memory (VmHWM) of process `pid` and of every process below it, summed,
+    in MB, from /proc (Linux). Shared pages (torch's libraries, a model file mapped by two
+    processes) count in each process that maps them, so the sum is an upper bound."""
+    total = 0.0
+    for p in process_tree(pid):
+        total += proc_status_kb(p, "VmHWM") / 1024
+    return total
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (from /proc/<pid>/task/*/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+    return out
+
+
+def proc_status_kb(pid: int, field: str) -> int:
+    """A `kB` field of /proc/<pid>/status (VmHWM: peak RSS, VmRSS: RSS now); 0 once gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def self_peak_rss_mb() -> float:
+    """This process's peak RSS in MB (`resource.getrusage`: ru_maxrss is in kB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def free_port() -> int:
     import socket
 
@@ -157,7 +199,13 @@ class Service:
         return self
 
     def __exit__(self, *exc):
+        self.peak_rss_mb = self.rss_mb()
         self.stack.stop()
+
+    def rss_mb(self) -> float:
+        """Peak RSS so far of the service's process tree (the vLLM engine core included)."""
+        proc = self.stack.procs[self.spec.name]
+        return peak_rss_mb(proc.pid)
 
     def run(self, prompts: list[list[int]]) -> int:
         return asyncio.run(self._run(prompts))
