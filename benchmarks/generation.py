@@ -29,6 +29,16 @@ alternate, median of the rounds.
 
     .venv/bin/python benchmarks/generation.py --sections batching --model tiny --rounds 1
 
+Hardware ceiling (`--sections hardware`, on by default): this box's measured matmul FLOP/s
+(fp32, and bf16 where the CPU has native bf16 or on CUDA; the best of a few 2048² products)
+and memory bandwidth (a 256 MB tensor copy: bytes read + written over the time), turned into
+the most tokens/s a decode step could give a batch of B rows: each step reads every weight
+once (weight bytes / bandwidth) and does 2 · params · B FLOPs (/ FLOP/s); the step can be no
+faster than the slower of the two, so the ceiling is B / max(both). KV-cache reads, attention
+and sampling are left out (the ceiling is generous); each throughput row is printed as a
+fraction of it. Peak RSS: each service's process tree (/proc VmHWM, vLLM's engine core
+included), and the raw engines' (this process and its children other than the services).
+
 Prints markdown tables; docs/generation.md records them.
 """
 
@@ -96,6 +106,73 @@ def self_peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def raw_rss_mb(services: list["Service"]) -> float:
+    """Peak RSS of this process and its children, the services' process trees left out: the
+    raw engine run in-process (vLLM's engine core is a child)."""
+    skip = {q for svc in services for q in process_tree(svc.stack.procs[svc.spec.name].pid)}
+    return sum(proc_status_kb(q, "VmHWM") / 1024 for q in process_tree(os.getpid()) if q not in skip)
+
+
+# --- the hardware's ceiling -----------------------------------------------------------
+
+
+def hardware_limits(device: str = "cpu") -> dict:
+    """Measured matmul FLOP/s per dtype and memory bandwidth (bytes/s) of `device`."""
+    import torch
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def best(fn, reps: int) -> float:
+        fn()  # warm-up
+        sync()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    dtypes = [torch.float32]
+    if device == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        dtypes.append(torch.bfloat16)
+    n = 2048
+    flops = {}
+    for dt in dtypes:
+        a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
+        flops[str(dt).removeprefix("torch.")] = 2 * n**3 / best(lambda a=a, b=b: a @ b, 5)
+    src = torch.ones(64 << 20, device=device)  # 256 MB of fp32
+    dst = torch.empty_like(src)
+    bandwidth = 2 * src.numel() * 4 / best(lambda: dst.copy_(src), 5)
+    return {"flops": flops, "bandwidth": bandwidth}
+
+
+def decode_ceiling(limits: dict, params: int, weight_bytes: int, batch: int, dtype: str = "float32") -> float:
+    """The most tokens/s decode steps of `batch` rows could give: B / max(weight bytes read per
+    step / bandwidth, 2 · params · B FLOPs per step / FLOP/s)."""
+    step = max(weight_bytes / limits["bandwidth"], 2 * params * batch / limits["flops"][dtype])
+    return batch / step
+
+
+def model_size(model_dir: Path) -> tuple[int, int]:
+    """(parameters, bytes) of the model's safetensors weights (tied lm_head counted once)."""
+    from safetensors import safe_open
+
+    params = size = 0
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                t = st.get_slice(k)
+                count = 1
+                for d in t.get_shape():
+                    count *= d
+                params += count
+                size += count * {"F32": 4, "BF16": 2, "F16": 2}.get(t.get_dtype(), 4)
+    return params, size
 
 
 def free_port() -> int:
@@ -353,7 +430,11 @@ def main() -> None:
     ap.add_argument("--backends", default="transformers,vllm")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--vllm-enforce-eager", default="true", choices=["true", "false"])
-    ap.add_argument("--sections", default="throughput,batching", help="throughput (and swaps, per backend), batching")
+    ap.add_argument(
+        "--sections",
+        default="hardware,throughput,batching",
+        help="hardware (the ceiling), throughput (and swaps, per backend), batching",
+    )
     ap.add_argument("--clients", type=int, default=32, help="batching: concurrent clients (= max_batch)")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -390,6 +471,24 @@ def run(args, work: Path) -> None:
         f"torch threads {torch.get_num_threads()}\n"
     )
     sections = set(args.sections.split(","))
+    ceiling = None
+    if "hardware" in sections:
+        limits = hardware_limits()
+        params, weight_bytes = model_size(model_dir)
+        ceiling = {b: decode_ceiling(limits, params, weight_bytes, b) for b in (1, N_PROMPTS, args.clients)}
+        flops = ", ".join(f"{dt} {v / 1e9:.0f} GFLOP/s" for dt, v in limits["flops"].items())
+        print(
+            f"hardware: matmul {flops}; memory bandwidth {limits['bandwidth'] / 1e9:.1f} GB/s (copy); "
+            f"model {params / 1e6:.1f} M parameters, {weight_bytes / 1e6:.0f} MB\n"
+        )
+        print("| decode batch | weights read per step (ms) | FLOPs per step (ms) | ceiling tok/s |")
+        print("|---:|---:|---:|---:|")
+        for b, c in ceiling.items():
+            print(
+                f"| {b} | {1e3 * weight_bytes / limits['bandwidth']:.1f} | "
+                f"{1e3 * 2 * params * b / limits['flops']['float32']:.1f} | {c:.0f} |"
+            )
+        print()
     results = []
     for backend in args.backends.split(",") if "throughput" in sections else []:
         env = {"RLHF_VLLM_ENFORCE_EAGER": args.vllm_enforce_eager, "RLHF_MAX_MODEL_LEN": "2048", "RLHF_MAX_BATCH": "32"}
@@ -412,6 +511,7 @@ def run(args, work: Path) -> None:
             else:
                 raw = RawHF(model_dir)
             tp = throughput(raw, service, prompts, args.rounds)
+            tp["service_rss_mb"], tp["raw_rss_mb"] = service.rss_mb(), raw_rss_mb([service])
             print(
                 f"{backend}: raw {raw.name} {tp['raw']:.1f} tok/s, service {tp['service']:.1f} tok/s, "
                 f"service start {service.start_s:.0f} s",
@@ -423,26 +523,32 @@ def run(args, work: Path) -> None:
             del raw
 
     if results:
-        print_throughput(results)
+        print_throughput(results, ceiling and ceiling[N_PROMPTS])
     if "batching" in sections:
         tp = batching(model_dir, work, prompts, args.clients, args.rounds)
         print(
             f"\nmixed lengths {LENGTHS} × {CALLS_PER_CLIENT} calls per client, {args.clients} clients, "
             f"max_batch {args.clients}\n"
         )
-        print("| transformers batching | mixed-length tok/s | vs static |")
-        print("|---|---:|---:|")
+        top = ceiling and ceiling[args.clients]
+        print(f"| transformers batching | mixed-length tok/s | vs static | of the {args.clients}-row ceiling |")
+        print("|---|---:|---:|---:|")
         for mode, v in tp.items():
-            print(f"| {mode} | {v:.1f} | {v / tp['static']:.2f}× |")
+            print(f"| {mode} | {v:.1f} | {v / tp['static']:.2f}× | {f'{v / top:.1%}' if top else '–'} |")
 
 
-def print_throughput(results: list) -> None:
-    print("\n| backend | raw engine | raw tok/s | service tok/s | service / raw | service start (s) |")
-    print("|---|---|---:|---:|---:|---:|")
+def print_throughput(results: list, ceiling: float | None) -> None:
+    print(
+        "\n| backend | raw engine | raw tok/s | service tok/s | service / raw | raw, service of the "
+        f"{N_PROMPTS}-row ceiling | service start (s) | peak RSS raw, service (MB) |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for backend, name, tp, start, _ in results:
+        of = f"{tp['raw'] / ceiling:.1%}, {tp['service'] / ceiling:.1%}" if ceiling else "–"
         print(
             f"| {backend} | {name} | {tp['raw']:.1f} | {tp['service']:.1f} | "
-            f"{tp['service'] / tp['raw']:.2f} | {start:.0f} |"
+            f"{tp['service'] / tp['raw']:.2f} | {of} | {start:.0f} | "
+            f"{tp['raw_rss_mb']:.0f}, {tp['service_rss_mb']:.0f} |"
         )
     print()
     print(
