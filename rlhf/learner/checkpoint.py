@@ -6,6 +6,7 @@
         trainer.pt               optimizer, LR schedule, KL controller, shuffle RNG
         meta.json                step, versions, lineage, consumed Kafka offsets, counters
     <dir>/ledger.jsonl           one line per PPO step: the event ids it trained / dropped
+    <dir>/writer.lock            held (flock) by the one learner that writes here (WriterLock)
 
 A checkpoint folder is filled under a temporary name, fsynced and renamed into place, so
 a `ckpt-*` folder is always complete: SIGKILL during a write leaves only a `.tmp-*`
@@ -16,6 +17,7 @@ after any crash it lists exactly the rollouts in the restored model's history.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -91,3 +93,49 @@ class Ledger:
         keep = [e for e in entries if e["step"] <= step]
         write_jsonl_atomic(self.path, keep)
         return len(entries) - len(keep)
+
+
+class WriterLocked(RuntimeError):
+    """Another process holds the state a single writer owns."""
+
+
+class WriterLock:
+    """An exclusive flock on `path`, which holds the holder's pid: one learner per state dir.
+    A second learner over the same checkpoints would train from the same offsets, cut the
+    other's ledger back and overwrite its checkpoints; it fails at start instead, naming the
+    holder. The kernel drops the lock when the holder dies (SIGKILL included), so a restart
+    never waits for a stale file. (A lock on a local or NFSv4 volume; on Kubernetes the
+    ReadWriteOnce claim of the learner's StatefulSet fences a second pod as well.)"""
+
+    def __init__(self, path: str | os.PathLike, what: str = "learner"):
+        self.path = Path(path)
+        self.what = what
+        self._fd: int | None = None
+
+    def acquire(self) -> WriterLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise WriterLocked(
+                f"{self.path.parent} is written by another {self.what} (pid {holder}, lock {self.path}); "
+                f"one {self.what} per state dir: stop it, or give this one another RLHF_STATE_DIR"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # drops the flock; the file stays (unlinking it would race a new holder)
+            self._fd = None
+
+    def __enter__(self) -> WriterLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -19,11 +19,13 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Sequence
 
 import grpc
 
 from rlhf.learner import Learner
+from rlhf.learner.checkpoint import WriterLock
 from rlhf.learner.distributed import Ranks
 from rlhf.learner.servicer import LearnerServicer
 from rlhf.serving import Service, load_settings, run_service
@@ -44,6 +46,7 @@ class LearnerService(Service):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failed = False  # the training loop died: exit non-zero
+        self._writer: WriterLock | None = None  # held from start to stop: one learner per state dir
         self.ranks = ranks
 
     def register(self, server: grpc.aio.Server) -> None:
@@ -53,6 +56,8 @@ class LearnerService(Service):
         from rlhf.models import resolve_model
 
         s = self.settings
+        # single writer: a second learner on this state dir fails here (WriterLocked names the holder)
+        self._writer = WriterLock(Path(s.state_dir) / "learner" / "writer.lock").acquire()
         model_dir = await asyncio.to_thread(resolve_model, s.model)
         learner = Learner(
             s.learner_config(),
@@ -85,6 +90,8 @@ class LearnerService(Service):
             await asyncio.to_thread(self._thread.join)
         if self.learner is not None:
             self.learner.close()
+        if self._writer is not None:
+            self._writer.release()
         if self._failed:
             raise RuntimeError("the training loop failed (see above); exiting non-zero for the supervisor")
 
