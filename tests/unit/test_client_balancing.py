@@ -64,3 +64,9 @@ def test_the_address_picks_the_policy():
     assert load_balancing_for("127.0.0.1:50051") == "pick_first"
     with pytest.raises(ValueError, match="load_balancing must be one of"):
         channel_options(load_balancing="least_request")
+
+
+def test_a_dns_address_reaches_the_server(two_servers):
+    ports, counters = two_servers
+    spread = calls_per_server(f"dns:///localhost:{ports[0]}", counters, None, n=3)
+    assert spread == [3, 0]
