@@ -846,6 +846,8 @@ class Learner:
     def _export_gauges(self) -> None:
         metrics.POLICY_VERSION.set(self.state.version)
         metrics.SERVING_VERSION.set(self.state.serving_version)
+        if self.canary is not None:
+            self.canary.export()
 
     def close(self) -> None:
         self.tracker.close()
