@@ -22,6 +22,12 @@ latency is each request's own time; the two set-ups alternate within each round 
 first alternates too) so both see the same machine load, and each figure is the median over
 rounds. The cost of the second
 version is the drop in throughput, in % of the one-version figure (target ≤ 10 %).
+
+`--sections forward` times one decode-shaped forward pass of the transformers model alone
+(`--prompts` rows × 1 token, no KV cache), no adapter vs half the rows on the candidate,
+interleaved `--forward-iters` times: the adapter's own cost, without the engine around it.
+
+    .venv/bin/python benchmarks/canary_serving.py --sections forward
 """
 
 from __future__ import annotations
@@ -57,7 +63,10 @@ async def one_batch(gen, prompts: list[list[int]], sampling, versions: list[int]
 
     start = time.perf_counter()
     done = await asyncio.gather(*(request(i) for i in range(len(prompts))))
-    return time.perf_counter() - start, [t for t, _ in done], sum(n for _, n in done)
+    wall, n = time.perf_counter() - start, sum(n for _, n in done)
+    two = sum(1 for v in versions if v)
+    print(f"  {len(prompts)} requests, {two} on the candidate: {n / wall:.1f} tok/s", file=sys.stderr, flush=True)
+    return wall, [t for t, _ in done], n
 
 
 async def bench_backend(name: str, model_dir: Path, store_root: Path, work: Path, prompts, args) -> dict:
@@ -95,6 +104,41 @@ async def bench_backend(name: str, model_dir: Path, store_root: Path, work: Path
         await gen.stop()
 
 
+def forward_cost(model_dir: Path, work: Path, rows: int, iters: int) -> None:
+    """One decode-shaped forward (`rows` rows × 1 token, no cache) of the transformers model,
+    with no adapter vs half the rows on the rank-16 candidate adapter, interleaved."""
+    import torch
+
+    from rlhf.generation.adapters import RowAdapters
+    from rlhf.generation.weights import check_lora, lora_factors, safetensors_files, tensor_shapes
+    from rlhf.models import load_causal_lm
+
+    folder = work / f"lora{CANDIDATE}"
+    spec = check_lora(folder, tensor_shapes(safetensors_files(model_dir)), 16)
+    model = load_causal_lm(model_dir).eval()
+    adapters = RowAdapters.of(model)
+    k = adapters.add(lora_factors(folder, spec))
+    ids = torch.randint(0, 1000, (rows, 1))
+    half = torch.tensor([k if i % 2 else 0 for i in range(rows)])
+    times: dict[str, list[float]] = {"one": [], "two": []}
+    with torch.inference_mode():
+        for _ in range(iters):
+            for mode, which in (("one", None), ("two", half)):
+                start = time.perf_counter()
+                with adapters.rows(which):
+                    model(input_ids=ids)
+                times[mode].append(time.perf_counter() - start)
+    threads = torch.get_num_threads()
+    print(f"\none forward, {rows} rows × 1 token, {iters} interleaved repeats, {threads} torch threads\n")
+    print("| versions served | min (ms) | median (ms) |")
+    print("|---|---:|---:|")
+    for mode, ts in times.items():
+        label = "one" if mode == "one" else "two (half the rows on the candidate)"
+        print(f"| {label} | {1000 * min(ts):.1f} | {1000 * statistics.median(ts):.1f} |")
+    one, two = min(times["one"]), min(times["two"])
+    print(f"\ncost of the candidate's rows (min): {100 * (two / one - 1):+.1f} %")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="demo", help='"demo" (SmolLM2-135M-Instruct), "tiny", or a folder')
@@ -103,6 +147,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--sections", default="batch", help="batch (the table above), forward (one forward pass)")
+    ap.add_argument("--forward-iters", type=int, default=12)
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -134,6 +180,10 @@ def run(args, work: Path) -> None:
         f"candidate: rank-16 LoRA on {'/'.join(t.removesuffix('_proj') for t in TARGETS)} (random A, B) · "
         f"median of {args.rounds} rounds · {os.cpu_count()} CPUs\n"
     )
+    if "forward" in args.sections.split(","):
+        forward_cost(model_dir, work, args.prompts, args.forward_iters)
+    if "batch" not in args.sections.split(","):
+        return
     print("| backend | versions served | completion tokens/s | p50 latency (s) | p90 latency (s) | cost |")
     print("|---|---|---:|---:|---:|---:|")
     for name in args.backends.split(","):
