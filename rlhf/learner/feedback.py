@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlhf.learner.batch import RolloutLimits
+from rlhf.v1.events_pb2 import COMPARISON_OUTCOME_CHOSEN as CHOSEN
 from rlhf.validation import Invalid
 
 PAIR, ANSWER = "pair", "answer"
@@ -73,7 +74,8 @@ def wanted_answers(fb: Any, mode: str) -> tuple[list[tuple[str, str]], tuple[str
     which = fb.WhichOneof("kind")
     pair: list[tuple[str, str]] = []
     answer = None
-    if mode in ("dpo", "both") and which == "comparison":
+    # a tie or both-bad judgement names no preferred answer: nothing to pull towards
+    if mode in ("dpo", "both") and which == "comparison" and fb.comparison.outcome == CHOSEN:
         pair = [("comparison.chosen", fb.comparison.chosen), ("comparison.rejected", fb.comparison.rejected)]
     if mode in ("distill", "both"):
         if fb.corrected_answer.strip():

@@ -146,8 +146,11 @@ def read_feedback(outbox: str | Path, topic_prefix: str = "rlhf") -> tuple[list[
             kind, answer = CORRECTED, fb.corrected_answer
         elif kind == "rating" and fb.rating.value > 0:
             kind, answer = THUMBS_UP, fb.rating.response
-        elif kind == "comparison":
+        elif kind == "comparison" and fb.comparison.outcome == events_pb2.COMPARISON_OUTCOME_CHOSEN:
             kind, answer = PREFERRED, fb.comparison.chosen
+        elif kind == "comparison":  # a tie or both bad: neither answer is endorsed
+            counts["ties and both-bad"] += 1
+            continue
         else:
             counts["thumbs-down"] += 1
             continue

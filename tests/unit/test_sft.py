@@ -174,6 +174,8 @@ def _gateway_outbox(path: Path, with_endorsements: bool = True) -> None:
             await store.add_feedback(RatingIn(kind="rating", response_id="r1", value=1))
             await store.add_feedback(RatingIn(kind="rating", response_id="r1", value=1))  # the same answer again
             await store.add_feedback(ComparisonIn(kind="comparison", chosen_id="r3", rejected_id="r4"))
+            # a tie endorses neither answer
+            await store.add_feedback(ComparisonIn(kind="comparison", chosen_id="r1", rejected_id="r2", outcome="tie"))
             await store.add_feedback(
                 RatingIn(kind="rating", response_id="r4", value=-1, corrected_answer="Green. Shall I name another?")
             )
@@ -195,6 +197,7 @@ def test_examples_from_the_gateway_outbox(capsys, tmp_path, tiny_model_dir):
     }
     assert all(ex.targets == (len(ex.messages) - 1,) for ex in examples)
     assert (counts["thumbs-down"], counts["duplicates"], counts["interactions"]) == (1, 1, 2)
+    assert counts["ties and both-bad"] == 1
     rc, stdout, _ = sft(
         capsys,
         "--from-feedback",
@@ -209,7 +212,7 @@ def test_examples_from_the_gateway_outbox(capsys, tmp_path, tiny_model_dir):
         *TINY,
     )
     assert rc == 0, stdout
-    assert "1 thumbs-up answer, 1 preferred answer, 1 corrected answer, from 5 feedback events" in stdout
+    assert "1 thumbs-up answer, 1 preferred answer, 1 corrected answer, from 6 feedback events" in stdout
     assert info(tmp_path / "o")["n_train"] + info(tmp_path / "o")["n_eval"] == 3
 
 

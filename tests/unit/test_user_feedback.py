@@ -36,8 +36,8 @@ def feedback(prompt: str = "What is the capital of France?", **fields) -> events
     )
 
 
-def comparison(chosen="Paris.", rejected="Lyon.", **fields):
-    return feedback(comparison=events_pb2.Comparison(chosen=chosen, rejected=rejected), **fields)
+def comparison(chosen="Paris.", rejected="Lyon.", outcome=events_pb2.COMPARISON_OUTCOME_CHOSEN, **fields):
+    return feedback(comparison=events_pb2.Comparison(chosen=chosen, rejected=rejected, outcome=outcome), **fields)
 
 
 def rating(value: int, response="Paris.", **fields):
@@ -91,6 +91,8 @@ def test_the_nll_term_is_the_answers_own_log_likelihood(tiny_model_dir, tok):
         (comparison(), "dpo", [PAIR]),
         (comparison(), "distill", []),  # a comparison without a correction: only relative
         (comparison(corrected_answer="Paris, of course."), "both", [PAIR, ANSWER]),
+        (comparison(outcome=events_pb2.COMPARISON_OUTCOME_TIE), "dpo", []),  # no preferred answer
+        (comparison(outcome=events_pb2.COMPARISON_OUTCOME_BOTH_BAD), "both", []),
         (rating(1), "dpo", []),
         (rating(1), "distill", [ANSWER]),
         (rating(-1), "distill", []),  # a thumbs-down: the reward model has it
