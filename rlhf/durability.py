@@ -19,6 +19,7 @@ write-ahead log and `synchronous` setting make its commits durable (rlhf/outbox.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -136,3 +137,41 @@ def write_jsonl_atomic(path: str | os.PathLike, records: list[dict[str, Any]]) -
     """Replace `path` with exactly `records`, one line each (atomically: see `atomic_file`)."""
     with atomic_file(path) as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+class PidLock:
+    """An exclusive flock on `path`, the file holding the holder's pid: one holder at a time
+    (one `rlhf up` per state dir, one learner per checkpoint dir). A second holder fails at
+    once with `busy(holder_pid)`, which names the holder. The kernel drops the lock when the
+    holder dies (SIGKILL included), so a stale file never blocks a new holder; the file
+    stays after release (unlinking it would race the next holder)."""
+
+    def __init__(self, path: str | os.PathLike, busy: Callable[[str], Exception]):
+        self.path = Path(path)
+        self._busy = busy
+        self._fd: int | None = None
+
+    def acquire(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise self._busy(holder) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # drops the flock
+            self._fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

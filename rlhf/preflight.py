@@ -7,7 +7,6 @@ port, path or holder pid. Also the control token `rlhf up` hands its children.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import secrets
 import socket
@@ -15,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf.durability import PidLock
 from rlhf.launcher import ServiceSpec
 
 
@@ -92,40 +92,23 @@ def check_model_dir(path: str | Path) -> Path:
     return folder.resolve()
 
 
-class StateDirLock:
+class StateDirLock(PidLock):
     """An exclusive flock on `<state_dir>/up.lock`, which holds our pid: one `rlhf up` per
-    state dir (two would share checkpoints, the outbox and up.json). The kernel drops the
-    lock when we die, so a stale file never blocks a new run.
+    state dir (two would share checkpoints, the outbox and up.json).
 
         with StateDirLock(state_dir):
             ...
     """
 
     def __init__(self, state_dir: Path):
-        self.path = state_dir / "up.lock"
-        self._fd: int | None = None
-
-    def __enter__(self) -> StateDirLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise PreflightError(
-                f"state dir {self.path.parent} is in use by another rlhf up (pid {holder}, lock {self.path}); "
+        path = state_dir / "up.lock"
+        super().__init__(
+            path,
+            lambda holder: PreflightError(
+                f"state dir {state_dir} is in use by another rlhf up (pid {holder}, lock {path}); "
                 "stop it, or pass another --state-dir"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # releases the flock; the file stays (unlinking it would race a new run)
-            self._fd = None
+            ),
+        )
 
 
 def control_token(state_dir: Path) -> str:

@@ -17,7 +17,6 @@ after any crash it lists exactly the rollouts in the restored model's history.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlhf.durability import append_jsonl, atomic_folder, read_jsonl, write_jsonl_atomic
+from rlhf.durability import PidLock, append_jsonl, atomic_folder, read_jsonl, write_jsonl_atomic
 from rlhf.learner.policy import PolicyWithValueHead
 from rlhf.learner.trainer import PPOTrainer
 
@@ -99,43 +98,20 @@ class WriterLocked(RuntimeError):
     """Another process holds the state a single writer owns."""
 
 
-class WriterLock:
+class WriterLock(PidLock):
     """An exclusive flock on `path`, which holds the holder's pid: one learner per state dir.
     A second learner over the same checkpoints would train from the same offsets, cut the
     other's ledger back and overwrite its checkpoints; it fails at start instead, naming the
-    holder. The kernel drops the lock when the holder dies (SIGKILL included), so a restart
-    never waits for a stale file. (A lock on a local or NFSv4 volume; on Kubernetes the
-    ReadWriteOnce claim of the learner's StatefulSet fences a second pod as well.)"""
+    holder (rlhf.durability.PidLock: a dead holder's lock is gone with it). (A lock on a
+    local or NFSv4 volume; on Kubernetes the ReadWriteOnce claim of the learner's
+    StatefulSet fences a second pod as well.)"""
 
     def __init__(self, path: str | os.PathLike, what: str = "learner"):
-        self.path = Path(path)
-        self.what = what
-        self._fd: int | None = None
-
-    def acquire(self) -> WriterLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise WriterLocked(
-                f"{self.path.parent} is written by another {self.what} (pid {holder}, lock {self.path}); "
-                f"one {self.what} per state dir: stop it, or give this one another RLHF_STATE_DIR"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # drops the flock; the file stays (unlinking it would race a new holder)
-            self._fd = None
-
-    def __enter__(self) -> WriterLock:
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
+        path = Path(path)
+        super().__init__(
+            path,
+            lambda holder: WriterLocked(
+                f"{path.parent} is written by another {what} (pid {holder}, lock {path}); "
+                f"one {what} per state dir: stop it, or give this one another RLHF_STATE_DIR"
+            ),
+        )

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from rlhf.durability import append_jsonl, atomic_file, atomic_folder, read_jsonl, write_atomic, write_jsonl_atomic
@@ -43,3 +45,17 @@ def test_json_lines_skip_a_torn_line_and_rewrite_atomically(tmp_path):
     assert read_jsonl(path) == [{"a": 1}, {"a": 2}]
     write_jsonl_atomic(path, [{"a": 1}])
     assert path.read_text() == '{"a": 1}\n'
+
+
+def test_a_pid_lock_refuses_a_second_holder_naming_the_first_and_frees_on_release(tmp_path):
+    from rlhf.learner.checkpoint import WriterLock, WriterLocked
+    from rlhf.preflight import PreflightError, StateDirLock
+
+    with StateDirLock(tmp_path):
+        with pytest.raises(PreflightError, match=f"in use by another rlhf up \\(pid {os.getpid()}"):
+            StateDirLock(tmp_path).__enter__()
+    with StateDirLock(tmp_path):  # released: the next run takes it
+        pass
+    with WriterLock(tmp_path / "learner" / "writer.lock"):
+        with pytest.raises(WriterLocked, match="written by another learner"):
+            WriterLock(tmp_path / "learner" / "writer.lock").acquire()
