@@ -258,7 +258,8 @@ def test_regenerate_and_the_conversation_survives_a_reload(browser, gateway_url,
     assert page.locator(".answer").get_attribute("data-response-id") == second_id
     assert page.locator(".answer .text").inner_html() == rendered
     assert page.locator(".thumb-down").get_attribute("aria-pressed") == "true"
-    assert page.locator(".thumb-down").is_disabled()
+    assert page.locator(".thumb-up").get_attribute("aria-pressed") == "false"
+    assert not page.locator(".thumb-up").is_disabled()  # after a reload the rating can still be changed
     assert page.locator("#history option:checked").text_content() == "Hello there"
 
     # "New chat" starts an empty conversation; the old one stays in the history list
