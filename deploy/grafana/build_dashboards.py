@@ -189,6 +189,16 @@ LOOP = Dashboard(
             unit="reqps",
         ),
         Panel(
+            "Quarantined raters",
+            [
+                ('max(rlhf_reward_quarantined_raters{job="reward"})', "raters quarantined"),
+                (f'sum(rate(rlhf_reward_quarantined_events_total{{job="reward"}}[{RI}]))', "their events/s"),
+            ],
+            description="Raters whose estimated reliability fell below the threshold: their feedback is held "
+            "on the quarantine topic, not trained on, until they recover or an operator releases them. "
+            "The alert is RlhfRaterQuarantined.",
+        ),
+        Panel(
             "RM online accuracy",
             [
                 ("rlhf_rm_accuracy_ratio", "progressive validation"),
