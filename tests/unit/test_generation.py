@@ -387,15 +387,23 @@ def test_priority_out_of_range_is_refused_with_the_limit():
     assert sampling(priority=10).priority == 10
 
 
-def test_waiting_people_go_before_queued_background_work(tiny_model_dir):
+@pytest.mark.parametrize(
+    ("preemption", "order"),
+    [
+        (False, ["background-running", "person", "background-1", "background-2"]),
+        # pre-emption parks the running background row while the person's chat decodes
+        (True, ["person", "background-running", "background-1", "background-2"]),
+    ],
+)
+def test_waiting_people_go_before_queued_background_work(tiny_model_dir, preemption, order):
     """max_batch=1: one request decodes at a time. While a long background request runs,
     two more background requests queue, then a priority-0 one (a person's chat): it must be
     the next to run, ahead of the background ones that arrived before it, which keep their
-    arrival order."""
+    arrival order; with pre-emption it does not even wait for the running one."""
     from rlhf.generation.hf_backend import TransformersBackend
 
     async def body():
-        backend = TransformersBackend(tiny_model_dir, max_batch=1, batch_wait_ms=1)
+        backend = TransformersBackend(tiny_model_dir, max_batch=1, batch_wait_ms=1, preemption=preemption)
         await backend.start()
         finished: list[str] = []
         first_token = asyncio.Event()
@@ -420,7 +428,7 @@ def test_waiting_people_go_before_queued_background_work(tiny_model_dir):
             await backend.stop()
         return finished
 
-    assert asyncio.run(body()) == ["background-running", "person", "background-1", "background-2"]
+    assert asyncio.run(body()) == order
 
 
 def test_the_follower_believes_only_what_the_store_confirms(tiny_model_dir, tmp_path):
