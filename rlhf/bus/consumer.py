@@ -13,6 +13,7 @@ from google.protobuf.message import Message
 from kafka import ConsumerRebalanceListener, KafkaConsumer
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.structs import OffsetAndMetadata, TopicPartition
+from pydantic import BaseModel, ConfigDict, Field
 
 from rlhf.bus.admin import MissingTopicError, bootstrapping
 from rlhf.bus.codec import DecodeError, decode
@@ -36,6 +37,50 @@ def offsets_to_json(offsets: Offsets) -> list[list[Any]]:
 def offsets_from_json(rows: Iterable[Sequence[Any]]) -> Offsets:
     """The inverse of `offsets_to_json`."""
     return {(str(topic), int(partition)): int(offset) for topic, partition, offset in rows}
+
+
+class GroupConfig(BaseModel):
+    """How a consumer that may run as several replicas takes its partitions; a service
+    carries these as `<service>_kafka_<name>` settings (RLHF_ROLLOUT_KAFKA_MEMBERSHIP=group).
+
+    membership="assign" (the default): static assignment of every partition, one replica per
+    group, no group protocol at all. membership="group": Kafka's consumer-group protocol
+    (`subscribe`): the replicas of one group id share the topic's partitions, and when one
+    leaves or dies (no heartbeat for `session_timeout_ms`) the others take its partitions
+    and resume from the group's committed offsets. The timeouts are Apache Kafka's
+    defaults; on the embedded broker a join waits the whole `max_poll_interval_ms`, so dev
+    and test set them short (docs/deployment.md, "Scaling out")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    membership: Literal["assign", "group"] = Field(
+        "assign", description='"assign": one replica reads every partition; "group": replicas share the partitions'
+    )
+    session_timeout_ms: int = Field(
+        45_000, ge=1, description="membership=group: a replica silent this long is dropped and its partitions move"
+    )
+    heartbeat_interval_ms: int = Field(
+        3_000, ge=1, description="membership=group: heartbeat period (well below session_timeout_ms)"
+    )
+    max_poll_interval_ms: int = Field(
+        300_000, ge=1, description="membership=group: longest gap between polls before a replica is dropped"
+    )
+
+    def consumer_kwargs(self) -> dict[str, Any]:
+        """EventConsumer arguments: the mode, and in group mode the timeouts."""
+        if self.membership == "assign":
+            return {"mode": "assign"}
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            raise ValueError(
+                f"heartbeat_interval_ms ({self.heartbeat_interval_ms}) must be below "
+                f"session_timeout_ms ({self.session_timeout_ms})"
+            )
+        return {
+            "mode": "subscribe",
+            "session_timeout_ms": self.session_timeout_ms,
+            "heartbeat_interval_ms": self.heartbeat_interval_ms,
+            "max_poll_interval_ms": self.max_poll_interval_ms,
+        }
 
 
 # Headers a dead-lettered message carries, besides its own original headers.
@@ -86,7 +131,10 @@ class EventConsumer(Generic[M]):
     from the group's committed offsets (else the earliest). One replica per group;
     works on Apache Kafka and on the embedded Tansu broker, where a group *join*
     stalls for max_poll_interval_ms. mode="subscribe" joins the consumer group so
-    replicas share the partitions (Apache Kafka).
+    replicas share the partitions (GroupConfig); a new owner of a partition reads it from
+    the group's committed offset. `on_revoked(partitions)` runs (on the polling thread,
+    inside `poll`) before partitions go to another replica, the moment to commit what is
+    done with them; `on_assigned(partitions)` after new ones arrive.
 
     A message that does not decode is copied to the topic's `.dlq` twin, with headers
     saying why and where it came from, and skipped; `dead_letter` does the same for an
@@ -117,6 +165,8 @@ class EventConsumer(Generic[M]):
         client_id: str | None = None,
         bootstrap_timeout_s: float = 30.0,
         on_reset: Callable[[LogReset], None] | None = None,
+        on_revoked: Callable[[list[tuple[str, int]]], None] | None = None,
+        on_assigned: Callable[[list[tuple[str, int]]], None] | None = None,
         **kafka_config,
     ):
         """`dlq_producer`: shared producer for dead letters (one is opened on first need
@@ -155,7 +205,7 @@ class EventConsumer(Generic[M]):
                 )
             self._consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
         else:
-            self._consumer.subscribe([topic], listener=_ForgetRevoked(self._positions))
+            self._consumer.subscribe([topic], listener=_Rebalance(self._positions, on_revoked, on_assigned))
         self._watch = kafka_watch(bootstrap)
         self._watch.watch(topic)
         self._log_id = self._watch.identity(topic, refresh=True)  # None only if the broker went away meanwhile
@@ -358,6 +408,10 @@ class EventConsumer(Generic[M]):
         ends = self._consumer.end_offsets(assigned)
         return {(tp.topic, tp.partition): max(0, ends[tp] - self._consumer.position(tp)) for tp in assigned}
 
+    def partitions(self) -> list[int]:
+        """The partitions of the topic this consumer reads now (in group mode: its share)."""
+        return sorted(tp.partition for tp in self._consumer.assignment())
+
     @property
     def assigned(self) -> bool:
         """True once partitions are assigned: what a health check waits for."""
@@ -377,16 +431,25 @@ class EventConsumer(Generic[M]):
         self.close()
 
 
-class _ForgetRevoked(ConsumerRebalanceListener):
-    """In subscribe mode, drops positions of partitions handed to another replica, so a
+class _Rebalance(ConsumerRebalanceListener):
+    """In subscribe mode: before partitions go to another replica, the application's
+    `on_revoked` (it commits what it has finished), then their positions are dropped so a
     default `commit()` never commits partitions this consumer no longer owns."""
 
-    def __init__(self, positions: Offsets):
+    def __init__(self, positions: Offsets, on_revoked, on_assigned):
         self._positions = positions
+        self._on_revoked, self._on_assigned = on_revoked, on_assigned
 
     def on_partitions_revoked(self, revoked) -> None:
+        parts = sorted((tp.topic, tp.partition) for tp in revoked)
+        if self._on_revoked is not None and parts:
+            try:
+                self._on_revoked(parts)
+            except Exception:  # noqa: BLE001 - the new owner re-reads from the last commit: duplicates, no loss
+                log.exception("committing revoked partitions failed; their new owner re-reads them")
         for tp in revoked:
             self._positions.pop((tp.topic, tp.partition), None)
 
     def on_partitions_assigned(self, assigned) -> None:
-        pass
+        if self._on_assigned is not None:
+            self._on_assigned(sorted((tp.topic, tp.partition) for tp in assigned))

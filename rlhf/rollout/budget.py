@@ -31,6 +31,22 @@ stale): when the learner has dropped some of this budget's rollouts and what is 
 (produced, not yet trained or dropped) is less than one learner batch, it cannot make a
 version from them, and a new budget opens (`learner_counts`). Without drops it never
 fires, so normal backpressure is exactly the announcement rule above.
+
+Several workers (membership=group) share one budget, not one each: the budget is the
+learner's, for the loop, and N workers each spending all of it would run N times as far
+ahead. Its G = budget // group_size prompt groups are dealt to the partitions of
+rlhf.interactions, G // P to each of the P partitions and one more to G % P of them, taken
+in turn from one announcement to the next (so no partition's live prompts wait for ever when
+G < P); a worker may produce the groups of the partitions it holds now (`set_share`). The
+shares of all partitions add up to G groups, so the workers together never exceed the
+budget however Kafka spreads the partitions, and when a worker dies its partitions, and
+with them its share, go to the others at the group's rebalance. Why partitions and not a
+count of workers: Kafka's group protocol already tells every worker which partitions it
+holds and moves them when a worker leaves, so no worker needs to know how many others there
+are and nothing new has to agree on it. The one overshoot: a worker that takes over a dead
+one's partitions mid-version spends their whole share, whatever the dead one had produced of
+it before it died; the learner drops rollouts older than max_policy_lag as stale, which
+bounds what that can cost.
 """
 
 from __future__ import annotations
@@ -42,7 +58,8 @@ class PolicyBudget:
     def __init__(self, rollouts_per_version: int | None = None, max_policy_lag: int | None = None):
         """Without numbers the budget is closed until an announcement brings them."""
         self.per_version = 0  # the learner's rollouts per version (0: not announced yet)
-        self.budget = 0
+        self.whole = 0  # the learner's budget for the whole loop
+        self._share: tuple[frozenset[int], int, int] | None = None  # (partitions held, of how many, group size)
         if rollouts_per_version is not None:
             self.set_terms(rollouts_per_version, max_policy_lag or 0)
         self.version = -1  # the version of the learner's last announcement (-1: none yet)
@@ -57,7 +74,30 @@ class PolicyBudget:
         if rollouts_per_version < 1 or max_policy_lag < 0:
             raise ValueError("rollouts_per_version must be ≥ 1 and max_policy_lag ≥ 0")
         self.per_version = rollouts_per_version
-        self.budget = rollouts_per_version * (max_policy_lag + 1)
+        self.whole = rollouts_per_version * (max_policy_lag + 1)
+
+    def set_share(self, partitions: list[int] | None, total_partitions: int = 1, group_size: int = 1) -> None:
+        """Share the budget with other workers: this one holds `partitions` of the
+        `total_partitions` of rlhf.interactions and makes groups of `group_size` rollouts
+        (module docstring). None: the whole budget is this worker's (one worker)."""
+        if partitions is None:
+            self._share = None
+        else:
+            if total_partitions < 1 or group_size < 1:
+                raise ValueError("total_partitions and group_size must be ≥ 1")
+            self._share = (frozenset(partitions), total_partitions, group_size)
+        self._changed.set()
+
+    @property
+    def budget(self) -> int:
+        """Rollouts this worker may produce per announcement: the whole budget, or its share."""
+        if self._share is None:
+            return self.whole
+        partitions, total, n = self._share
+        groups = max(1, self.whole // n)
+        each, extra = divmod(groups, total)
+        turn = self.announcements
+        return n * sum(each + (1 if (p - turn) % total < extra else 0) for p in partitions)
 
     @property
     def known(self) -> bool:
@@ -94,7 +134,9 @@ class PolicyBudget:
             self._base = (trained, dropped)  # first sight, or a learner restored from an older checkpoint
             return False
         handled = (trained - self._base[0]) + (dropped - self._base[1])
-        if dropped > self._base[1] and self.produced - handled < self.per_version:
+        # the learner's counts are the whole loop's: a sharing worker takes its share of them
+        part = self.budget / self.whole if self._share is not None and self.whole else 1.0
+        if dropped > self._base[1] and self.produced - handled * part < self.per_version * part:
             self.releases += 1
             self._open((trained, dropped))
             return True
@@ -114,6 +156,11 @@ class PolicyBudget:
         Nothing while the learner's numbers are unknown."""
         if not self.known:
             return False
+        if self._share is not None:  # shares are whole groups: no group larger than what is left
+            ok = self.remaining >= n
+            if ok:
+                self.reserved += n
+            return ok
         if self.remaining >= n or (self.produced + self.reserved == 0):
             self.reserved += n
             return True
