@@ -271,8 +271,9 @@ def export(url: str, key: str, since_ms: int, until_ms: int, page: int = 500) ->
 # ---- the reward model ---------------------------------------------------------------------
 
 
-def train_rm(events: Sequence, defended: bool, seed: int, rm_args: dict):
-    """The reward service's trainer on `events` in order; returns it."""
+def train_rm(events: Sequence, defended: bool, seed: int, rm_args: dict, label_noise: float = 0.0):
+    """The reward service's trainer on `events` in order (the noise-aware Bradley-Terry
+    with `label_noise` ε > 0); returns it."""
     import torch
 
     from rlhf.reward import OnlineRewardTrainer, load_reward_model, resolve_backbone
@@ -282,7 +283,9 @@ def train_rm(events: Sequence, defended: bool, seed: int, rm_args: dict):
     torch.manual_seed(seed)
     spec = resolve_backbone(rm_args.get("backbone", "tiny"))
     model = load_reward_model(spec, max_tokens=rm_args.get("max_tokens", 64), head_seed=seed)
-    cfg = TrainerConfig(lr=rm_args.get("lr", 1e-3), train_batch_size=rm_args.get("batch_size", 16), seed=seed)
+    cfg = TrainerConfig(
+        lr=rm_args.get("lr", 1e-3), train_batch_size=rm_args.get("batch_size", 16), seed=seed, label_noise=label_noise
+    )
     trainer = OnlineRewardTrainer(model, cfg, ReliabilityConfig(enabled=defended))
     ingested = trainer.ingest(events)
     for _ in trainer.train(ingested.examples):
@@ -302,6 +305,46 @@ def held_out_accuracy(model, items: Sequence[Item]) -> float:
     return sum(right) / len(right)
 
 
+def _answers(group: Sequence[Item]) -> list[str]:
+    """The distinct answers of one prompt's items, in order."""
+    return list(({it.a_id: it.a for it in group} | {it.b_id: it.b for it in group}).values())
+
+
+def _win_vs_random(prompt: str, pick: str, texts: Sequence[str], oracle: Oracle) -> float:
+    """Oracle win-rate of `pick` against a uniformly random one of `texts` (a tie counts ½)."""
+    best = oracle(prompt, pick)
+    others = [oracle(prompt, t) for t in texts]
+    return sum(1.0 if best > o else 0.5 if best == o else 0.0 for o in others) / len(others)
+
+
+def best_of_n_win_rate(model, groups: Sequence[Sequence[Item]], oracle: Oracle) -> float:
+    """The win-rate of the RM's best-of-n policy (Gao et al. 2023, "Scaling Laws for Reward
+    Model Overoptimization": best-of-n against an RM is the policy the RM induces without a
+    learner): per held-out prompt the RM picks the best of its n answers, judged by the
+    honest oracle against a uniformly random one of the same n (a tie, or the same answer,
+    counts ½). A random pick scores 0.5; the oracle's own pick, the ceiling for these answers."""
+    wins = []
+    for group in groups:
+        texts = _answers(group)
+        if len(texts) < 2:
+            continue
+        prompt = group[0].prompt
+        scores = model.score([(("user", prompt),)] * len(texts), texts).tolist()
+        wins.append(_win_vs_random(prompt, texts[max(range(len(texts)), key=scores.__getitem__)], texts, oracle))
+    return sum(wins) / len(wins) if wins else float("nan")
+
+
+def oracle_best_of_n_win_rate(groups: Sequence[Sequence[Item]], oracle: Oracle) -> float:
+    """The same win-rate with the oracle itself picking: the ceiling for these answers."""
+    wins = []
+    for group in groups:
+        texts = _answers(group)
+        if len(texts) >= 2:
+            prompt = group[0].prompt
+            wins.append(_win_vs_random(prompt, max(texts, key=lambda t: oracle(prompt, t)), texts, oracle))
+    return sum(wins) / len(wins) if wins else float("nan")
+
+
 # ---- one fraction, and the command ----------------------------------------------------------
 
 
@@ -318,7 +361,14 @@ def run_fraction(
     rm_args: dict,
     tag: str,
     progress=print,
+    oracle: Oracle | None = None,
+    held_groups: Sequence[Sequence[Item]] = (),
+    label_noise: float = 0.0,
 ) -> dict:
+    """One adversary share: feedback through the gateway, then the RM trained on the same
+    events per arm: defended / undefended, and with `label_noise` > 0 the same two with
+    the noise-aware Bradley-Terry (`noise_defended`, `noise_undefended`). With an oracle
+    and held-out groups, each arm's best-of-n win-rate too."""
     rng = random.Random(seed)
     n_adv = round(fraction * n_raters)
     ids = [f"{tag}-rater-{i:02d}" for i in range(n_raters)]
@@ -334,11 +384,17 @@ def run_fraction(
         f"{len(events)} exported"
     )
     result = {"fraction": fraction, "adversaries": n_adv, "raters": n_raters, "events": len(events)}
-    for arm, defended in (("defended", True), ("undefended", False)):
+    arms = [("defended", True, 0.0), ("undefended", False, 0.0)]
+    if label_noise > 0:
+        arms += [("noise_defended", True, label_noise), ("noise_undefended", False, label_noise)]
+        result["label_noise"] = label_noise
+    for arm, defended, eps in arms:
         t0 = time.monotonic()
-        trainer = train_rm(events, defended, seed, rm_args)
+        trainer = train_rm(events, defended, seed, rm_args, label_noise=eps)
         result[f"train_seconds_{arm}"] = round(time.monotonic() - t0, 1)
         result[f"accuracy_{arm}"] = held_out_accuracy(trainer.model, held)
+        if oracle is not None and held_groups:
+            result[f"policy_win_rate_best_of_n_{arm}"] = best_of_n_win_rate(trainer.model, held_groups, oracle)
         if defended:
             q = {r.removeprefix("header:") for r in trainer.reliability.quarantined}
             honest = set(ids) - adversaries
@@ -347,7 +403,11 @@ def run_fraction(
             result["rater_accuracy"] = {
                 r.removeprefix("header:"): round(p, 3) for r, p in sorted(trainer.reliability.accuracy.items())
             }
-        progress(f"[poisoning] fraction {fraction:g} {arm}: held-out accuracy {result[f'accuracy_{arm}']:.3f}")
+        win = result.get(f"policy_win_rate_best_of_n_{arm}")
+        progress(
+            f"[poisoning] fraction {fraction:g} {arm}: held-out accuracy {result[f'accuracy_{arm}']:.3f}"
+            + ("" if win is None else f", best-of-n win-rate {win:.3f}")
+        )
     return result
 
 
@@ -357,10 +417,18 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    results = sorted(results, key=lambda r: r["fraction"])
     xs = [r["fraction"] for r in results]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
     ax.plot(xs, [r["accuracy_defended"] for r in results], "o-", label="reliability on (defended)")
     ax.plot(xs, [r["accuracy_undefended"] for r in results], "s--", label="reliability off")
+    for arm, style, label in (
+        ("noise_defended", "^-", "noise-aware BT, reliability on"),
+        ("noise_undefended", "v:", "noise-aware BT, reliability off"),
+    ):
+        pts = [(r["fraction"], r[f"accuracy_{arm}"]) for r in results if f"accuracy_{arm}" in r]
+        if pts:
+            ax.plot(*zip(*pts), style, label=label)
     ax.set_xlabel("share of adversarial raters")
     ax.set_ylabel("RM held-out accuracy (honest labels)")
     ax.set_ylim(0, 1)
@@ -397,6 +465,17 @@ def add_arguments(p) -> None:
     p.add_argument("--rm-batch-size", type=int, default=16)
     p.add_argument("--run-dir", default=None, help="run folder (default: $RLHF_HOME/runs/poisoning)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--label-noise",
+        type=float,
+        default=0.0,
+        help="also train with the noise-aware Bradley-Terry, flip probability ε (e.g. 0.25), defence on and off",
+    )
+    p.add_argument(
+        "--label-noise-fractions",
+        default=None,
+        help="comma-separated shares that get the --label-noise arms (default: every share)",
+    )
 
 
 def main(args) -> int:
@@ -408,10 +487,21 @@ def main(args) -> int:
     except ValueError as e:
         print(f"rlhf experiment poisoning: {e}", file=sys.stderr)
         return 2
-    fractions = sorted({0.0, args.fraction, *(float(x) for x in (args.fractions or "").split(",") if x.strip())})
+    # the clean run first (accuracy_clean), then the shares in the order given: a sweep cut
+    # short keeps the ones asked for first
+    asked = [float(x) for x in (args.fractions or "").split(",") if x.strip()] + [args.fraction]
+    fractions = list(dict.fromkeys([0.0, *asked]))
     if any(not 0 <= f < 1 for f in fractions):
         print("rlhf experiment poisoning: fractions must be in [0, 1)", file=sys.stderr)
         return 2
+    if not 0 <= args.label_noise < 0.5:
+        print(f"rlhf experiment poisoning: --label-noise {args.label_noise}: must be in [0, 0.5)", file=sys.stderr)
+        return 2
+    noise_at = (
+        {float(x) for x in args.label_noise_fractions.split(",") if x.strip()}
+        if args.label_noise_fractions
+        else set(fractions)
+    )
     run_dir = Path(args.run_dir) if args.run_dir else rlhf_home() / "runs" / "poisoning"
     run_dir.mkdir(parents=True, exist_ok=True)
     set_torch_threads(0)
@@ -430,7 +520,8 @@ def main(args) -> int:
         )
         # held-out items answer prompts the RM never trained on
         train_items = [it for group in per_prompt[: args.prompts] for it in group]
-        held = [it for group in per_prompt[args.prompts :] for it in group]
+        held_groups = per_prompt[args.prompts :]
+        held = [it for group in held_groups for it in group]
         rng.shuffle(train_items)
         ties = sum(it.honest is None for it in train_items + held)
         print(
@@ -439,8 +530,11 @@ def main(args) -> int:
             flush=True,
         )
         tag = f"p{int(time.time())}"
-        results = [
-            run_fraction(
+        ceiling = oracle_best_of_n_win_rate(held_groups, oracle)
+        print(f"[poisoning] best-of-{args.answers} win-rate, the oracle picking (ceiling): {ceiling:.3f}", flush=True)
+        results = []
+        for i, f in enumerate(fractions):
+            r = run_fraction(
                 url,
                 key,
                 train_items,
@@ -453,12 +547,14 @@ def main(args) -> int:
                 rm_args,
                 f"{tag}-f{i}",
                 progress=lambda m: print(m, flush=True),
+                oracle=oracle,
+                held_groups=held_groups,
+                label_noise=args.label_noise if f in noise_at else 0.0,
             )
-            for i, f in enumerate(fractions)
-        ]
-    with open(run_dir / "poisoning.jsonl", "a") as f:
-        for r in results:
-            f.write(json.dumps({**r, "oracle": args.oracle, "adversary": args.adversary}) + "\n")
+            r.update(oracle=args.oracle, adversary=args.adversary, best_of_n=args.answers, best_of_n_ceiling=ceiling)
+            results.append(r)
+            with open(run_dir / "poisoning.jsonl", "a") as out:  # each share as it finishes
+                out.write(json.dumps(r) + "\n")
     if len(results) > 2:
         plot(results, run_dir / "poisoning.png")
         print(f"[poisoning] plot: {run_dir / 'poisoning.png'}", flush=True)
@@ -477,6 +573,10 @@ def main(args) -> int:
                 "fraction": args.fraction,
                 "adversary": args.adversary,
                 "policy_win_rate": None,  # not measured: no learner runs in this experiment
+                # the RM's best-of-n policy instead (best_of_n_win_rate), vs a random one of the n
+                "policy_win_rate_best_of_n_defended": main_result.get("policy_win_rate_best_of_n_defended"),
+                "policy_win_rate_best_of_n_undefended": main_result.get("policy_win_rate_best_of_n_undefended"),
+                "best_of_n": args.answers,
                 "seconds": round(time.monotonic() - t0, 1),
                 "accuracy_defended": main_result["accuracy_defended"],
                 "accuracy_undefended": main_result["accuracy_undefended"],

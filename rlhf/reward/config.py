@@ -47,6 +47,13 @@ class TrainerConfig(BaseModel):
     )
     odin_length_weight: float = Field(1.0, description="length_debias=odin: weight of the |ρ(r_Q, L)| − ρ(r_L, L) term")
     odin_ortho_weight: float = Field(1.0, description="length_debias=odin: weight of the |w_Q · w_L| term")
+    label_noise: float = Field(
+        0.0,
+        ge=0.0,
+        lt=0.5,
+        description="noise-aware Bradley-Terry: the assumed probability ε that a comparison label is flipped, "
+        "P(a ≻ b) = ε + (1 − 2ε) σ(r_a − r_b) (Natarajan et al. 2013); 0: the plain loss. docs/feedback.md",
+    )
 
     @field_validator("length_debias", mode="before")
     @classmethod

@@ -9,11 +9,20 @@ is blind to a constant shift, which the normaliser removes anyway.
 Ties, two answers judged equally good, are Bradley-Terry pairs with target ½ (the
 cross-entropy of σ(r_a − r_b) against ½; minimal at r_a = r_b):
     loss = −½ log σ(r_a − r_b) − ½ log σ(r_b − r_a)
+Noise-aware Bradley-Terry (a label-flip term): if each comparison label is flipped with
+probability ε, independently of the answers (the class-conditional noise model of Natarajan
+et al. 2013, "Learning with Noisy Labels"), the label's likelihood is
+    P(label a ≻ b) = ε + (1 − 2ε) σ(r_a − r_b),     loss = −log(ε + (1 − 2ε) σ(r_w − r_l))
+Its gradient vanishes for a pair the model confidently ranks the other way (the loss is
+bounded by −log ε), so a flipped label cannot pull the scores without limit. ε = 0 is the
+plain loss. Ties are left as they are (a flip of a tie is a tie).
 Every loss takes optional per-example weights (the raters' reliability,
 rlhf/reward/reliability.py) and is then the weighted mean.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +38,23 @@ def _mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     return (values * w).sum() / w.sum().clamp(min=1e-12)
 
 
+def noisy_log_sigmoid(margin: torch.Tensor, label_noise: float) -> torch.Tensor:
+    """log(ε + (1 − 2ε) σ(margin)), computed stably (log-sum-exp of log ε and
+    log(1 − 2ε) + log σ(margin)); log σ(margin) itself when ε = 0."""
+    if not 0.0 <= label_noise < 0.5:
+        raise ValueError(f"label_noise={label_noise}: must be in [0, 0.5)")
+    if label_noise == 0.0:
+        return F.logsigmoid(margin)
+    return torch.logaddexp(
+        torch.full_like(margin, math.log(label_noise)), math.log1p(-2 * label_noise) + F.logsigmoid(margin)
+    )
+
+
 def bradley_terry_loss(
-    chosen: torch.Tensor, rejected: torch.Tensor, weights: torch.Tensor | None = None
+    chosen: torch.Tensor, rejected: torch.Tensor, weights: torch.Tensor | None = None, label_noise: float = 0.0
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mean −log σ(r_w − r_l) over pairs (weighted by `weights` (P,) if given).
+    """Mean −log σ(r_w − r_l) over pairs (weighted by `weights` (P,) if given); with
+    `label_noise` ε > 0 the noise-aware −log(ε + (1 − 2ε) σ(r_w − r_l)).
 
     chosen    # (P,) r_φ(x, y_w), with grad
     rejected  # (P,) r_φ(x, y_l), with grad
@@ -41,7 +63,7 @@ def bradley_terry_loss(
     if chosen.shape != rejected.shape or chosen.dim() != 1:
         raise ValueError(f"chosen {tuple(chosen.shape)} and rejected {tuple(rejected.shape)} must be equal (P,)")
     margin = chosen - rejected  # (P,)
-    loss = _mean(-F.logsigmoid(margin), weights)  # logsigmoid is stable for large |margin|
+    loss = _mean(-noisy_log_sigmoid(margin, label_noise), weights)  # stable for large |margin|
     with torch.no_grad():
         stats = {
             "bt_loss": loss.detach(),

@@ -348,7 +348,7 @@ class OnlineRewardTrainer:
             w = weights[where]
             if float(w.sum()) <= 0:
                 continue
-            term, st = fn(a, b, w)
+            term, st = fn(a, b, w, self.cfg.label_noise) if kind == PAIR else fn(a, b, w)
             loss = loss + term * w.sum()
             stats.update(st)
         return loss / total, stats
