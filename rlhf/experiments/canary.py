@@ -52,8 +52,28 @@ PROMPTS = (
 )
 
 
+# `--oracle` names that judge the version, not the words: a tiny random model's answers carry no
+# taste, so on `rlhf up --tiny` these are how a candidate is liked or disliked (the score is
+# uniform noise plus LIKED_BONUS for the liked role; with `--threshold 0.8`, 80 % of the liked
+# version's answers get a thumbs up and 20 % of the other's)
+VERSION_TASTES = ("likes-candidate", "likes-stable")
+LIKED_BONUS = 0.6
+
+
+def version_taste(name: str, candidate: int, stable: int, seed: int) -> Judge:
+    """The judge of a VERSION_TASTES name: noise, plus LIKED_BONUS for the version it likes."""
+    likes = candidate if name == "likes-candidate" else stable
+    rng = random.Random(seed)
+    return lambda prompt, response, version: rng.random() + (LIKED_BONUS if version == likes else 0.0)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--oracle", required=True, help="module:function (prompt, response) -> float, or a built-in name")
+    p.add_argument(
+        "--oracle",
+        required=True,
+        help="module:function (prompt, response) -> float, a built-in oracle name, or "
+        "likes-candidate / likes-stable (a taste for the version, not the words: for tiny models)",
+    )
     p.add_argument("--share", type=float, default=None, help="set the canary's share first (rlhf canary --share)")
     p.add_argument("--mode", choices=("thumbs", "pairwise", "mixed"), default="mixed", help="what users give")
     p.add_argument("--threshold", type=float, default=0.5, help="thumbs: up when the oracle's score is above it")
@@ -278,7 +298,7 @@ def main(args) -> int:
         found = next((s for s in specs if s.name == "gateway"), None)
         gateway = f"http://{found.address}" if found else "http://127.0.0.1:8000"
     token = (args.token or "").strip() or control_token_from(state)
-    oracle = load_oracle(args.oracle)
+    oracle = None if args.oracle in VERSION_TASTES else load_oracle(args.oracle)
     run_dir = Path(args.run_dir or rlhf_home() / "runs" / "canary")
     run_dir.mkdir(parents=True, exist_ok=True)
     with sync_channel(learner_address(state, args.learner), control_token=token) as channel:
@@ -294,10 +314,15 @@ def main(args) -> int:
             return 1
         candidate, stable, share = status.candidate_version, status.stable_version, status.share
         say(f"[canary] candidate v{candidate} against stable v{stable} at share {share:g}; gateway {gateway}")
+        judge = (
+            version_taste(args.oracle, candidate, stable, args.seed)
+            if oracle is None
+            else (lambda p, r, v: oracle(p, r))
+        )
         users = Users(
             gateway,
             learner,
-            lambda p, r, v: oracle(p, r),
+            judge,
             mode=args.mode,
             threshold=args.threshold,
             max_tokens=args.max_tokens,

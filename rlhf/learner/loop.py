@@ -728,20 +728,30 @@ class Learner:
         promoted or whose stored manifest is corrupt (rlhf.errors)."""
         return self._call_in_loop(lambda: self._rollback(version), timeout)
 
-    def _rollback(self, version: int):
-        from rlhf.v1 import events_pb2
-
+    def _servable(self, version: int, corrupt: str, refused: str):
+        """The weight-store record of `version`, which an operator asks to serve (rollback,
+        promote): NotFound when it is not stored, FailedPrecondition when its manifest is
+        corrupt ("version N <corrupt>: <error>") or it never passed the drift gate
+        ("version N <refused>", `{why}` the gate's reason). Each verb words its own refusal."""
         try:
             record = self.store.get(version)
         except UnknownVersion:
             raise NotFound(f"version {version} is not in the weight store") from None
         except CorruptWeights as e:
-            raise FailedPrecondition(f"version {version} cannot be served again: {e}") from None
+            raise FailedPrecondition(f"version {version} {corrupt}: {e}") from None
         if not record.meta.get("promoted"):
-            raise FailedPrecondition(
-                f"version {version} was never promoted ({record.meta.get('reason') or 'rejected'}); "
-                "roll back to a promoted version (see ListVersions)",
-            )
+            why = record.meta.get("reason") or "rejected"
+            raise FailedPrecondition(f"version {version} {refused.format(why=why)}")
+        return record
+
+    def _rollback(self, version: int):
+        from rlhf.v1 import events_pb2
+
+        record = self._servable(
+            version,
+            corrupt="cannot be served again",
+            refused="was never promoted ({why}); roll back to a promoted version (see ListVersions)",
+        )
         with self._lock:
             self._switch_weights(version)
             self.state.serving_version = version
@@ -777,17 +787,11 @@ class Learner:
 
     def _promote(self, version: int) -> dict[str, Any]:
         plane = self._plane()
-        try:
-            record = self.store.get(version)
-        except UnknownVersion:
-            raise NotFound(f"version {version} is not in the weight store") from None
-        except CorruptWeights as e:
-            raise FailedPrecondition(f"version {version} cannot be served: {e}") from None
-        if not record.meta.get("promoted"):
-            raise FailedPrecondition(
-                f"version {version} did not pass the drift gate ({record.meta.get('reason') or 'rejected'}); "
-                "promote a version that did (see ListVersions)"
-            )
+        self._servable(
+            version,
+            corrupt="cannot be served",
+            refused="did not pass the drift gate ({why}); promote a version that did (see ListVersions)",
+        )
         with self._lock:
             changes = plane.promote(version, time.time())
         self._announce_canary(changes)
