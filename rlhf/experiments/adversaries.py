@@ -7,10 +7,9 @@ None (a tie); `honest_choice` is what an honest rater with the oracle's taste wo
 
 from __future__ import annotations
 
-import importlib
 from typing import Callable, Optional
 
-from rlhf.experiments.oracles import words
+from rlhf.experiments.oracles import load_callable, words
 
 Choice = Optional[int]  # 0 = a, 1 = b, None = tie
 Adversary = Callable[[str, str, str, Choice], Choice]
@@ -33,15 +32,4 @@ BUILTIN: dict[str, Adversary] = {f.__name__: f for f in (flip, prefer_longer)}
 
 def load_adversary(spec: str) -> Adversary:
     """ "module:function" → that function; a bare name → one of BUILTIN."""
-    if ":" not in spec:
-        if spec in BUILTIN:
-            return BUILTIN[spec]
-        raise ValueError(f"unknown adversary {spec!r}: use module:function or one of {sorted(BUILTIN)}")
-    module, _, name = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"cannot load adversary {spec!r}: {e}") from None
-    if not callable(fn):
-        raise ValueError(f"adversary {spec!r} is not callable")
-    return fn
+    return load_callable(spec, "adversary", BUILTIN)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from typing import Callable
+from typing import Callable, Mapping
 
 Oracle = Callable[[str, str], float]
 
@@ -113,20 +113,26 @@ def property_of(oracle: Oracle) -> Callable[[str], bool] | None:
     return getattr(oracle, "property", None) or PROPERTY.get(getattr(oracle, "__name__", ""))
 
 
-def load_oracle(spec: str) -> Oracle:
-    """ "module:function" → that function; a bare name → one of BUILTIN."""
+def load_callable(spec: str, what: str, builtin: Mapping[str, Callable]) -> Callable:
+    """ "module:function" → that function; a bare name → one of `builtin`. A ValueError
+    naming `what` ("oracle", "adversary") and the spec when it cannot be had."""
     if ":" not in spec:
-        if spec in BUILTIN:
-            return BUILTIN[spec]
-        raise ValueError(f"unknown oracle {spec!r}: use module:function or one of {sorted(BUILTIN)}")
+        if spec in builtin:
+            return builtin[spec]
+        raise ValueError(f"unknown {what} {spec!r}: use module:function or one of {sorted(builtin)}")
     module, _, name = spec.partition(":")
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"cannot load oracle {spec!r}: {e}") from None
+        raise ValueError(f"cannot load {what} {spec!r}: {e}") from None
     if not callable(fn):
-        raise ValueError(f"oracle {spec!r} is not callable")
+        raise ValueError(f"{what} {spec!r} is not callable")
     return fn
+
+
+def load_oracle(spec: str) -> Oracle:
+    """ "module:function" → that function; a bare name → one of BUILTIN."""
+    return load_callable(spec, "oracle", BUILTIN)
 
 
 def oracle_name(spec: str) -> str:
