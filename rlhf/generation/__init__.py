@@ -41,6 +41,8 @@ def make_backend(
     prefill_token_budget: int = 512,
     preemption: bool = True,
     preempt_max_wait_seconds: float = 30.0,
+    candidate_memory_margin_gib: float = 1.0,
+    candidate_memory_limit_gib: float = 0.0,
 ) -> Backend:
     """The backend `name` ("auto", "transformers" or "vllm"); nothing is loaded until `start()`."""
     name = default_backend() if name == "auto" else name
@@ -70,6 +72,8 @@ def make_backend(
             prefill_token_budget=prefill_token_budget,
             preemption=preemption,
             preempt_max_wait_seconds=preempt_max_wait_seconds,
+            candidate_memory_margin_gib=candidate_memory_margin_gib,
+            candidate_memory_limit_gib=candidate_memory_limit_gib,
         )
     raise ValueError(f"backend must be auto, transformers or vllm, got {name!r}")
 

@@ -12,8 +12,9 @@ During a canary (issue 15) a *candidate* is served beside the stable version
 else runs the stable version. The candidate is a LoRA adapter on the initial weights, loaded
 without draining the stable version's requests (vLLM: one more LoRARequest; transformers:
 a per-row adapter, rlhf/generation/adapters.py); `promote_candidate` makes it the stable
-version (no reload), `drop_candidate` ends it. A full-weight candidate, or a LoRA candidate
-while the stable version is a full one (other base weights), is refused with one line.
+version (no reload), `drop_candidate` ends it. A full-weight candidate is a second model
+copy (transformers, where memory permits; vLLM refuses it); a LoRA candidate while the
+stable version is a full one (other base weights) is refused with one line.
 """
 
 from __future__ import annotations
@@ -254,7 +255,9 @@ class Generator:
                 if update.fmt == LORA and self._full_version != 0:
                     restore = await self.backend.prepare(WeightUpdate(0, FULL, self.base_files))
                 # a LoRA candidate is an adapter on the initial weights: other full weights end it
-                ends_candidate = self.gate.candidate is not None and update.fmt == FULL and update.version != 0
+                # (a full-weight candidate is its own model copy: it serves on)
+                cand = self.gate.candidate
+                ends_candidate = cand is not None and cand.fmt == LORA and update.fmt == FULL and update.version != 0
                 if restore is not None or self.backend.drains(update):
                     async with self.gate.drained():
                         if restore is not None:
@@ -340,6 +343,8 @@ class Generator:
                     handle = await self.backend.promote_candidate(cand.handle)
                     self.gate.set(Served(cand.version, cand.fmt, handle))
                     self.gate.set_candidate(None)
+                    if cand.fmt == FULL:  # its weights are the model's now
+                        self._full_version = cand.version
             else:
                 handle = await self.backend.promote_candidate(cand.handle)
                 self.gate.set(Served(cand.version, cand.fmt, handle))

@@ -27,13 +27,18 @@ one waits, nobody joins, the running rows finish, and the swap falls between two
 from __future__ import annotations
 
 import asyncio
+import gc
+import itertools
 import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from types import SimpleNamespace
+from typing import Any, AsyncIterator, Iterator
 
+import psutil
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load as safetensors_load
@@ -49,6 +54,7 @@ from rlhf.generation.batching import (
     Row,
     RunningBatch,
     admit,
+    cache_layers,
     supports_merging,
 )
 from rlhf.generation.metrics import RequestStats
@@ -79,6 +85,8 @@ class TransformersBackend(Backend):
         prefill_token_budget: int = 512,
         preemption: bool = True,
         preempt_max_wait_seconds: float = 30.0,
+        candidate_memory_margin_gib: float = 1.0,
+        candidate_memory_limit_gib: float = 0.0,
     ):
         if batching not in (CONTINUOUS, STATIC):
             raise ValueError(f"batching must be {CONTINUOUS!r} or {STATIC!r}, got {batching!r}")
@@ -93,6 +101,12 @@ class TransformersBackend(Backend):
         self.prefill_token_budget = prefill_token_budget
         self.preemption = preemption
         self.preempt_max_wait_s = preempt_max_wait_seconds
+        if candidate_memory_margin_gib < 0 or candidate_memory_limit_gib < 0:
+            raise ValueError("candidate_memory_margin_gib and candidate_memory_limit_gib must be at least 0")
+        self.candidate_margin_bytes = int(candidate_memory_margin_gib * 2**30)
+        self.candidate_limit_bytes = int(candidate_memory_limit_gib * 2**30)  # 0: what the machine has free
+        self._full: dict[int, Any] = {}  # full-weight candidates: handle (< 0) → their own model copy
+        self._full_ids = itertools.count(-1, -1)  # LoRA adapter ids are > 0, the merged weights 0
         self.device = resolve_device(device)
         self.dtype = getattr(torch, dtype)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-engine")
@@ -237,7 +251,7 @@ class TransformersBackend(Backend):
                         continue  # an interactive request went away before it joined: they come back
                     return
                 # 4. one decode step of the running rows, then the newcomers' prefill
-                logits = batch.step(self.model) if batch.rows else None  # (B, V)
+                logits = batch.step(self._forward_model()) if batch.rows else None  # (B, V)
                 if joining:
                     new, new_logits = self._prefill(joining)
                     batch.join(new, self.vocab)
@@ -271,8 +285,9 @@ class TransformersBackend(Backend):
         adapter = None
         if any(job.adapter for job in jobs):
             adapter = torch.tensor([job.adapter for job in jobs], device=dev)  # (J,)
-        with row_adapters(self.model, adapter):
-            logits = self.model(
+        model = self._forward_model()
+        with row_adapters(model, adapter):
+            logits = model(
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=positions,
@@ -430,32 +445,84 @@ class TransformersBackend(Backend):
     # --- the canary's candidate (rlhf/generation/adapters.py) -------------------------
 
     async def prepare_candidate(self, update: WeightUpdate) -> Any:
-        """A LoRA candidate's factors, read while everything serves on. A full-weight
-        candidate would need a second model copy and its own forward pass: refused."""
+        """A LoRA candidate's factors, or a full-weight candidate's own model copy, read while
+        everything serves on. A full-weight candidate is refused, naming the bytes it needs and
+        those available, unless the memory free (`candidate_memory_limit_gib` if set, else the
+        device's: psutil on the CPU, cudaMemGetInfo on a GPU) covers a second copy of the
+        weights plus `candidate_memory_margin_gib`."""
         if update.fmt == FULL:
-            raise WeightsRefused(
-                f"version {update.version} is a full-weight candidate; the transformers backend serves a "
-                "candidate beside the stable version only as a LoRA adapter (a full one would need a second "
-                "model copy)"
-            )
+            return FULL, await asyncio.get_running_loop().run_in_executor(None, self._full_copy, update)
         factors = await asyncio.get_running_loop().run_in_executor(None, lora_factors, update.folder, update.lora)
         RowAdapters.of(self.model, self._merged).check(factors)
         return factors
 
     async def activate_candidate(self, prepared: Any) -> Any:
-        """Make the candidate resident as a per-row adapter (no drain: it is applied before the
-        engine's next forward); its id is the lease handle."""
+        """Make the candidate resident (no drain: it is used from the engine's next forward on),
+        a LoRA one as a per-row adapter, a full one as a model copy; its id is the lease handle."""
+        if isinstance(prepared, tuple) and prepared[0] == FULL:
+            handle = next(self._full_ids)
+            self._full = {**self._full, handle: prepared[1]}  # a new dict: the engine thread reads it
+            return handle
         return RowAdapters.of(self.model, self._merged).add(prepared)
 
     async def drop_candidate(self, handle: Any) -> None:
+        if isinstance(handle, int) and handle < 0:  # a full-weight candidate's copy
+            if handle in self._full:
+                self._full = {k: v for k, v in self._full.items() if k != handle}
+                gc.collect()  # its weights go back to the machine now
+            return
         RowAdapters.of(self.model, self._merged).remove(handle)
+
+    def candidate_bytes(self) -> int:
+        """Bytes a second copy of the model's weights takes (parameters and buffers)."""
+        tensors = itertools.chain(self.model.parameters(), self.model.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def available_bytes(self) -> int:
+        """Memory free for a candidate's copy: `candidate_memory_limit_gib` when set, else the
+        device's free memory (capped by the limit when both apply)."""
+        if self.device.type == "cuda":
+            free = torch.cuda.mem_get_info(self.device)[0]
+        else:
+            free = psutil.virtual_memory().available
+        return min(free, self.candidate_limit_bytes) if self.candidate_limit_bytes else free
+
+    def _full_copy(self, update: WeightUpdate) -> Any:
+        """A second model with `update`'s full weights, after the memory check (worker thread)."""
+        need, have = self.candidate_bytes() + self.candidate_margin_bytes, self.available_bytes()
+        if need > have:
+            raise WeightsRefused(
+                f"version {update.version} is a full-weight candidate: a second model copy needs {need:,} bytes "
+                f"(weights {need - self.candidate_margin_bytes:,} + margin {self.candidate_margin_bytes:,}) and "
+                f"{have:,} are available; serve it as a LoRA adapter, free memory, or lower "
+                "candidate_memory_margin_gib"
+            )
+        model = load_causal_lm(self.model_dir, dtype=self.dtype, device=self.device)
+        params = model.state_dict()
+        with torch.no_grad():
+            for f in update.files:
+                for name, value in safetensors_load(f.read_bytes()).items():
+                    params[name].copy_(value)
+        return model
+
+    def _forward_model(self) -> Any:
+        """What a forward runs: the model itself, or, while a full-weight candidate is
+        resident, `_Models`, which runs each row on its own version's copy."""
+        full = self._full
+        return _Models(self.model, full) if full else self.model
 
     def promote_drains(self) -> bool:
         return True  # the candidate is merged into the weights in place
 
     async def promote_candidate(self, handle: Any) -> Any:
         """Merge the candidate's adapter into the weights (with nobody running: the generator
-        drains) and drop it as a per-row adapter; the new stable version's handle (None)."""
+        drains) and drop it as a per-row adapter, or copy a full-weight candidate's weights in
+        and free its copy; the new stable version's handle (None)."""
+        if handle in self._full:
+            state = {k: v.detach() for k, v in self._full[handle].state_dict().items()}
+            await self.activate((FULL, state))
+            await self.drop_candidate(handle)
+            return None
         adapters = RowAdapters.of(self.model, self._merged)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._thread, adapters.apply_pending)
@@ -463,6 +530,83 @@ class TransformersBackend(Backend):
         adapters.remove(handle)
         await self.activate(("lora", {f"{m}.weight": b @ a for m, (a, b) in factors.items()}, factors))
         return None
+
+
+class _Models:
+    """Stands in for the model in one forward when full-weight candidates are resident: rows
+    whose adapter id is a full candidate's handle (< 0) run on that candidate's model copy,
+    the others on the stable model (with their LoRA ids, if any). One forward pass per
+    version present; the KV cache is split by rows before and put back together after (the
+    models share an architecture, so their caches have the same shapes)."""
+
+    def __init__(self, stable: Any, full: dict[int, Any]):
+        self.stable, self.full = stable, full
+        self.config = stable.config
+        self._rlhf_row_adapters = self  # `row_adapters(model, ids)` hands the ids to `rows`
+        self._ids: torch.Tensor | None = None
+
+    @contextmanager
+    def rows(self, ids: torch.Tensor | None) -> Iterator[None]:
+        self._ids = ids
+        try:
+            yield
+        finally:
+            self._ids = None
+
+    def __call__(self, input_ids, attention_mask, position_ids, past_key_values, **kw) -> Any:
+        ids = self._ids
+        if ids is None or not bool((ids < 0).any()):
+            with row_adapters(self.stable, ids):
+                return self.stable(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    past_key_values=past_key_values,
+                    **kw,
+                )
+        groups = [(h, (ids == h).nonzero()[:, 0]) for h in sorted({int(i) for i in ids.tolist() if i < 0})]
+        stable_rows = (ids >= 0).nonzero()[:, 0]
+        if len(stable_rows):
+            groups.append((0, stable_rows))
+        layers = cache_layers(past_key_values)
+        started = bool(layers) and layers[0].is_initialized
+        outs = []
+        for handle, sel in groups:
+            model = self.stable if handle == 0 else self.full.get(handle, self.stable)  # dropped: its rows are gone
+            sub = (
+                DynamicCache([(layer.keys[sel], layer.values[sel]) for layer in layers])
+                if started
+                else DynamicCache(config=self.config)
+            )
+            with row_adapters(model, ids[sel] if handle == 0 else None):
+                out = model(
+                    input_ids=input_ids[sel],
+                    attention_mask=attention_mask[sel],
+                    position_ids=position_ids[sel],
+                    past_key_values=sub,
+                    **kw,
+                )
+            outs.append((sel, out.logits, cache_layers(sub)))
+        rows = len(ids)
+        first = outs[0][1]
+        logits = first.new_empty((rows, *first.shape[1:]))
+        for sel, lg, _ in outs:
+            logits[sel] = lg
+        for k, layer in enumerate(layers if started else []):
+            keys = outs[0][2][k].keys
+            layer.keys = keys.new_empty((rows, *keys.shape[1:]))
+            layer.values = layer.keys.clone()
+            for sel, _, sub_layers in outs:
+                layer.keys[sel], layer.values[sel] = sub_layers[k].keys, sub_layers[k].values
+        if not started:  # a prefill: the passed cache was empty, fill its layers
+            for k, layer in enumerate(layers):
+                shape = outs[0][2][k].keys.shape
+                keys = outs[0][2][k].keys.new_empty((rows, *shape[1:]))
+                values = keys.clone()
+                for sel, _, sub_layers in outs:
+                    keys[sel], values[sel] = sub_layers[k].keys, sub_layers[k].values
+                layer.update(keys, values)
+        return SimpleNamespace(logits=logits)
 
 
 def _row_generator(sampling: Sampling, index: int, device: torch.device) -> torch.Generator | None:

@@ -48,6 +48,8 @@ class GeneratorService(Service):
             prefill_token_budget=s.prefill_token_budget,
             preemption=s.preemption == "on",
             preempt_max_wait_seconds=s.preempt_max_wait_seconds,
+            candidate_memory_margin_gib=s.candidate_memory_margin_gib,
+            candidate_memory_limit_gib=s.candidate_memory_limit_gib,
         )
         limits = Limits(
             max_model_len=s.max_model_len,

@@ -52,6 +52,18 @@ class GeneratorSettings(PolicyModelSettings, WeightStoreSettings, GrpcServiceSet
         "then it rejoins beside the chats and is not parked again (keep it well under the rollout worker's "
         "rollout_generate_timeout_seconds)",
     )
+    candidate_memory_margin_gib: float = Field(
+        1.0,
+        ge=0,
+        description="transformers backend, canary: a full-weight candidate (a second model copy) is loaded only "
+        "when free memory covers its weights plus this many GiB; otherwise it is refused naming both",
+    )
+    candidate_memory_limit_gib: float = Field(
+        0.0,
+        ge=0,
+        description="transformers backend, canary: GiB a full-weight candidate may count as free (0: the device's "
+        "free memory as psutil / CUDA report it; set it in a container whose limit psutil does not see)",
+    )
     torch_threads: int = Field(0, description="transformers backend: torch intra-op threads; 0 keeps torch's default")
     vllm_enforce_eager: bool = Field(True, description="vLLM: skip graph capture / torch.compile (slow start on CPU)")
     vllm_kv_cache_gib: float = Field(1.0, description="vLLM on CPU: GiB reserved for the KV cache")

@@ -3,8 +3,10 @@ the transformers backend: the stable version merged in the weights, a LoRA candi
 per row (rlhf/generation/adapters.py). A batch that mixes stable and candidate rows gives
 each row the greedy tokens and log-probs (to ABS_TOL, as tests/unit/test_continuous_batching.py)
 and the seeded samples it gets with its version served alone; loading a candidate drains no
-stable request; promotion and dropping change what a version number means; what cannot be
-served beside the stable version is refused with a reason."""
+stable request; promotion and dropping change what a version number means; a full-weight
+candidate runs its rows on its own model copy in the same batches (and is refused, naming
+the bytes needed and available, when memory does not cover the copy); what cannot be served
+beside the stable version is refused with a reason."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from safetensors.torch import load_file
 from rlhf.generation import Generator, Limits, SampleOut, Sampling, make_backend
 from rlhf.generation.adapters import RowAdapters
 from rlhf.generation.gate import NotServed
+from rlhf.generation.hf_backend import _Models
 from rlhf.generation.types import WeightsRefused
 from rlhf.models import build_tiny_model
 from rlhf.testing.lora import make_random_lora
@@ -52,10 +55,10 @@ def store_dir(tmp_path_factory, tiny_model_dir) -> Path:
     return tmp
 
 
-def run(model_dir: Path, store_dir: Path, tmp_path: Path, body):
+def run(model_dir: Path, store_dir: Path, tmp_path: Path, body, **backend):
     async def main():
         gen = Generator(
-            make_backend("transformers", model_dir),
+            make_backend("transformers", model_dir, **backend),
             model_dir,
             Limits(max_model_len=512, max_max_tokens=500),
             store_dir / "weights",
@@ -205,10 +208,77 @@ def test_promote_replace_and_drop_change_what_is_served(tiny_model_dir, store_di
     run(tiny_model_dir, store_dir, tmp_path, body)
 
 
+def full_forwards(monkeypatch) -> list[list[int]]:
+    """Records the per-row ids of every forward that ran rows on a full-weight candidate's
+    copy beside stable rows (hf_backend._Models)."""
+    seen: list[list[int]] = []
+    original = _Models.__call__
+
+    def call(self, *args, **kw):
+        ids = self._ids
+        if ids is not None and bool((ids < 0).any()) and bool((ids >= 0).any()):
+            seen.append(ids.tolist())
+        return original(self, *args, **kw)
+
+    monkeypatch.setattr(_Models, "__call__", call)
+    return seen
+
+
+@pytest.mark.parametrize("stable", [0, STABLE_LORA], ids=["base-stable", "lora-stable"])
+def test_a_full_weight_candidate_runs_on_its_own_copy_in_a_mixed_batch(
+    tiny_model_dir, store_dir, tmp_path, monkeypatch, stable
+):
+    mixed = full_forwards(monkeypatch)
+
+    async def body(gen):
+        want = {FULL_OTHER: await alone(gen, FULL_OTHER), stable: await alone(gen, stable)}
+        await gen.load_candidate(FULL_OTHER)
+        assert (gen.version, gen.candidate_version) == (stable, FULL_OTHER)
+        assert len(gen.backend._full) == 1
+        jobs = [
+            (ids, s, (FULL_OTHER, stable)[(p + k) % 2])
+            for p, ids in enumerate(PROMPTS)
+            for k, s in enumerate((GREEDY, SEEDED))
+        ]
+        got = await asyncio.gather(*(collect(gen, ids, s, version=v) for ids, s, v in jobs))
+        # a stable row running while a candidate row joins it mid-batch
+        long = Sampling(temperature=0.0, max_tokens=200, ignore_eos=True)
+        running = asyncio.create_task(collect(gen, PROMPTS[0], long, version=stable))
+        while not gen.gate.active:
+            await asyncio.sleep(0.001)
+        late = await collect(gen, PROMPTS[1], GREEDY, version=FULL_OTHER)
+        assert not running.done(), "the running request ended before the joiner: make it longer"
+        await running
+        # promoted: its weights become the model's, its copy is freed, it serves as stable
+        await gen.promote_candidate()
+        assert (gen.version, gen.candidate_version, gen.backend._full) == (FULL_OTHER, 0, {})
+        promoted = await collect(gen, PROMPTS[1], GREEDY)
+        return want, jobs, got, late, promoted
+
+    want, jobs, got, late, promoted = run(tiny_model_dir, store_dir, tmp_path, body)
+    assert mixed, "no forward pass ran full-candidate and stable rows together"
+    for i, ((_, _, version), (served, outs)) in enumerate(zip(jobs, got)):
+        assert served == version
+        assert_same(outs, want[version][i])
+    for served, outs in (late, promoted):
+        assert served == FULL_OTHER
+        assert_same(outs, want[FULL_OTHER][2])  # PROMPTS[1], greedy
+    assert want[FULL_OTHER][0][0].token_ids != want[stable][0][0].token_ids  # the versions differ
+
+
+def test_a_full_weight_candidate_is_refused_when_memory_does_not_cover_a_copy(tiny_model_dir, store_dir, tmp_path):
+    async def body(gen):
+        need = gen.backend.candidate_bytes() + 2**30  # the default margin
+        with pytest.raises(WeightsRefused, match="full-weight candidate: a second model copy needs") as err:
+            await gen.load_candidate(FULL_OTHER)
+        assert f"needs {need:,} bytes" in str(err.value) and f"{2**20:,} are available" in str(err.value)
+        assert (gen.candidate_version, gen.backend._full) == (0, {})
+
+    run(tiny_model_dir, store_dir, tmp_path, body, candidate_memory_limit_gib=1 / 1024)  # 1 MiB
+
+
 def test_what_cannot_be_served_beside_the_stable_version_is_refused(tiny_model_dir, store_dir, tmp_path):
     async def body(gen):
-        with pytest.raises(WeightsRefused, match="full-weight candidate"):
-            await gen.load_candidate(FULL_OTHER)
         with pytest.raises(WeightsRefused, match="is the stable version"):
             await gen.load_candidate(0)
         await gen.load_candidate(CANDIDATE)
