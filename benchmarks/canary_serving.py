@@ -92,7 +92,7 @@ async def bench_backend(name: str, model_dir: Path, store_root: Path, work: Path
                     await gen.load_candidate(CANDIDATE)
                     results["two"].append(await one_batch(gen, prompts, sampling, half))
                     await gen.drop_candidate("benchmark round over")
-        return {
+        out = {
             mode: {
                 "tokens_per_s": statistics.median(n / wall for wall, _, n in runs),
                 "p50_latency_s": statistics.median(statistics.median(lat) for _, lat, _ in runs),
@@ -100,6 +100,11 @@ async def bench_backend(name: str, model_dir: Path, store_root: Path, work: Path
             }
             for mode, runs in results.items()
         }
+        # the cost within each round (its two arms ran back to back, under the same load)
+        out["paired_costs"] = [
+            100 * (1 - (n2 / w2) / (n1 / w1)) for (w1, _, n1), (w2, _, n2) in zip(results["one"], results["two"])
+        ]
+        return out
     finally:
         await gen.stop()
 
@@ -137,6 +142,11 @@ def forward_cost(model_dir: Path, work: Path, rows: int, iters: int) -> None:
         print(f"| {label} | {1000 * min(ts):.1f} | {1000 * statistics.median(ts):.1f} |")
     one, two = min(times["one"]), min(times["two"])
     print(f"\ncost of the candidate's rows (min): {100 * (two / one - 1):+.1f} %")
+
+
+def loadavg() -> str:
+    """The 1/5/15-minute load average: the figures mean little on a machine busy with other work."""
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def main() -> None:
@@ -178,7 +188,7 @@ def run(args, work: Path) -> None:
     print(
         f"model {model_dir.name} · {args.prompts} chat requests × {args.tokens} new tokens in one batch · "
         f"candidate: rank-16 LoRA on {'/'.join(t.removesuffix('_proj') for t in TARGETS)} (random A, B) · "
-        f"median of {args.rounds} rounds · {os.cpu_count()} CPUs\n"
+        f"median of {args.rounds} rounds · {os.cpu_count()} CPUs · load average {loadavg()}\n"
     )
     if "forward" in args.sections.split(","):
         forward_cost(model_dir, work, args.prompts, args.forward_iters)
@@ -197,6 +207,8 @@ def run(args, work: Path) -> None:
             f"| {name} | two (half the rows on the candidate) | {two['tokens_per_s']:.1f} | "
             f"{two['p50_latency_s']:.2f} | {two['p90_latency_s']:.2f} | {cost:+.1f} % |"
         )
+        paired = ", ".join(f"{c:+.1f}" for c in r["paired_costs"])
+        print(f"\n{name}: cost per round, its two arms back to back: {paired} % · load average {loadavg()}")
 
 
 if __name__ == "__main__":
