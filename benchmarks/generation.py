@@ -10,8 +10,9 @@ service wraps, driven in this process: HF `model.generate` on the left-padded ba
 (top_k=0, min_new_tokens=64) or vLLM `LLM.generate` (same engine arguments as the service,
 logprobs=0 as the service asks). "Service" is the generator from its real entrypoint, sent
 the 16 prompts as 16 concurrent `Generate` calls from an asyncio client; the time runs from
-the first call to the last answer. Raw and service rounds alternate, so both see the same
-machine load; each figure is the median of the rounds.
+the first call to the last answer. Raw and service rounds alternate, and so does which of
+the two goes first in a round, so both see the same machine load; each figure is the median
+of the rounds, and each round's figure and the load average are printed as it ends.
 
 Swap latency: the service swaps a weight-store version in (LoadVersion: sha256 check,
 name/shape check, load into the engine), or receives it over gRPC (UpdateWeights: stream,
@@ -344,15 +345,30 @@ def timed(fn, *args) -> tuple[float, int]:
 
 
 def throughput(raw, service: Service, prompts: list[list[int]], rounds: int) -> dict:
+    """Median tok/s of each arm. Rounds alternate the order (raw first, then service first):
+    on a loaded box the second arm of a pair otherwise always meets what the first left behind
+    (another engineer's job starting, the page cache, the other engine's idle threads)."""
     raw.run(prompts[:2]), service.run(prompts[:2])  # warm-up: first-call costs are not throughput
-    r, s = [], []
-    for _ in range(rounds):
-        dt, n = timed(raw.run, prompts)
-        r.append(n / dt)
-        dt, n = timed(service.run, prompts)
-        s.append(n / dt)
-        assert n == N_PROMPTS * NEW_TOKENS, n
-    return {"raw": statistics.median(r), "service": statistics.median(s)}
+    rates: dict[str, list[float]] = {"raw": [], "service": []}
+    arms = {"raw": raw.run, "service": service.run}
+    for i in range(rounds):
+        for arm in ("raw", "service") if i % 2 == 0 else ("service", "raw"):
+            dt, n = timed(arms[arm], prompts)
+            assert n == N_PROMPTS * NEW_TOKENS, n
+            rates[arm].append(n / dt)
+            print(f"  round {i} {arm}: {n / dt:.1f} tok/s, load average {os.getloadavg()[0]:.1f}", flush=True)
+    return {arm: statistics.median(v) for arm, v in rates.items()} | {"rounds": rates}
+
+
+def vllm_engine_kwargs(model_dir: Path, enforce_eager: bool) -> dict:
+    """The raw engine's arguments: the service's own (`VllmBackend.engine_kwargs`, with the
+    service's settings from `Service`), so raw and service differ only in what wraps the
+    engine. An earlier copy by hand had max_loras 2 against the service's 3."""
+    from rlhf.generation.vllm_backend import VllmBackend
+
+    return VllmBackend(
+        model_dir, max_model_len=2048, max_batch=32, dtype="float32", max_lora_rank=16, enforce_eager=enforce_eager
+    ).engine_kwargs
 
 
 def swap_latency(service: Service, store, versions: dict, rounds: int) -> dict:
@@ -494,27 +510,15 @@ def run(args, work: Path) -> None:
         env = {"RLHF_VLLM_ENFORCE_EAGER": args.vllm_enforce_eager, "RLHF_MAX_MODEL_LEN": "2048", "RLHF_MAX_BATCH": "32"}
         with Service(backend, model_dir, work, env) as service:
             if backend == "vllm":
-                raw = RawVllm(
-                    model_dir,
-                    dict(
-                        model=str(model_dir),
-                        max_model_len=2048,
-                        max_num_seqs=32,
-                        dtype="float32",
-                        seed=0,
-                        enforce_eager=args.vllm_enforce_eager == "true",
-                        enable_lora=True,
-                        max_lora_rank=16,
-                        max_loras=2,
-                    ),
-                )
+                raw = RawVllm(model_dir, vllm_engine_kwargs(model_dir, args.vllm_enforce_eager == "true"))
             else:
                 raw = RawHF(model_dir)
             tp = throughput(raw, service, prompts, args.rounds)
             tp["service_rss_mb"], tp["raw_rss_mb"] = service.rss_mb(), raw_rss_mb([service])
             print(
-                f"{backend}: raw {raw.name} {tp['raw']:.1f} tok/s, service {tp['service']:.1f} tok/s, "
-                f"service start {service.start_s:.0f} s",
+                f"{backend}: raw {raw.name} {tp['raw']:.1f} tok/s, service {tp['service']:.1f} tok/s "
+                f"(ratio of medians {tp['service'] / tp['raw']:.3f}), service start {service.start_s:.0f} s, "
+                f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}",
                 flush=True,
             )
             sw = swap_latency(service, store, {"full": 1, "lora": 2}, args.rounds)
