@@ -210,6 +210,13 @@ def cmd_versions(args) -> int:
     )
 
 
+def cmd_raters(args) -> int:
+    """`rlhf raters [--release RATER]`: rater reliability on the reward service (rlhf/reward/control.py)."""
+    from rlhf.reward.control import run_raters
+
+    return run_raters(_state_dir(args), args.reward, args.token, args.timeout, args.release)
+
+
 def cmd_health(args) -> int:
     """Exit 0 when the address reports SERVING: what container health checks run."""
     from rlhf.launcher import http_ready
@@ -485,6 +492,14 @@ def build_parser() -> argparse.ArgumentParser:
         vp.add_argument("--token", default=None, help="control token (default $RLHF_CONTROL_TOKEN, else the file)")
         vp.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the learner's answer")
         vp.set_defaults(fn=cmd_versions)
+
+    ra = sub.add_parser("raters", help="raters' reliability and who is quarantined; --release RATER (control RPC)")
+    ra.add_argument("--release", default=None, metavar="RATER", help="release a quarantined rater, e.g. header:alice")
+    ra.add_argument("--state-dir", default=None, help="the `rlhf up` state dir: its up.json and control.token")
+    ra.add_argument("--reward", default=None, help="HOST:PORT of the reward service (default: from up.json)")
+    ra.add_argument("--token", default=None, help="control token (default $RLHF_CONTROL_TOKEN, else the file)")
+    ra.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the reward service's answer")
+    ra.set_defaults(fn=cmd_raters)
 
     he = sub.add_parser("health", help="exit 0 if a service reports SERVING (gRPC health, or --http /readyz)")
     he.add_argument("address", help="HOST:PORT")

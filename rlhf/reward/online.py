@@ -14,6 +14,10 @@ One iteration:
      offsets only after the checkpoint that contains their effect
 Any failure restores the last checkpoint (weights, trainer state, offsets) and goes on.
 
+An operator's release of a quarantined rater (`release_rater`, the ReleaseRater RPC) runs on
+this thread between iterations: the rater's held examples and their events read back from
+the quarantine topic are queued, and train in the next steps (with no new feedback too).
+
 A lost log (the broker came back empty, the topic was recreated): the checkpoint stores the
 identity of the log its offsets point into (EventConsumer.log_ids); on restore, or when the
 consumer notices it while polling, the consumer reads the new log from its start. The
@@ -25,10 +29,12 @@ from __future__ import annotations
 
 import copy
 import logging
+import queue
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -76,12 +82,17 @@ class OnlineRewardLoop:
         on_swap: Callable[[ServingSnapshot], None],
         tracker: Tracker | None = None,
         quarantine_topic: str | None = None,
+        read_quarantine: Callable[[str], Iterable[Any]] | None = None,
     ):
+        """`read_quarantine(rater)`: that rater's Feedback events on the quarantine topic,
+        from its start (what a release replays); None: a release trains the held examples only."""
         self.make_trainer, self.make_consumer = make_trainer, make_consumer
         self.producer, self.updates_topic = producer, updates_topic
         self.checkpoints, self.backbone, self.cfg, self.on_swap = checkpoints, backbone, cfg, on_swap
         self.tracker = tracker or Tracker(None, "reward")  # each step's stats (rlhf/tracking.py)
         self.quarantine_topic = quarantine_topic  # where quarantined raters' events are copied
+        self.read_quarantine = read_quarantine
+        self._requests: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()  # run on the loop thread
         self.trainer: OnlineRewardTrainer | None = None
         self.consumer: EventConsumer | None = None
         self.version = 0
@@ -163,7 +174,64 @@ class OnlineRewardLoop:
             self.consumer.close()
             self.tracker.close()
 
+    def submit(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn` on the training thread before its next poll (the trainer is not
+        thread-safe); the future has its result or its exception."""
+        future: Future = Future()
+        self._requests.put((fn, future))
+        return future
+
+    def _run_requests(self) -> None:
+        while True:
+            try:
+                fn, future = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except Exception as e:  # noqa: BLE001 - the caller's answer, not the loop's failure
+                    future.set_exception(e)
+
+    def release_rater(self, rater: str) -> dict[str, Any]:
+        """On the training thread: release `rater` (trusted again until they vote worse anew),
+        queue their held examples and replay their events from the quarantine topic."""
+        tr = self.trainer
+        was = tr.reliability.is_quarantined(rater)
+        released = tr.release(rater)
+        replayed = (0, 0)
+        if self.read_quarantine is not None:
+            replayed = tr.replay(rater, self.read_quarantine(rater))
+        self._dirty = True
+        self.checkpoint()  # durable now: a failed iteration restores the released state, not the quarantine
+        m.QUARANTINED_RATERS.set(len(tr.reliability.quarantined))
+        for _rater, change, _p in tr.quarantine_changes:
+            m.QUARANTINE_CHANGES.labels(change).inc()
+        tr.quarantine_changes.clear()
+        log.warning(
+            "rater released by an operator",
+            extra={
+                "rater_id": rater,
+                "was_quarantined": was,
+                "examples": released,
+                "replayed_events": replayed[0],
+                "replayed_examples": replayed[1],
+            },
+        )
+        return {
+            "was_quarantined": was,
+            "released_examples": released,
+            "replayed_events": replayed[0],
+            "replayed_examples": replayed[1],
+        }
+
     def iterate(self) -> None:
+        self._run_requests()
+        if self.trainer.pending:  # released examples train now, new feedback or not
+            for stats in self.trainer.train_released():
+                self._record(stats)
+                if self.trainer.step - self._published_step >= self.cfg.publish_every_steps:
+                    self.publish()
         # 1. poll
         records = self.consumer.poll(timeout_ms=self.cfg.poll_timeout_ms, max_records=self.cfg.max_poll_records)
         if not records:
@@ -306,3 +374,38 @@ class OnlineRewardLoop:
         m.SCORE_MEAN.set(snapshot.normalizer.mean)
         m.SCORE_STD.set(snapshot.normalizer.std)
         m.ACCURACY.set(tr.online_accuracy)
+
+
+def read_quarantined(bootstrap: str, topic: str, rater: str, timeout_s: float = 60.0) -> list[Any]:
+    """`rater`'s Feedback events on the quarantine topic (header `quarantine.rater`), from
+    its start to its end as of now, in order; what a release replays. Reads with no
+    consumer group, so nothing is committed and the topic stays as it was."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from rlhf.bus.codec import DecodeError, decode
+
+    want = rater.encode()
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        end = consumer.end_offsets(tps)
+        out: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        while any(consumer.position(tp) < end[tp] for tp in tps):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {topic} took over {timeout_s:g}s")
+            for records in consumer.poll(timeout_ms=500).values():
+                for r in records:
+                    if dict(r.headers or ()).get("quarantine.rater") != want:
+                        continue
+                    try:
+                        out.append(decode(events_pb2.Feedback, r.value))
+                    except DecodeError:
+                        log.warning("undecodable event on the quarantine topic", extra={"offset": r.offset})
+        return out
+    finally:
+        consumer.close()

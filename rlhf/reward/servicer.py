@@ -1,4 +1,6 @@
-"""rlhf.v1.RewardService over gRPC: Score with the serving RM version, GetInfo on its training.
+"""rlhf.v1.RewardService over gRPC: Score with the serving RM version, GetInfo on its training,
+ListRaters / ReleaseRater on rater reliability (ReleaseRater needs the control token: it is
+in rlhf.serving.auth.CONTROL_METHODS).
 
 The online loop (rlhf.reward.online) trains and hands each new version over through
 `swap` (on_swap); concurrent Score calls share one forward pass (rlhf.serving.batcher), and
@@ -10,9 +12,10 @@ Imported by the service (services/reward/main.py), not by `rlhf.reward`, which s
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
-from rlhf.errors import InvalidArgument, Unavailable
+from rlhf.errors import FailedPrecondition, InvalidArgument, Unavailable
 from rlhf.reward.data import messages_of
 from rlhf.reward.metrics import SCORED
 from rlhf.serving.batcher import MicroBatcher, submit_or_raise
@@ -93,3 +96,41 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             examples_seen=tr.examples_seen,
             backbone=self.backbone,
         )
+
+    async def ListRaters(self, request: reward_pb2.ListRatersRequest, context):
+        if self.loop is None or self.loop.trainer is None:
+            raise Unavailable("reward model is still loading")
+        trainer = self.loop.trainer
+        rel = trainer.reliability
+        # a snapshot on the training thread: the trainer is not thread-safe
+        rows = await asyncio.wrap_future(
+            self.loop.submit(
+                lambda: [
+                    reward_pb2.RaterInfo(
+                        rater_id=r,
+                        accuracy=rel.accuracy.get(r, 0.0),
+                        votes=rel.counts.get(r, 0),
+                        weight=rel.weight(r),
+                        quarantined=r in rel.quarantined,
+                        released=r in rel.released,
+                        held_examples=len(trainer.held.get(r, [])),
+                    )
+                    for r in sorted(set(rel.accuracy) | rel.quarantined | set(trainer.held))
+                ]
+            )
+        )
+        return reward_pb2.ListRatersResponse(raters=rows, quarantined=sum(r.quarantined for r in rows))
+
+    async def ReleaseRater(self, request: reward_pb2.ReleaseRaterRequest, context):
+        rater = request.rater_id.strip()
+        if not rater:
+            raise InvalidArgument("rater_id: required (as the feedback carries it, e.g. header:alice)")
+        if self.loop is None or self.loop.trainer is None:
+            raise Unavailable("reward model is still loading")
+        rel, held = self.loop.trainer.reliability, self.loop.trainer.held
+        if rater not in rel.quarantined and rater not in held:
+            raise FailedPrecondition(
+                f"rater_id: {rater!r} is not quarantined (`rlhf raters` lists who is); nothing to release"
+            )
+        out = await asyncio.wrap_future(self.loop.submit(lambda: self.loop.release_rater(rater)))
+        return reward_pb2.ReleaseRaterResponse(rater_id=rater, **out)

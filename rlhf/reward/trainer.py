@@ -176,25 +176,38 @@ class OnlineRewardTrainer:
         for i in range(0, len(examples), bs):
             yield self.train_step(examples[i : i + bs])
 
-    def train_step(self, new: list[Example]) -> dict[str, float]:
+    def train_released(self) -> Iterator[dict[str, float]]:
+        """Steps on released examples alone (`pending`), `train_batch_size` a step, until none
+        are left: a release trains even while no new feedback arrives."""
+        while self.pending:
+            yield self.train_step([], release=self.cfg.train_batch_size)
+
+    def train_step(self, new: list[Example], release: int | None = None) -> dict[str, float]:
+        """One optimiser step on `new` plus `release` released examples (default: as many as
+        `new`, at least one) plus replay."""
         t0 = time.perf_counter()
-        # 1. progressive validation, before the weights have seen these examples
-        self.model.eval()
-        with torch.no_grad():
-            raw = self._scores(new)  # (n_texts,)
-        right = self._correct(new, raw)
-        self.correct.extend(right)
-        if self.correct:
-            self.online_accuracy = sum(self.correct) / len(self.correct)
-        # 2. the normaliser follows the scores the current weights give
-        self.normalizer.update(raw)
-        # 3. the held-out scores are the RM's prediction of each vote: refit reliability
-        self._observe(new, raw.tolist())
+        right: list[int] = []
+        if new:
+            # 1. progressive validation, before the weights have seen these examples
+            self.model.eval()
+            with torch.no_grad():
+                raw = self._scores(new)  # (n_texts,)
+            right = self._correct(new, raw)
+            self.correct.extend(right)
+            if self.correct:
+                self.online_accuracy = sum(self.correct) / len(self.correct)
+            # 2. the normaliser follows the scores the current weights give
+            self.normalizer.update(raw)
+            # 3. the held-out scores are the RM's prediction of each vote: refit reliability
+            self._observe(new, raw.tolist())
         trainable = [e for e in new if not self.reliability.is_quarantined(e.rater)]
         for e in new:
             if self.reliability.is_quarantined(e.rater):
                 self._hold(e)
-        released, self.pending = self.pending[: len(new) or 1], self.pending[len(new) or 1 :]
+        n_release = release if release is not None else (len(new) or 1)
+        released, self.pending = self.pending[:n_release], self.pending[n_release:]
+        # released examples of events that never trained (held from the start) count as seen now
+        fresh = {e.event_id for e in released if self.event_log.get(e.event_id, ("", 1, 0))[1] == 0}
         # 4. replay: older examples keep the RM from forgetting them
         batch = trainable + released + self.buffer.sample(round(self.cfg.replay_ratio * len(new)))
         # 5. one optimiser step on the mixed batch, each example weighted by its rater's reliability
@@ -216,10 +229,11 @@ class OnlineRewardTrainer:
         # 6. remember
         self.buffer.extend(trainable + released)
         self.step += 1
-        self.examples_seen += len(trainable)
-        n_pairs = sum(e.kind == PAIR for e in trainable)
+        first_time = trainable + [e for e in released if e.event_id in fresh]
+        self.examples_seen += len(first_time)
+        n_pairs = sum(e.kind == PAIR for e in first_time)
         self.pairs_seen += n_pairs
-        for e in trainable:
+        for e in first_time:
             if e.event_id in self.event_log:
                 rater, n, pairs = self.event_log[e.event_id]
                 self.event_log[e.event_id] = (rater, n + 1, pairs + (e.kind == PAIR))
@@ -227,7 +241,7 @@ class OnlineRewardTrainer:
         out.update(
             loss=float(loss.detach()),
             grad_norm=float(grad_norm),
-            new_examples=len(trainable),
+            new_examples=len(first_time),
             new_pairs=n_pairs,
             replayed=len(batch) - len(trainable),
             held_examples=len(new) - len(trainable),
@@ -281,6 +295,29 @@ class OnlineRewardTrainer:
         if self.reliability.release(rater) or held:
             self._release_held(rater)
         return held
+
+    def replay(self, rater: str, events: Iterable[Any]) -> tuple[int, int]:
+        """Events of `rater` read back from the quarantine topic, queued to train with a
+        release: those not already held, pending or trained (the checkpoint holds at most
+        `replay_size` examples per rater, and a lost checkpoint none), and not superseded.
+        Returns (events, examples) queued."""
+        queued = {e.event_id for e in self.pending}
+        n_events = n_examples = 0
+        for fb in events:
+            if fb.rater_id != rater or fb.event_id in queued or fb.event_id in self.superseded:
+                continue
+            logged = self.event_log.get(fb.event_id)
+            if logged is not None and logged[1] > 0:  # trained already
+                continue
+            _, examples, problem = self.converter.convert(fb)
+            if problem is not None or not examples:
+                continue
+            self.dedup.add(fb.event_id)  # should it arrive on rlhf.feedback again: trained once
+            self.event_log[fb.event_id] = (rater, 0, 0)
+            self.pending.extend(examples)
+            queued.add(fb.event_id)
+            n_events, n_examples = n_events + 1, n_examples + len(examples)
+        return n_events, n_examples
 
     # ---- scores and losses ---------------------------------------------------------------
 

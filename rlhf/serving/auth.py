@@ -2,8 +2,9 @@
 served or how the loop trains.
 
 Guarded (`CONTROL_METHODS`): GenerationService `UpdateWeights` and `LoadVersion`, LearnerService
-`Pause`, `Resume`, `Rollback`, `Promote` and `SetCanary`. Everything else (Generate, GetInfo, GetStatus,
-ListVersions, GetCanary, Score, LogProbs, health, reflection) stays open: reading cannot take the loop over.
+`Pause`, `Resume`, `Rollback`, `Promote` and `SetCanary`, RewardService `ReleaseRater`.
+Everything else (Generate, GetInfo, GetStatus, ListVersions, GetCanary, Score, ListRaters,
+LogProbs, health, reflection) stays open: reading cannot take the loop over.
 
 - The token: setting `control_token` (`RLHF_CONTROL_TOKEN`), else the file
   `<state_dir>/control.token` that `rlhf up` writes (mode 0600); `control_token_from`.
@@ -49,6 +50,7 @@ CONTROL_METHODS: frozenset[str] = frozenset(
         "/rlhf.v1.LearnerService/Rollback",
         "/rlhf.v1.LearnerService/Promote",
         "/rlhf.v1.LearnerService/SetCanary",
+        "/rlhf.v1.RewardService/ReleaseRater",
     }
 )
 

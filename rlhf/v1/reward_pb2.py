@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from rlhf.v1 import common_pb2 as rlhf_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/reward.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/common.proto\"C\n\tScoreItem\x12$\n\x06prompt\x18\x01 \x03(\x0b\x32\x14.rlhf.v1.ChatMessage\x12\x10\n\x08response\x18\x02 \x01(\t\"1\n\x0cScoreRequest\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.rlhf.v1.ScoreItem\"G\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x12\n\nraw_scores\x18\x02 \x03(\x02\x12\x12\n\nrm_version\x18\x03 \x01(\x03\"\x13\n\x11RewardInfoRequest\"\x8a\x01\n\nRewardInfo\x12\x12\n\nrm_version\x18\x01 \x01(\x03\x12\x12\n\ntrain_step\x18\x02 \x01(\x03\x12\x17\n\x0fonline_accuracy\x18\x03 \x01(\x01\x12\x12\n\npairs_seen\x18\x04 \x01(\x03\x12\x10\n\x08\x62\x61\x63kbone\x18\x05 \x01(\t\x12\x15\n\rexamples_seen\x18\x06 \x01(\x03\x32\x83\x01\n\rRewardService\x12\x36\n\x05Score\x12\x15.rlhf.v1.ScoreRequest\x1a\x16.rlhf.v1.ScoreResponse\x12:\n\x07GetInfo\x12\x1a.rlhf.v1.RewardInfoRequest\x1a\x13.rlhf.v1.RewardInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/reward.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/common.proto\"C\n\tScoreItem\x12$\n\x06prompt\x18\x01 \x03(\x0b\x32\x14.rlhf.v1.ChatMessage\x12\x10\n\x08response\x18\x02 \x01(\t\"1\n\x0cScoreRequest\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.rlhf.v1.ScoreItem\"G\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x12\n\nraw_scores\x18\x02 \x03(\x02\x12\x12\n\nrm_version\x18\x03 \x01(\x03\"\x13\n\x11RewardInfoRequest\"\x8a\x01\n\nRewardInfo\x12\x12\n\nrm_version\x18\x01 \x01(\x03\x12\x12\n\ntrain_step\x18\x02 \x01(\x03\x12\x17\n\x0fonline_accuracy\x18\x03 \x01(\x01\x12\x12\n\npairs_seen\x18\x04 \x01(\x03\x12\x10\n\x08\x62\x61\x63kbone\x18\x05 \x01(\t\x12\x15\n\rexamples_seen\x18\x06 \x01(\x03\"\x13\n\x11ListRatersRequest\"\x8c\x01\n\tRaterInfo\x12\x10\n\x08rater_id\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01\x12\r\n\x05votes\x18\x03 \x01(\x03\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12\x13\n\x0bquarantined\x18\x05 \x01(\x08\x12\x10\n\x08released\x18\x06 \x01(\x08\x12\x15\n\rheld_examples\x18\x07 \x01(\x03\"M\n\x12ListRatersResponse\x12\"\n\x06raters\x18\x01 \x03(\x0b\x32\x12.rlhf.v1.RaterInfo\x12\x13\n\x0bquarantined\x18\x02 \x01(\x03\"\'\n\x13ReleaseRaterRequest\x12\x10\n\x08rater_id\x18\x01 \x01(\t\"\x90\x01\n\x14ReleaseRaterResponse\x12\x10\n\x08rater_id\x18\x01 \x01(\t\x12\x17\n\x0fwas_quarantined\x18\x02 \x01(\x08\x12\x19\n\x11released_examples\x18\x03 \x01(\x03\x12\x17\n\x0freplayed_events\x18\x04 \x01(\x03\x12\x19\n\x11replayed_examples\x18\x05 \x01(\x03\x32\x97\x02\n\rRewardService\x12\x36\n\x05Score\x12\x15.rlhf.v1.ScoreRequest\x1a\x16.rlhf.v1.ScoreResponse\x12:\n\x07GetInfo\x12\x1a.rlhf.v1.RewardInfoRequest\x1a\x13.rlhf.v1.RewardInfo\x12\x45\n\nListRaters\x12\x1a.rlhf.v1.ListRatersRequest\x1a\x1b.rlhf.v1.ListRatersResponse\x12K\n\x0cReleaseRater\x12\x1c.rlhf.v1.ReleaseRaterRequest\x1a\x1d.rlhf.v1.ReleaseRaterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,6 +42,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REWARDINFOREQUEST']._serialized_end=267
   _globals['_REWARDINFO']._serialized_start=270
   _globals['_REWARDINFO']._serialized_end=408
-  _globals['_REWARDSERVICE']._serialized_start=411
-  _globals['_REWARDSERVICE']._serialized_end=542
+  _globals['_LISTRATERSREQUEST']._serialized_start=410
+  _globals['_LISTRATERSREQUEST']._serialized_end=429
+  _globals['_RATERINFO']._serialized_start=432
+  _globals['_RATERINFO']._serialized_end=572
+  _globals['_LISTRATERSRESPONSE']._serialized_start=574
+  _globals['_LISTRATERSRESPONSE']._serialized_end=651
+  _globals['_RELEASERATERREQUEST']._serialized_start=653
+  _globals['_RELEASERATERREQUEST']._serialized_end=692
+  _globals['_RELEASERATERRESPONSE']._serialized_start=695
+  _globals['_RELEASERATERRESPONSE']._serialized_end=839
+  _globals['_REWARDSERVICE']._serialized_start=842
+  _globals['_REWARDSERVICE']._serialized_end=1121
 # @@protoc_insertion_point(module_scope)

@@ -50,3 +50,53 @@ class RewardInfo(_message.Message):
     backbone: str
     examples_seen: int
     def __init__(self, rm_version: _Optional[int] = ..., train_step: _Optional[int] = ..., online_accuracy: _Optional[float] = ..., pairs_seen: _Optional[int] = ..., backbone: _Optional[str] = ..., examples_seen: _Optional[int] = ...) -> None: ...
+
+class ListRatersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RaterInfo(_message.Message):
+    __slots__ = ("rater_id", "accuracy", "votes", "weight", "quarantined", "released", "held_examples")
+    RATER_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    VOTES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINED_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    HELD_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    rater_id: str
+    accuracy: float
+    votes: int
+    weight: float
+    quarantined: bool
+    released: bool
+    held_examples: int
+    def __init__(self, rater_id: _Optional[str] = ..., accuracy: _Optional[float] = ..., votes: _Optional[int] = ..., weight: _Optional[float] = ..., quarantined: _Optional[bool] = ..., released: _Optional[bool] = ..., held_examples: _Optional[int] = ...) -> None: ...
+
+class ListRatersResponse(_message.Message):
+    __slots__ = ("raters", "quarantined")
+    RATERS_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINED_FIELD_NUMBER: _ClassVar[int]
+    raters: _containers.RepeatedCompositeFieldContainer[RaterInfo]
+    quarantined: int
+    def __init__(self, raters: _Optional[_Iterable[_Union[RaterInfo, _Mapping]]] = ..., quarantined: _Optional[int] = ...) -> None: ...
+
+class ReleaseRaterRequest(_message.Message):
+    __slots__ = ("rater_id",)
+    RATER_ID_FIELD_NUMBER: _ClassVar[int]
+    rater_id: str
+    def __init__(self, rater_id: _Optional[str] = ...) -> None: ...
+
+class ReleaseRaterResponse(_message.Message):
+    __slots__ = ("rater_id", "was_quarantined", "released_examples", "replayed_events", "replayed_examples")
+    RATER_ID_FIELD_NUMBER: _ClassVar[int]
+    WAS_QUARANTINED_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    rater_id: str
+    was_quarantined: bool
+    released_examples: int
+    replayed_events: int
+    replayed_examples: int
+    def __init__(self, rater_id: _Optional[str] = ..., was_quarantined: _Optional[bool] = ..., released_examples: _Optional[int] = ..., replayed_events: _Optional[int] = ..., replayed_examples: _Optional[int] = ...) -> None: ...

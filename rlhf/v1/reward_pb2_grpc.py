@@ -45,6 +45,16 @@ class RewardServiceStub:
                 request_serializer=rlhf_dot_v1_dot_reward__pb2.RewardInfoRequest.SerializeToString,
                 response_deserializer=rlhf_dot_v1_dot_reward__pb2.RewardInfo.FromString,
                 _registered_method=True)
+        self.ListRaters = channel.unary_unary(
+                '/rlhf.v1.RewardService/ListRaters',
+                request_serializer=rlhf_dot_v1_dot_reward__pb2.ListRatersRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_reward__pb2.ListRatersResponse.FromString,
+                _registered_method=True)
+        self.ReleaseRater = channel.unary_unary(
+                '/rlhf.v1.RewardService/ReleaseRater',
+                request_serializer=rlhf_dot_v1_dot_reward__pb2.ReleaseRaterRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_reward__pb2.ReleaseRaterResponse.FromString,
+                _registered_method=True)
 
 
 class RewardServiceServicer:
@@ -63,6 +73,21 @@ class RewardServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListRaters(self, request, context):
+        """Every rater the reliability model knows: estimated accuracy, weight, quarantined. Open (reads).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseRater(self, request, context):
+        """An operator's release of a quarantined rater (control token, rlhf/serving/auth.py): their
+        held examples and their events on the quarantine topic train again. `rlhf raters --release`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RewardServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +100,16 @@ def add_RewardServiceServicer_to_server(servicer, server):
                     servicer.GetInfo,
                     request_deserializer=rlhf_dot_v1_dot_reward__pb2.RewardInfoRequest.FromString,
                     response_serializer=rlhf_dot_v1_dot_reward__pb2.RewardInfo.SerializeToString,
+            ),
+            'ListRaters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRaters,
+                    request_deserializer=rlhf_dot_v1_dot_reward__pb2.ListRatersRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_reward__pb2.ListRatersResponse.SerializeToString,
+            ),
+            'ReleaseRater': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseRater,
+                    request_deserializer=rlhf_dot_v1_dot_reward__pb2.ReleaseRaterRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_reward__pb2.ReleaseRaterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +167,60 @@ class RewardService:
             '/rlhf.v1.RewardService/GetInfo',
             rlhf_dot_v1_dot_reward__pb2.RewardInfoRequest.SerializeToString,
             rlhf_dot_v1_dot_reward__pb2.RewardInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRaters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.RewardService/ListRaters',
+            rlhf_dot_v1_dot_reward__pb2.ListRatersRequest.SerializeToString,
+            rlhf_dot_v1_dot_reward__pb2.ListRatersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseRater(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.RewardService/ReleaseRater',
+            rlhf_dot_v1_dot_reward__pb2.ReleaseRaterRequest.SerializeToString,
+            rlhf_dot_v1_dot_reward__pb2.ReleaseRaterResponse.FromString,
             options,
             channel_credentials,
             insecure,

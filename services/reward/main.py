@@ -31,6 +31,7 @@ class RewardService(Service):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._producer = None
+        self._writer = None  # held from start to stop: one reward trainer per state dir
         self.servicer = RewardServicer(
             backbone=settings.reward_backbone,
             max_items=settings.reward_max_items,
@@ -44,6 +45,11 @@ class RewardService(Service):
         reward_pb2_grpc.add_RewardServiceServicer_to_server(self.servicer, server)
 
     async def start(self) -> None:
+        from rlhf.durability import writer_lock
+
+        # single writer: a second reward trainer on this state dir would train from the same
+        # offsets and overwrite the same checkpoints; it fails here, naming the holder
+        self._writer = writer_lock(self.settings.state_dir / "reward" / "writer.lock", "reward trainer").acquire()
         await asyncio.to_thread(self._start_blocking)
         self._thread = threading.Thread(target=self.loop.run, args=(self._stop,), name="rm-train", daemon=True)
         self._thread.start()
@@ -54,7 +60,7 @@ class RewardService(Service):
         from rlhf.models import resolve_device, set_torch_threads
         from rlhf.reward import OnlineRewardTrainer, load_reward_model, resolve_backbone
         from rlhf.reward.checkpoint import RewardCheckpoints
-        from rlhf.reward.online import OnlineRewardLoop
+        from rlhf.reward.online import OnlineRewardLoop, read_quarantined
         from rlhf.tracking import open_tracker
         from rlhf.v1 import events_pb2
 
@@ -94,6 +100,7 @@ class RewardService(Service):
             on_swap=self.servicer.swap,
             tracker=open_tracker(s.reward_tracking, s.state_dir, "reward"),
             quarantine_topic=topics.feedback_quarantine,
+            read_quarantine=lambda rater: read_quarantined(s.kafka_bootstrap, topics.feedback_quarantine, rater),
         )
         self.servicer.loop = self.loop
         self.loop.restore()
@@ -107,6 +114,8 @@ class RewardService(Service):
         await self.servicer.close()
         if self._producer is not None:
             await asyncio.to_thread(self._producer.close)
+        if self._writer is not None:
+            self._writer.release()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
