@@ -319,13 +319,17 @@ class EventConsumer(Generic[M]):
         self._dlq_producer.publish_bytes(Topics.dlq(topic), value, key, headers)
         DEAD_LETTERED.labels(topic, kind).inc()
 
-    def commit(self, offsets: Offsets | None = None) -> None:
+    def commit(self, offsets: Offsets | None = None, timeout_ms: int | None = None) -> None:
         """Commit for the group: by default past everything `poll` has returned, else
-        exactly `offsets` ({(topic, partition): next offset to read})."""
+        exactly `offsets` ({(topic, partition): next offset to read}). `timeout_ms`: give up
+        (KafkaTimeoutError) after this long instead of kafka-python's request_timeout_ms;
+        a group member must, since a commit retried while the group rebalances keeps it from
+        polling, and so from rejoining."""
         offsets = dict(self._positions) if offsets is None else offsets
         if offsets:
             self._consumer.commit(
-                {TopicPartition(t, p): OffsetAndMetadata(off, "", -1) for (t, p), off in offsets.items()}
+                {TopicPartition(t, p): OffsetAndMetadata(off, "", -1) for (t, p), off in offsets.items()},
+                timeout_ms=timeout_ms,
             )
 
     def positions(self) -> Offsets:
@@ -411,6 +415,10 @@ class EventConsumer(Generic[M]):
     def partitions(self) -> list[int]:
         """The partitions of the topic this consumer reads now (in group mode: its share)."""
         return sorted(tp.partition for tp in self._consumer.assignment())
+
+    def partition_count(self) -> int:
+        """How many partitions the topic has (all replicas of the group together)."""
+        return len(self._consumer.partitions_for_topic(self.topic) or ())
 
     @property
     def assigned(self) -> bool:

@@ -37,16 +37,20 @@ learner's, for the loop, and N workers each spending all of it would run N times
 ahead. Its G = budget // group_size prompt groups are dealt to the partitions of
 rlhf.interactions, G // P to each of the P partitions and one more to G % P of them, taken
 in turn from one announcement to the next (so no partition's live prompts wait for ever when
-G < P); a worker may produce the groups of the partitions it holds now (`set_share`). The
+G < P); a worker may produce the groups of the partitions it holds (`set_share`). The
 shares of all partitions add up to G groups, so the workers together never exceed the
-budget however Kafka spreads the partitions, and when a worker dies its partitions, and
-with them its share, go to the others at the group's rebalance. Why partitions and not a
-count of workers: Kafka's group protocol already tells every worker which partitions it
-holds and moves them when a worker leaves, so no worker needs to know how many others there
-are and nothing new has to agree on it. The one overshoot: a worker that takes over a dead
-one's partitions mid-version spends their whole share, whatever the dead one had produced of
-it before it died; the learner drops rollouts older than max_policy_lag as stale, which
-bounds what that can cost.
+budget however Kafka spreads the partitions. Why partitions and not a count of workers:
+Kafka's group protocol already tells every worker which partitions it holds and moves them
+when a worker leaves, so no worker needs to know how many others there are and nothing new
+has to agree on it.
+
+A partition taken over mid-budget (its worker died or left) brings its share from the
+next announcement on, not at once: the worker that held it may have spent that share
+already, and spending it again would run the loop past its budget. Until then the
+taken-over share is closed, unless the worker is held back for `open_takeover`'s grace
+without an announcement: then the dead worker had not made enough for a learner batch,
+the learner waits for rollouts nobody may make, and the share opens (at most one share
+too many, once, which the learner's staleness check bounds).
 """
 
 from __future__ import annotations
@@ -59,7 +63,8 @@ class PolicyBudget:
         """Without numbers the budget is closed until an announcement brings them."""
         self.per_version = 0  # the learner's rollouts per version (0: not announced yet)
         self.whole = 0  # the learner's budget for the whole loop
-        self._share: tuple[frozenset[int], int, int] | None = None  # (partitions held, of how many, group size)
+        self._share: tuple[frozenset[int], int, int] | None = None  # (partitions counted, of how many, group size)
+        self._held: frozenset[int] = frozenset()  # partitions held now (counted, or taken over mid-budget)
         if rollouts_per_version is not None:
             self.set_terms(rollouts_per_version, max_policy_lag or 0)
         self.version = -1  # the version of the learner's last announcement (-1: none yet)
@@ -79,19 +84,36 @@ class PolicyBudget:
     def set_share(self, partitions: list[int] | None, total_partitions: int = 1, group_size: int = 1) -> None:
         """Share the budget with other workers: this one holds `partitions` of the
         `total_partitions` of rlhf.interactions and makes groups of `group_size` rollouts
-        (module docstring). None: the whole budget is this worker's (one worker)."""
+        (module docstring: a partition gained mid-budget counts from the next announcement).
+        None: the whole budget is this worker's (one worker)."""
         if partitions is None:
-            self._share = None
+            self._share, self._held = None, frozenset()
         else:
             if total_partitions < 1 or group_size < 1:
                 raise ValueError("total_partitions and group_size must be ≥ 1")
-            self._share = (frozenset(partitions), total_partitions, group_size)
+            held = frozenset(partitions)
+            counted = held if self.announcements == 0 or self._share is None else held & self._share[0]
+            self._share, self._held = (counted, total_partitions, group_size), held
         self._changed.set()
+
+    @property
+    def taken_over(self) -> frozenset[int]:
+        """Partitions held whose share opens at the next announcement."""
+        return self._held - self._share[0] if self._share is not None else frozenset()
+
+    def open_takeover(self) -> bool:
+        """Count the taken-over partitions now (the worker waited its grace with no
+        announcement); True if there were any."""
+        if not self.taken_over:
+            return False
+        self._share = (self._held, *self._share[1:])
+        self._changed.set()
+        return True
 
     @property
     def budget(self) -> int:
         """Rollouts this worker may produce per announcement: the whole budget, or its share."""
-        if self._share is None:
+        if self._share is None or self.whole == 0:
             return self.whole
         partitions, total, n = self._share
         groups = max(1, self.whole // n)
@@ -144,6 +166,8 @@ class PolicyBudget:
 
     def _open(self, counts: tuple[int, int] | None) -> None:
         self.produced, self._base = 0, counts
+        if self._share is not None:  # a new budget: every partition held counts
+            self._share = (self._held, *self._share[1:])
         self._changed.set()
 
     @property

@@ -17,6 +17,13 @@ STAGE_SECONDS = Histogram(
 BACKPRESSURE = Gauge(
     "rlhf_rollout_backpressure", "1 while the worker waits: max_policy_lag versions ahead of the learner"
 )
+BUDGET_SHARE = Gauge(
+    "rlhf_rollout_budget_share",
+    "Rollouts this worker may produce per learner announcement: the whole budget, or its partitions' share of it",
+)
+LIVE_PARTITIONS = Gauge(
+    "rlhf_rollout_live_partitions", "Partitions of rlhf.interactions this worker reads (membership=group: its share)"
+)
 BUDGET_REMAINING = Gauge("rlhf_rollout_budget_remaining", "Rollouts still allowed before a newer policy version")
 PROGRESS_VERSION = Gauge(
     "rlhf_rollout_policy_version", "Version of the learner's last PolicyUpdate (it opened the current budget)"

@@ -14,6 +14,7 @@ class PromptItem:
     prompt_id: str
     messages: list[dict]  # [{"role": ..., "content": ...}]
     source: str  # "live" or "prompt_set"
+    origin: tuple[int, int] | None = None  # a live prompt's (partition, offset) in rlhf.interactions
 
 
 def live_prompt_problem(messages: list[dict], max_chars: int) -> Invalid | None:
@@ -48,9 +49,27 @@ class PromptMixer:
         self._rng = random.Random(seed)
         self._order: list[int] = []
 
-    def add_live(self, conversation_id: str, messages: list[dict]) -> None:
-        if messages and messages[-1]["role"] == "user":
-            self.live.append(PromptItem(f"live:{conversation_id}", messages, "live"))
+    def add_live(
+        self, conversation_id: str, messages: list[dict], origin: tuple[int, int] | None = None
+    ) -> list[PromptItem]:
+        """Buffer a live prompt; returns those this call lets go unanswered: the new one if
+        its last message is not the user's (nothing to answer), else the oldest waiting one
+        if the buffer was full. The caller counts them as done (their offsets may be committed)."""
+        item = PromptItem(f"live:{conversation_id}", messages, "live", origin)
+        if not messages or messages[-1]["role"] != "user":
+            return [item]
+        evicted = [self.live[0]] if self.live.maxlen is not None and len(self.live) == self.live.maxlen else []
+        self.live.append(item)
+        return evicted
+
+    def drop_live(self, partitions: set[int]) -> int:
+        """Forget the waiting live prompts read from `partitions` (they went to another worker
+        of the group, which reads them again from the committed offset); returns how many."""
+        keep = [i for i in self.live if i.origin is None or i.origin[0] not in partitions]
+        dropped = len(self.live) - len(keep)
+        self.live.clear()
+        self.live.extend(keep)
+        return dropped
 
     def next(self) -> PromptItem:
         if self.live and self._rng.random() < self.live_fraction:

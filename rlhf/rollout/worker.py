@@ -75,6 +75,11 @@ class WorkerConfig(BaseModel):
         description="while waiting for the reward model, or held back for the "
         "learner's next PolicyUpdate: how often to look again",
     )
+    takeover_grace_seconds: float = Field(
+        30.0,
+        description="membership=group: partitions taken over mid-budget bring their share at the learner's next "
+        "PolicyUpdate, or after this long held back without one",
+    )
     min_rm_examples: int = Field(
         32,
         description="make no rollout before the reward model has trained on this many "
@@ -163,8 +168,12 @@ class RolloutLoop:
         self.ref = reference_pb2_grpc.ReferenceServiceStub(reference)
         self.learner = learner_pb2_grpc.LearnerServiceStub(learner) if learner is not None else None
         self.stopping = asyncio.Event()
+        # called once per live prompt when its group is published or dropped: the feeds then
+        # commit its offset (commit after processing)
+        self.on_prompt_done: Callable[[PromptItem], None] | None = None
         self.temperature: float | None = None  # the learner's, from its PolicyUpdates (None: the generator's default)
         self._told_waiting = False
+        self._takeover_since: float | None = None  # held back with a taken-over share closed since
         self._rm_ready = asyncio.Event()
         if cfg.min_rm_examples <= 0:
             self._rm_ready.set()
@@ -210,8 +219,9 @@ class RolloutLoop:
                 await self._wait_for_newer_version()
                 continue
             produced = 0
+            prompt = self.prompts.next()
             try:
-                produced = await self.one_group(self.prompts.next())
+                produced = await self.one_group(prompt)
             except GroupDropped as e:
                 metrics.GROUPS_DROPPED.labels(e.stage).inc()
                 log.warning("rollout group dropped", extra={"reason": str(e)})
@@ -222,12 +232,15 @@ class RolloutLoop:
             finally:
                 self.budget.settle(n, produced)
                 metrics.BUDGET_REMAINING.set(self.budget.remaining)
+                if prompt.origin is not None and self.on_prompt_done is not None:
+                    self.on_prompt_done(prompt)
 
     async def _wait_for_newer_version(self) -> None:
         metrics.BACKPRESSURE.set(1)
         if not self.budget.known and not self._told_waiting:
             self._told_waiting = True
             log.info("waiting for the learner's first PolicyUpdate (rollouts per version, max policy lag, temperature)")
+        self._maybe_open_takeover()
         counts = await self._learner_counts()
         if counts is not None and self.budget.learner_counts(*counts):
             metrics.BUDGET_RELEASES.inc()
@@ -239,6 +252,23 @@ class RolloutLoop:
             await self.budget.changed(self.cfg.version_poll_seconds)
         if self.budget.remaining >= self.cfg.samples_per_prompt:
             metrics.BACKPRESSURE.set(0)
+
+    def _maybe_open_takeover(self) -> None:
+        """Held back with partitions taken over mid-budget (budget.py): open their share once
+        `takeover_grace_seconds` pass with no announcement."""
+        if not self.budget.taken_over:
+            self._takeover_since = None
+            return
+        now = time.monotonic()
+        if self._takeover_since is None:
+            self._takeover_since = now
+        elif now - self._takeover_since >= self.cfg.takeover_grace_seconds and self.budget.open_takeover():
+            self._takeover_since = None
+            metrics.BUDGET_SHARE.set(self.budget.budget)
+            log.warning(
+                "no PolicyUpdate within the takeover grace: the share of the partitions taken over opens now",
+                extra={"budget_share": self.budget.budget, "grace_s": self.cfg.takeover_grace_seconds},
+            )
 
     async def _learner_counts(self) -> tuple[int, int] | None:
         """The learner's (rollouts trained, dropped stale), or None if it is not reachable."""
@@ -279,6 +309,7 @@ class RolloutLoop:
                     },
                 )
         metrics.PROGRESS_VERSION.set(valid[-1].version)
+        metrics.BUDGET_SHARE.set(self.budget.budget)
         metrics.BUDGET_REMAINING.set(self.budget.remaining)
 
     async def one_group(self, prompt: PromptItem) -> int:

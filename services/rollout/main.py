@@ -18,7 +18,13 @@ import grpc
 from rlhf.rollout.worker import WorkerConfig
 from rlhf.serving import Service, load_settings, run_service
 from rlhf.serving.settings import config_from
-from services.rollout.settings import ANNOUNCED_BY_THE_LEARNER, PREFIX, RolloutSettings, _RolloutSettingsBase
+from services.rollout.settings import (
+    ANNOUNCED_BY_THE_LEARNER,
+    GROUP_PREFIX,
+    PREFIX,
+    RolloutSettings,
+    _RolloutSettingsBase,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +44,7 @@ class RolloutWorker(Service):
 
     async def start(self) -> None:
         from rlhf.bus import EventProducer, Topics
+        from rlhf.bus.consumer import GroupConfig
         from rlhf.rollout import TRAIN, PolicyBudget, PromptMixer, RolloutLoop, load_prompts
         from rlhf.rollout.feeds import BusFeeds
         from rlhf.serving.client import aio_channel
@@ -50,7 +57,13 @@ class RolloutWorker(Service):
             s.live_buffer,
             seed=s.rollout_seed,
         )
-        self.feeds = BusFeeds(s.kafka_bootstrap, topics, s.rollout_group_id, use_live=s.live_fraction > 0)
+        self.feeds = BusFeeds(
+            s.kafka_bootstrap,
+            topics,
+            s.rollout_group_id,
+            use_live=s.live_fraction > 0,
+            group=config_from(s, GroupConfig, GROUP_PREFIX),
+        )
         await asyncio.to_thread(self.feeds.open)
         self.producer = await asyncio.to_thread(EventProducer, s.kafka_bootstrap, "rollout")
         self.channels = [aio_channel(a, s.max_message_mb) for a in (s.generator_addr, s.reward_addr, s.reference_addr)]

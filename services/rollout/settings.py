@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from rlhf.bus.consumer import GroupConfig
 from rlhf.rollout.worker import WorkerConfig
 from rlhf.serving import GrpcServiceSettings
 from rlhf.serving.settings import GeneratorAddress, RewardAddress, settings_model
@@ -40,13 +41,16 @@ class _RolloutSettingsBase(RewardAddress, GeneratorAddress, GrpcServiceSettings)
 
 
 PREFIX = "rollout_"
+GROUP_PREFIX = "rollout_kafka_"
+"""RLHF_ROLLOUT_KAFKA_MEMBERSHIP=group (and its timeouts): workers share rlhf.interactions and the budget."""
 RolloutSettings = settings_model(
     "RolloutSettings",
     _RolloutSettingsBase,
     "Settings of the rollout worker: the gRPC/Kafka basics, the peers, the prompt mix, and every WorkerConfig "
-    "field with a rollout_ prefix. Rollouts per version, max policy lag and the sampling temperature are the "
+    "field with a rollout_ prefix, and the consumer-group settings (GroupConfig) with a rollout_kafka_ prefix. "
+    "Rollouts per version, max policy lag and the sampling temperature are the "
     "learner's: it announces them in its PolicyUpdates.",
-    {PREFIX: (WorkerConfig,)},
+    {PREFIX: (WorkerConfig,), GROUP_PREFIX: (GroupConfig,)},
 )
 
 # Settings the learner now announces: set, they would be ignored, so say so.

@@ -43,16 +43,30 @@ def test_sharing_workers_together_stay_within_the_budget(per_version, lag, n, ow
         assert made <= max(whole, n)
 
 
-def test_a_dead_workers_partitions_bring_its_share():
+def test_a_dead_workers_partitions_bring_their_share_from_the_next_announcement():
     a, b = PolicyBudget(), PolicyBudget()
     a.set_share([0], 2, 2)
     b.set_share([1], 2, 2)
     for w in (a, b):
         w.advance(0, None, 4, 1)
     assert spend(a, 2) == 4 and spend(b, 2) == 4
-    b.set_share([0, 1], 2, 2)  # a died: the group's rebalance gave b its partition
+    b.set_share([0, 1], 2, 2)  # a died: the group's rebalance gave b its partition ...
+    assert b.taken_over == {0} and spend(b, 2) == 0  # ... whose share a may have spent already
     b.advance(1, None)
-    assert spend(b, 2) == 8
+    assert not b.taken_over and spend(b, 2) == 8
+
+
+def test_a_taken_over_share_opens_after_the_grace_and_a_lost_one_closes_at_once():
+    a = PolicyBudget()
+    a.set_share([0], 2, 2)
+    a.advance(0, None, 4, 0)  # 2 groups: 1 per partition
+    a.set_share([0, 1], 2, 2)
+    assert spend(a, 2) == 2
+    assert a.open_takeover() and spend(a, 2) == 2  # the dead worker had made nothing: the learner waits
+    assert not a.open_takeover()
+    a.advance(1, None)
+    a.set_share([1], 2, 2)  # partition 0 went to a new worker: its share leaves with it
+    assert a.budget == 2
 
 
 def test_no_partitions_no_rollouts_and_one_worker_keeps_the_whole_budget():
