@@ -175,3 +175,21 @@ class PidLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class StateLocked(RuntimeError):
+    """Another process holds state that one writer owns."""
+
+
+def writer_lock(path: str | os.PathLike, what: str) -> PidLock:
+    """The `PidLock` of a single writer (`what`: "reward trainer") over the state dir that
+    holds `path`: a second one fails at `acquire()` with StateLocked naming the holder's pid,
+    the lock file and what to do."""
+    path = Path(path)
+    return PidLock(
+        path,
+        lambda holder: StateLocked(
+            f"{path.parent} is written by another {what} (pid {holder}, lock {path}); "
+            f"one {what} per state dir: stop it, or give this one another RLHF_STATE_DIR"
+        ),
+    )
