@@ -332,6 +332,8 @@ class KafkaPublisher:
         return acked
 
     def close(self) -> None:
+        self.watch.unwatch(*self._watched)
+        self._watched = set()
         producer, self._producer = self._producer, None
         if producer is not None:
             try:

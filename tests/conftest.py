@@ -52,3 +52,28 @@ def tiny_model_dir_b(tmp_path_factory):
     from rlhf.models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "seed1", seed=1)
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_kafka_clients(request):
+    """A test that leaves a Kafka client open leaks its network thread, which then retries a
+    dead broker for the rest of the session (300 threads and a flood of log lines by the end
+    of a run, until a test that logs at DEBUG hung on it). Name the test at its teardown."""
+    import threading
+    import time
+
+    before = {t.ident for t in threading.enumerate()}
+    yield
+
+    def leaked() -> list[str]:
+        return sorted(
+            t.name
+            for t in threading.enumerate()
+            if t.ident not in before and t.is_alive() and t.name.lower().startswith("kafka")
+        )
+
+    deadline = time.monotonic() + 5  # a closing client (a watch ending its last Metadata round) lets go
+    while leaked() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if names := leaked():
+        pytest.fail(f"{request.node.nodeid} left Kafka clients open: {names}", pytrace=False)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterable, Iterator
 
 from kafka import KafkaAdminClient
 from kafka.errors import KafkaTimeoutError, TopicAlreadyExistsError, for_code
+
+log = logging.getLogger(__name__)
 
 
 class BrokerUnavailable(ConnectionError):
@@ -29,11 +32,36 @@ def bootstrapping(bootstrap: str, timeout_s: float) -> Iterator[None]:
         ) from e
 
 
+def admin_client(**config) -> KafkaAdminClient:
+    """`KafkaAdminClient(**config)`, without leaking its IO thread when the broker is away.
+
+    kafka-python 3.0's constructor starts a network thread and then bootstraps; when the
+    bootstrap fails it raises before marking the client open, so `close()` is a no-op and the
+    thread lives on. A process that retries a dead broker every few seconds (the broker
+    watch) gained a thread per try: hundreds in a test session, and in a service waiting for
+    its broker."""
+    admin = KafkaAdminClient.__new__(KafkaAdminClient)
+    try:
+        admin.__init__(**config)
+    except BaseException:
+        for stop in (
+            getattr(getattr(admin, "_client", None), "close", None),
+            getattr(getattr(admin, "_net", None), "stop", None),
+        ):
+            if stop is not None:
+                try:
+                    stop()
+                except Exception:  # noqa: BLE001 - the client is broken already; the raise below says why
+                    log.debug("closing a half-built admin client", exc_info=True)
+        raise
+    return admin
+
+
 def _admin(bootstrap: str, timeout_s: float) -> KafkaAdminClient:
     with bootstrapping(bootstrap, timeout_s):
         # The constructor fetches cluster metadata, so success means the broker serves.
         # A short backoff cap keeps retrying a broker that is still starting.
-        return KafkaAdminClient(
+        return admin_client(
             bootstrap_servers=bootstrap,
             client_id="rlhf-admin",
             bootstrap_timeout_ms=int(timeout_s * 1000),

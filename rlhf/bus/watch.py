@@ -27,8 +27,7 @@ import logging
 import threading
 from typing import Iterable
 
-from kafka import KafkaAdminClient
-
+from rlhf.bus.admin import admin_client
 from rlhf.bus.metrics import CONNECTED
 
 log = logging.getLogger(__name__)
@@ -55,18 +54,20 @@ class KafkaWatch:
         self._topics: dict[str, int] = {}  # watched topic -> number of watchers
         self._ids: dict[str, str | None] = {}
         self._connected: bool | None = None  # None: not checked yet
-        self._admin: KafkaAdminClient | None = None
+        self._admin = None  # a KafkaAdminClient while connected
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self._kept = False  # start()ed for health: check even with no topic watched
+        self._keepers = 0  # start()ed for health, not yet release()d: check even with no topic watched
 
     # ---- what callers use -------------------------------------------------------------
 
     def start(self, keep: bool = True) -> KafkaWatch:
         """Start the thread (idempotent). `keep`: check the broker even while no topic is
-        watched (a service's health); `watch` starts it for as long as topics are watched."""
+        watched (a service's health), until as many `release()` calls; `watch` starts it for
+        as long as topics are watched. With neither, the thread closes its admin client and
+        ends, so a process that outlives its broker (a test session) does not retry it forever."""
         with self._lock:
-            self._kept |= keep
+            self._keepers += 1 if keep else 0
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name=f"kafka-watch-{self.bootstrap}", daemon=True)
                 self._thread.start()
@@ -78,6 +79,12 @@ class KafkaWatch:
                 self._topics[t] = self._topics.get(t, 0) + 1
         self.start(keep=False)
 
+    def release(self) -> None:
+        """Undo one `start(keep=True)` (a service stopping)."""
+        with self._lock:
+            self._keepers = max(0, self._keepers - 1)
+        self._wake.set()
+
     def unwatch(self, *topics: str) -> None:
         with self._lock:
             for t in topics:
@@ -87,6 +94,7 @@ class KafkaWatch:
                 else:
                     self._topics.pop(t, None)
                     self._ids.pop(t, None)
+        self._wake.set()
 
     def identity(self, topic: str, refresh: bool = False) -> str | None:
         """The log identity of `topic` as last seen (None: unknown, broker away, or no such
@@ -128,7 +136,7 @@ class KafkaWatch:
         with self._check_lock:
             try:
                 if self._admin is None:
-                    self._admin = KafkaAdminClient(
+                    self._admin = admin_client(
                         bootstrap_servers=self.bootstrap,
                         client_id="rlhf-watch",
                         bootstrap_timeout_ms=int(self.timeout_s * 1000),
@@ -174,11 +182,16 @@ class KafkaWatch:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                needed = self._kept or bool(self._topics)
-            if needed:  # idle otherwise: a closed consumer's broker may be gone for good (tests)
-                self.check()
+                if not (self._keepers or self._topics):
+                    # nobody needs it: a closed consumer's broker may be gone for good; the
+                    # next start()/watch() starts a new thread
+                    self._thread = None
+                    break
+            self.check()
             self._wake.wait(self.interval_s)
             self._wake.clear()
+        with self._check_lock:
+            self._close_admin()
 
 
 _watches: dict[str, KafkaWatch] = {}

@@ -292,7 +292,8 @@ async def serve(service: Service, settings: GrpcServiceSettings, stop_event: asy
     await server.start()
     log.info("listening", extra={"address": f"{settings.host}:{port}", "metrics_port": settings.metrics_port})
 
-    kafka_task = asyncio.create_task(follow_kafka(health, kafka_watch(settings.kafka_bootstrap, service.name).start()))
+    watch = kafka_watch(settings.kafka_bootstrap, service.name).start()
+    kafka_task = asyncio.create_task(follow_kafka(health, watch))
     # Load weights etc. while health says NOT_SERVING; a stop request interrupts it.
     start_task = asyncio.create_task(service.start())
     stop_task = asyncio.create_task(stop_event.wait())
@@ -326,6 +327,7 @@ async def serve(service: Service, settings: GrpcServiceSettings, stop_event: asy
     except Exception:
         log.exception("error while stopping")
         exit_code = exit_code or 1
+    watch.release()
     log.info("stopped")
     return exit_code
 

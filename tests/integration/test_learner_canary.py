@@ -110,21 +110,22 @@ def send_feedback(bootstrap: str, topic: str, events: list) -> None:
 
 
 def test_feedback_rolls_back_a_disliked_candidate_and_promotes_a_preferred_one(
-    broker, topics, tiny_model_dir, tmp_path, sampler, capsys
+    broker, topics, tiny_model_dir, tmp_path, sampler, capsys, request
 ):
     with run_service("learner", tmp_path, env=learner_env(broker, topics, tiny_model_dir), timeout=180) as svc:
         stub = learner_pb2_grpc.LearnerServiceStub(sync_channel(svc.address, control_token=TOKEN))
         plain = learner_pb2_grpc.LearnerServiceStub(sync_channel(svc.address))
-        for call, request in (
+        for call, message in (  # not `request`: that is the pytest fixture, used below
             (plain.Promote, learner_pb2.PromoteRequest(version=1)),
             (plain.SetCanary, learner_pb2.SetCanaryRequest(set_share=True, share=0.5)),
         ):
             with pytest.raises(grpc.RpcError) as err:
-                call(request, timeout=30)
+                call(message, timeout=30)
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         canary = plain.GetCanary(learner_pb2.GetCanaryRequest(), timeout=30)  # reading is open
         assert (canary.enabled, canary.stable_version, canary.candidate_version, canary.share) == (True, 0, 0, 0.1)
         updates = Updates(broker.bootstrap, topics.policy_updates)
+        request.addfinalizer(updates.consumer.close)
 
         # 1. version 1 passes the drift gate: it goes to canary, stable stays 0
         publish(broker.bootstrap, topics.rollouts, sampler(4, version=0, seed=1))

@@ -177,6 +177,7 @@ def test_the_outbox_resends_what_a_lost_log_held(tmp_path, own_broker, caplog):
     assert _resets(topics.feedback) == before + 1
     assert REGISTRY.get_sample_value("rlhf_outbox_resent_total", {"topic": topics.feedback}) >= 5
     assert any("lost" in rec.getMessage() and topics.feedback in rec.getMessage() for rec in caplog.records)
+    r.publisher.close(), r2.publisher.close()
     outbox.close()
 
 
