@@ -103,10 +103,14 @@ class ServiceProcess:
         except OSError:
             return "UNREACHABLE"
 
+    def command(self) -> list[str]:
+        """argv of the service: its real entrypoint (a subclass may wrap it, e.g. torchrun)."""
+        return [sys.executable, "-m", f"services.{self.name}"]
+
     def start(self) -> "ServiceProcess":
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", f"services.{self.name}"],
+            self.command(),
             cwd=ROOT,
             env=self.env,
             stdout=log,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from rlhf.testing.rollouts import TokenSetReward, sample_rollouts
 from rlhf.v1 import learner_pb2, learner_pb2_grpc
 from rlhf.weightstore import WeightStore
 from tests.integration.test_learner_crash import BATCH, learner_env, ledger_entries
-from tests.procs import ROOT, ServiceProcess
+from tests.procs import ServiceProcess
 
 pytestmark = pytest.mark.slow
 
@@ -35,20 +34,9 @@ KILL_DELAYS = (0.0, 0.5)  # seconds from a new ledger line to the kill of rank 1
 class Torchrun(ServiceProcess):
     """The learner under torchrun: 2 local ranks, rank 0 serves gRPC on the env's port."""
 
-    def start(self) -> Torchrun:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-            + ["-m", "services.learner"],
-            cwd=ROOT,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        log.close()
-        return self
+    def command(self) -> list[str]:
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+        return [*torchrun, "-m", "services.learner"]
 
     def rank_pid(self, rank: int, timeout: float = 60) -> int:
         """The pid of the worker torchrun started as `rank` (found by its environment: RANK and
