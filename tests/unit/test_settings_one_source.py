@@ -10,6 +10,7 @@ import dataclasses
 import pytest
 from pydantic import BaseModel
 
+from rlhf.bus.consumer import GroupConfig
 from rlhf.cli import settings_classes
 from rlhf.learner.canary import LearnerCanaryConfig
 from rlhf.learner.config import LearnerConfig
@@ -20,7 +21,15 @@ from rlhf.serving import settings as common
 from rlhf.serving.settings import config_from
 
 SETTINGS = settings_classes()
-LIBRARY_CONFIGS = {LearnerConfig, TrainerConfig, LoopConfig, WorkerConfig, LearnerCanaryConfig, ReliabilityConfig}
+LIBRARY_CONFIGS = {
+    LearnerConfig,
+    TrainerConfig,
+    LoopConfig,
+    WorkerConfig,
+    LearnerCanaryConfig,
+    ReliabilityConfig,
+    GroupConfig,
+}
 
 
 def origin(cls: type, name: str) -> type:
