@@ -24,8 +24,10 @@ rounds. The cost of the second
 version is the drop in throughput, in % of the one-version figure (target ≤ 10 %).
 
 `--sections forward` times one decode-shaped forward pass of the transformers model alone
-(`--prompts` rows × 1 token, no KV cache), no adapter vs half the rows on the candidate,
-interleaved `--forward-iters` times: the adapter's own cost, without the engine around it.
+(`--prompts` rows × 1 token, no KV cache), no adapter vs half the rows on the candidate vs
+the same with the hooks' earlier formulation (every row's activations times the factors and
+a 0/1 row mask), interleaved `--forward-iters` times: the adapter's own cost, without the
+engine around it.
 
     .venv/bin/python benchmarks/canary_serving.py --sections forward
 """
@@ -125,23 +127,46 @@ def forward_cost(model_dir: Path, work: Path, rows: int, iters: int) -> None:
     k = adapters.add(lora_factors(folder, spec))
     ids = torch.randint(0, 1000, (rows, 1))
     half = torch.tensor([k if i % 2 else 0 for i in range(rows)])
-    times: dict[str, list[float]] = {"one": [], "two": []}
+    # the formulation the hooks used before: every row times a 0/1 mask, for comparison
+    mask = (half == k).to(next(model.parameters()).dtype)[:, None, None]
+    masked_on = [False]
+
+    def masked_hook(module: str):
+        def hook(_mod, args, out):
+            if not masked_on[0]:
+                return None
+            a_t, b_t = adapters._live[k][module]
+            return out + ((args[0] @ a_t) * mask) @ b_t
+
+        return hook
+
+    adapters.apply_pending()
+    handles = [adapters.modules[m].register_forward_hook(masked_hook(m)) for m in adapters._live[k]]
+    times: dict[str, list[float]] = {"one": [], "two": [], "masked": []}
     with torch.inference_mode():
         for _ in range(iters):
-            for mode, which in (("one", None), ("two", half)):
+            for mode, which in (("one", None), ("two", half), ("masked", None)):
+                masked_on[0] = mode == "masked"
                 start = time.perf_counter()
                 with adapters.rows(which):
                     model(input_ids=ids)
                 times[mode].append(time.perf_counter() - start)
+    for h in handles:
+        h.remove()
     threads = torch.get_num_threads()
     print(f"\none forward, {rows} rows × 1 token, {iters} interleaved repeats, {threads} torch threads\n")
-    print("| versions served | min (ms) | median (ms) |")
-    print("|---|---:|---:|")
+    print("| versions served | min (ms) | median (ms) | cost (min) |")
+    print("|---|---:|---:|---:|")
+    labels = {
+        "one": "one",
+        "two": "two (half the rows on the candidate; its rows only)",
+        "masked": "two, the old 0/1 row mask (every row)",
+    }
+    one = min(times["one"])
     for mode, ts in times.items():
-        label = "one" if mode == "one" else "two (half the rows on the candidate)"
-        print(f"| {label} | {1000 * min(ts):.1f} | {1000 * statistics.median(ts):.1f} |")
-    one, two = min(times["one"]), min(times["two"])
-    print(f"\ncost of the candidate's rows (min): {100 * (two / one - 1):+.1f} %")
+        cost = "" if mode == "one" else f"{100 * (min(ts) / one - 1):+.1f} %"
+        print(f"| {labels[mode]} | {1000 * min(ts):.1f} | {1000 * statistics.median(ts):.1f} | {cost} |")
+    print(f"\nload average {loadavg()}")
 
 
 def loadavg() -> str:
