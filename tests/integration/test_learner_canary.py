@@ -149,9 +149,17 @@ def test_feedback_rolls_back_a_disliked_candidate_and_promotes_a_preferred_one(
         assert ev["events_stable"] >= 10 and ev["events_candidate"] >= 10
         canary = stub.GetCanary(learner_pb2.GetCanaryRequest(), timeout=30)
         assert canary.candidate_version == 0 and json.loads(canary.last_decision_json)["verdict"] == "roll_back"
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{svc.metrics_port}/metrics", timeout=5).read().decode()
-        assert 'rlhf_learner_canary_decisions_total{by="rule",verdict="roll_back"} 1.0' in metrics
-        assert "rlhf_learner_canary_candidate_version 0.0" in metrics
+        # the gauges follow the decision's event a moment later (the loop exports them after publishing)
+        wanted = (
+            'rlhf_learner_canary_decisions_total{by="rule",verdict="roll_back"} 1.0',
+            "rlhf_learner_canary_candidate_version 0.0",
+        )
+
+        def scraped():
+            page = urllib.request.urlopen(f"http://127.0.0.1:{svc.metrics_port}/metrics", timeout=5).read().decode()
+            return all(w in page for w in wanted)
+
+        wait_for(scraped, 30, f"metrics {wanted}")
 
         # 3. the next version (trained on from stable 0: on_reject=revert) goes to canary
         assert not stub.Resume(learner_pb2.ResumeRequest(), timeout=30).paused
