@@ -6,10 +6,7 @@ is applied per row instead, so its rows decode in the same batch and the same fo
 as the stable rows. A forward hook on each adapted `nn.Linear` adds, for the rows whose
 adapter id is k only,
 
-    y[Rₖ] += (x[Rₖ] Aₖᵀ) Bₖᵀ        Rₖ = the rows of adapter k
-
-(gathered with index_select, added back in place with index_add_: the other rows cost
-nothing, where a 0/1 row mask would multiply every row's activations by the factors)
+    y += ((x Aₖᵀ) · mₖ) Bₖᵀ        mₖ = 1 on the rows of adapter k, 0 elsewhere
 
 with Aₖ (r, in) and Bₖ (out, r) the adapter's factors (B already times α/r). A candidate
 that, like the stable version, is a LoRA of the same initial weights needs
@@ -17,7 +14,7 @@ W₀ + ΔC = (W₀ + ΔS) + ΔC − ΔS: its factors are C's and S's stacked alo
 A = [A_C; A_S], B = [B_C, −B_S] (rank r_C + r_S), so the difference from the merged stable
 weights is still two low-rank products (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large
 Language Models"). The rows of the stable version pay nothing: a forward in which no row
-has an adapter skips the hooks' work, and otherwise only the adapter's rows pay, O(r) each.
+has an adapter skips the hooks' work, and the hook's cost otherwise is O(r) per row.
 
 Adapters are added and removed from any thread; the change is applied on the engine thread
 at the start of the next forward (`rows`), never during one, so loading a candidate drains
@@ -70,7 +67,7 @@ class RowAdapters:
         self._ops: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._rows: dict[int, torch.Tensor | None] = {}  # during a forward: id → its row indices (None: all)
+        self._masks: dict[int, torch.Tensor] = {}  # during a forward: id → (B, 1, 1) row mask
         setattr(model, _ATTR, self)
 
     @classmethod
@@ -149,27 +146,22 @@ class RowAdapters:
         if not present:
             yield
             return
-        rows = {k: (ids == k).nonzero()[:, 0] for k in present}
-        self._rows = {k: None if len(idx) == len(ids) else idx for k, idx in rows.items()}
+        self._masks = {k: (ids == k).to(self.dtype)[:, None, None] for k in present}
         try:
             yield
         finally:
-            self._rows = {}
+            self._masks = {}
 
     def _hook(self, module: str):
         def hook(_mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
-            if not self._rows:
+            if not self._masks:
                 return None
             x = args[0]  # (B, T, in)
-            for adapter, idx in self._rows.items():
+            for adapter, mask in self._masks.items():
                 f = self._live.get(adapter, {}).get(module)
-                if f is None:
-                    continue
-                a_t, b_t = f
-                if idx is None:  # every row runs this adapter
-                    out = out + (x @ a_t) @ b_t  # (B, T, r) → (B, T, out)
-                else:  # only its rows pay: (b, T, in) → (b, T, out), added in place
-                    out.index_add_(0, idx, (x.index_select(0, idx) @ a_t) @ b_t)
+                if f is not None:
+                    a_t, b_t = f
+                    out = out + ((x @ a_t) * mask) @ b_t  # (B, T, r) → (B, T, out)
             return out
 
         return hook
