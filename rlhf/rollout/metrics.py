@@ -18,7 +18,7 @@ BACKPRESSURE = Gauge(
     "rlhf_rollout_backpressure", "1 while the worker waits: max_policy_lag versions ahead of the learner"
 )
 BUDGET_SHARE = Gauge(
-    "rlhf_rollout_budget_share",
+    "rlhf_rollout_budget_rollouts",
     "Rollouts this worker may produce per learner announcement: the whole budget, or its partitions' share of it",
 )
 LIVE_PARTITIONS = Gauge(

@@ -162,7 +162,7 @@ def test_two_workers_share_partitions_and_budget_and_a_killed_ones_share_is_take
         announce(broker.bootstrap, topics, 0, action=events_pb2.POLICY_ACTION_PROMOTED, rollouts_per_version=4,
                  max_policy_lag=1, temperature=1.0)  # fmt: skip
         settled(BUDGET, workers, "first budget")
-        assert [metric(w, "rlhf_rollout_budget_share") for w in workers] == [BUDGET / 2] * 2
+        assert [metric(w, "rlhf_rollout_budget_rollouts") for w in workers] == [BUDGET / 2] * 2
 
         # 2. a promotion: both generators load it from the weight store; one more budget
         announce(broker.bootstrap, topics, 1, sha256=v1.sha256, format=common_pb2.WEIGHT_FORMAT_FULL,
@@ -195,7 +195,7 @@ def test_two_workers_share_partitions_and_budget_and_a_killed_ones_share_is_take
             announce(broker.bootstrap, topics, version, action=events_pb2.POLICY_ACTION_REJECTED)
             total += BUDGET
             settled(total, [survivor], f"budget {version + 1}, one worker left")
-            assert metric(survivor, "rlhf_rollout_budget_share") == BUDGET
+            assert metric(survivor, "rlhf_rollout_budget_rollouts") == BUDGET
             version += 1
 
     answered = {r.prompt_id for r in rollouts if r.source == "live"}
