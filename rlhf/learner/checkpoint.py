@@ -6,7 +6,7 @@
         trainer.pt               optimizer, LR schedule, KL controller, shuffle RNG
         meta.json                step, versions, lineage, consumed Kafka offsets, counters
     <dir>/ledger.jsonl           one line per PPO step: the event ids it trained / dropped
-    <dir>/writer.lock            held (flock) by the one learner that writes here (WriterLock)
+    <dir>/writer.lock            held (flock) by the one learner that writes here (durability.writer_lock)
 
 A checkpoint folder is filled under a temporary name, fsynced and renamed into place, so
 a `ckpt-*` folder is always complete: SIGKILL during a write leaves only a `.tmp-*`
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlhf.durability import PidLock, append_jsonl, atomic_folder, read_jsonl, write_jsonl_atomic
+from rlhf.durability import append_jsonl, atomic_folder, read_jsonl, write_jsonl_atomic
 from rlhf.learner.policy import PolicyWithValueHead
 from rlhf.learner.trainer import PPOTrainer
 
@@ -92,26 +92,3 @@ class Ledger:
         keep = [e for e in entries if e["step"] <= step]
         write_jsonl_atomic(self.path, keep)
         return len(entries) - len(keep)
-
-
-class WriterLocked(RuntimeError):
-    """Another process holds the state a single writer owns."""
-
-
-class WriterLock(PidLock):
-    """An exclusive flock on `path`, which holds the holder's pid: one learner per state dir.
-    A second learner over the same checkpoints would train from the same offsets, cut the
-    other's ledger back and overwrite its checkpoints; it fails at start instead, naming the
-    holder (rlhf.durability.PidLock: a dead holder's lock is gone with it). (A lock on a
-    local or NFSv4 volume; on Kubernetes the ReadWriteOnce claim of the learner's
-    StatefulSet fences a second pod as well.)"""
-
-    def __init__(self, path: str | os.PathLike, what: str = "learner"):
-        path = Path(path)
-        super().__init__(
-            path,
-            lambda holder: WriterLocked(
-                f"{path.parent} is written by another {what} (pid {holder}, lock {path}); "
-                f"one {what} per state dir: stop it, or give this one another RLHF_STATE_DIR"
-            ),
-        )

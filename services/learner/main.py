@@ -24,8 +24,8 @@ from typing import Sequence
 
 import grpc
 
+from rlhf.durability import PidLock, writer_lock
 from rlhf.learner import Learner
-from rlhf.learner.checkpoint import WriterLock
 from rlhf.learner.distributed import Ranks
 from rlhf.learner.servicer import LearnerServicer
 from rlhf.serving import Service, load_settings, run_service
@@ -46,7 +46,7 @@ class LearnerService(Service):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failed = False  # the training loop died: exit non-zero
-        self._writer: WriterLock | None = None  # held from start to stop: one learner per state dir
+        self._writer: PidLock | None = None  # held from start to stop: one learner per state dir
         self.ranks = ranks
 
     def register(self, server: grpc.aio.Server) -> None:
@@ -56,8 +56,11 @@ class LearnerService(Service):
         from rlhf.models import resolve_model
 
         s = self.settings
-        # single writer: a second learner on this state dir fails here (WriterLocked names the holder)
-        self._writer = WriterLock(Path(s.state_dir) / "learner" / "writer.lock").acquire()
+        # single writer: a second learner over the same checkpoints would train from the same
+        # offsets, cut the other's ledger back and overwrite its checkpoints; it fails here
+        # instead (StateLocked names the holder; a dead holder's flock is gone with it). On
+        # Kubernetes the ReadWriteOnce claim of the learner's StatefulSet fences a second pod too.
+        self._writer = writer_lock(Path(s.state_dir) / "learner" / "writer.lock", "learner").acquire()
         model_dir = await asyncio.to_thread(resolve_model, s.model)
         learner = Learner(
             s.learner_config(),

@@ -1,6 +1,7 @@
 """Two versions served at once (issue 15), end to end: the generator from its real entrypoint
-(transformers backend) following PolicyUpdate events on the real broker, as a learner that
-runs canaries publishes them (the whole serving state in every event).
+(transformers backend, and vLLM's, where the candidate is one more LoRARequest) following
+PolicyUpdate events on the real broker, as a learner that runs canaries publishes them (the
+whole serving state in every event).
 
 CANARY loads its version as the candidate beside the stable one; requests naming 0, the
 stable or the candidate get the version they name (checked through their log-probs against
@@ -39,22 +40,23 @@ CANARY, PROMOTED, ROLLED_BACK = (
 )
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_model_dir, broker):
+@pytest.fixture(scope="module", params=["transformers", pytest.param("vllm", marks=pytest.mark.vllm)])
+def setup(request, tmp_path_factory, tiny_model_dir, broker):
     """Versions 1, 2, 3: LoRA adapters on the initial weights, stored promoted (as the
-    learner stores what passed the drift gate), and topics of this module's own."""
-    tmp = tmp_path_factory.mktemp("gen-canary")
+    learner stores what passed the drift gate), and topics of this backend's own."""
+    backend = request.param
+    tmp = tmp_path_factory.mktemp(f"gen-canary-{backend}")
     store = WeightStore(tmp / "weights")
     adapters: dict[int, Path] = {}
     for version in (1, 2, 3):
         adapters[version] = tmp / f"lora{version}"
         tensors, cfg = make_random_lora(tiny_model_dir, adapters[version], rank=8, seed=version)
         store.put(version, tensors, fmt="lora", adapter_config=cfg, meta={"promoted": True})
-    topics = Topics(f"test-gen-canary-{uuid.uuid4().hex[:8]}")
+    topics = Topics(f"test-gen-canary-{backend}-{uuid.uuid4().hex[:8]}")
     ensure_topics(broker.bootstrap, topics.all())
     env = {
         "RLHF_MODEL": str(tiny_model_dir),
-        "RLHF_BACKEND": "transformers",
+        "RLHF_BACKEND": backend,
         "RLHF_MAX_MODEL_LEN": "256",
         "RLHF_WEIGHT_STORE": str(store.root),
         "RLHF_KAFKA_BOOTSTRAP": broker.bootstrap,

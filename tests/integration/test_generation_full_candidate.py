@@ -21,12 +21,11 @@ from rlhf.models import load_causal_lm, sequence_logprobs
 from rlhf.serving.client import sync_channel
 from rlhf.v1 import common_pb2, events_pb2, generation_pb2, generation_pb2_grpc
 from rlhf.weightstore import WeightStore
+from tests.integration.test_generation_canary import ABS_TOL, generate
 from tests.procs import run_service, wait_for
 
 pytestmark = pytest.mark.slow
 
-ABS_TOL = 1e-4  # as tests/integration/test_generation_canary.py
-QUESTION = [common_pb2.ChatMessage(role="user", content="Name three colours.")]
 FULL_CANDIDATE = 1
 
 
@@ -67,17 +66,6 @@ def setup(tmp_path_factory, tiny_model_dir, tiny_model_dir_b, broker):
 def info(stub) -> tuple[int, int]:
     i = stub.GetInfo(generation_pb2.GetInfoRequest(), timeout=30)
     return i.policy_version, i.candidate_version
-
-
-def generate(stub, policy_version: int) -> generation_pb2.GenerateResponse:
-    return stub.Generate(
-        generation_pb2.GenerateRequest(
-            messages=common_pb2.ChatMessages(messages=QUESTION),
-            params=generation_pb2.SamplingParams(max_tokens=12, temperature=0.0),
-            policy_version=policy_version,
-        ),
-        timeout=120,
-    )
 
 
 def worst_gap(resp: generation_pb2.GenerateResponse, model) -> float:

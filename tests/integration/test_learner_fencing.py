@@ -9,17 +9,17 @@ import signal
 
 import pytest
 
-from rlhf.learner.checkpoint import WriterLock, WriterLocked
+from rlhf.durability import StateLocked, writer_lock
 from tests.integration.test_learner_crash import learner_env
 from tests.procs import ServiceProcess, free_port
 
 
 def test_a_second_writer_lock_on_one_path_is_refused_naming_the_holder(tmp_path):
     path = tmp_path / "learner" / "writer.lock"
-    with WriterLock(path):
-        with pytest.raises(WriterLocked, match=f"another learner \\(pid {os.getpid()}"):
-            WriterLock(path).acquire()
-    with WriterLock(path):  # released: the next holder takes it
+    with writer_lock(path, "learner"):
+        with pytest.raises(StateLocked, match=f"another learner \\(pid {os.getpid()}"):
+            writer_lock(path, "learner").acquire()
+    with writer_lock(path, "learner"):  # released: the next holder takes it
         pass
 
 

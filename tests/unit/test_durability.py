@@ -48,7 +48,7 @@ def test_json_lines_skip_a_torn_line_and_rewrite_atomically(tmp_path):
 
 
 def test_a_pid_lock_refuses_a_second_holder_naming_the_first_and_frees_on_release(tmp_path):
-    from rlhf.learner.checkpoint import WriterLock, WriterLocked
+    from rlhf.durability import StateLocked, writer_lock
     from rlhf.preflight import PreflightError, StateDirLock
 
     with StateDirLock(tmp_path):
@@ -56,6 +56,6 @@ def test_a_pid_lock_refuses_a_second_holder_naming_the_first_and_frees_on_releas
             StateDirLock(tmp_path).__enter__()
     with StateDirLock(tmp_path):  # released: the next run takes it
         pass
-    with WriterLock(tmp_path / "learner" / "writer.lock"):
-        with pytest.raises(WriterLocked, match="written by another learner"):
-            WriterLock(tmp_path / "learner" / "writer.lock").acquire()
+    with writer_lock(tmp_path / "learner" / "writer.lock", "learner"):
+        with pytest.raises(StateLocked, match="written by another learner"):
+            writer_lock(tmp_path / "learner" / "writer.lock", "learner").acquire()
