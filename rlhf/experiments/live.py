@@ -90,7 +90,8 @@ STACK_START_TIMEOUT_S = 900  # the 135M stack on 2 cores takes ~1.5 min; a first
 def fresh_stack(root: Path, objective: str, distill: str | None, up_args: list[str], say) -> Iterator[Path]:
     """`rlhf up` on a new state folder <root>/state with the learner's objective (and
     distillation) set; yields the state folder once every service is SERVING; SIGTERM at
-    the end (SIGKILL after 120 s). Its output goes to <root>/up.log."""
+    the end (SIGKILL after 120 s). Its output goes to <root>/up.log. A SIGTERM to this
+    process ends the experiment the same way (SystemExit), so the stack never outlives it."""
     state = root / "state"
     if state.exists() and any(state.iterdir()):
         raise ValueError(f"{state} is not empty: a fresh stack needs a new --run-dir (or remove that folder)")
@@ -110,6 +111,8 @@ def fresh_stack(root: Path, objective: str, distill: str | None, up_args: list[s
         f"[win-rate] starting a fresh stack, learner objective {objective}"
         f"{f' + distill {distill}' if distill else ''} (log: {log_path})"
     )
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main else None
     try:
         deadline = time.monotonic() + STACK_START_TIMEOUT_S
         while "all services SERVING" not in log_path.read_text(errors="replace"):
@@ -128,7 +131,13 @@ def fresh_stack(root: Path, objective: str, distill: str | None, up_args: list[s
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if main:
+            signal.signal(signal.SIGTERM, previous)
         say(f"[win-rate] stack stopped (exit code {proc.returncode})")
+
+
+def _exit_on_sigterm(signum, frame):  # noqa: ARG001
+    raise SystemExit(128 + signum)
 
 
 def stack_settings(profile: str | None = None) -> dict[str, str]:

@@ -13,6 +13,7 @@ batch that is still running.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +38,8 @@ class Job:
     cancelled: bool = False
     stats: RequestStats | None = None  # queue time, tokens, waiting/running (rlhf.generation.metrics)
     adapter: int = 0  # the per-row adapter its rows run (rlhf/generation/adapters.py); 0: the merged weights
+    queued_at: float = field(default_factory=time.perf_counter)  # when it was submitted (perf_counter)
+    overdue: bool = False  # joined past pre-emption after waiting `preempt_max_wait_seconds`: never parked
 
     def emit(self, item: Delta | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -63,6 +66,7 @@ def admit(
     batching: str,
     prefill_token_budget: int,
     below: int | None = None,
+    max_wait: float | None = None,
 ) -> list[Job]:
     """Remove from `pending` and return the jobs that join a batch of `running` rows now.
 
@@ -73,17 +77,22 @@ def admit(
     joining prompts' tokens stay within `prefill_token_budget` per step; the prompt is not
     chunked, so one longer than the budget joins alone in its step. An empty batch always
     takes the first job, whatever its size. With `below` (pre-emption: interactive work is
-    present), only jobs of a priority lower than `below` join; background jobs wait."""
+    present), only jobs of a priority lower than `below` join; background jobs wait, except
+    one queued `max_wait` seconds or more, which joins (marked `overdue`) so that a steady
+    stream of chats cannot starve it. Without that bound a rollout that arrives while people
+    chat would never start, however long it waited."""
     pending[:] = [j for j in pending if not j.cancelled]
     if batching == STATIC and running:
         return []
     pending.sort(key=lambda j: j.sampling.priority)
     joining: list[Job] = []
-    rows, tokens = running, 0
+    rows, tokens, now = running, 0, time.perf_counter()
     while pending:
         job = pending[0]
         if below is not None and job.sampling.priority >= below:
-            break
+            if max_wait is None or now - job.queued_at < max_wait:
+                break  # the oldest background job is not due: neither is any behind it
+            job.overdue = True
         first = not joining and not running
         if not first:
             if rows + job.sampling.n > max_batch:

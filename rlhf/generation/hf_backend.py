@@ -15,7 +15,9 @@ parked, split off the running batch with their KV cache (`RunningBatch.take`), a
 steps run the interactive rows alone; the parked rows rejoin (`RunningBatch.join`) when no
 interactive work is left, unchanged, so their tokens and log-probs are the ones they would
 have had. A row parked `preempt_max_wait_seconds` in all comes back even while chats run,
-and is not parked again: a rollout is delayed by at most that much, never starved.
+and is not parked again; a background request that has waited that long in the queue joins
+while chats run, and is never parked: a rollout is delayed by about that much, never starved
+(people who chat without pause would otherwise hold every rollout back for ever).
 
 The loop is written out rather than calling `generate()` so that it can stream per-token
 deltas with exact log-probs, stop each row on its own EOS / stop string / max_tokens, and
@@ -185,7 +187,15 @@ class TransformersBackend(Backend):
         if self._swaps_waiting or self._stopping:
             return []
         with self._lock:
-            return admit(self._pending, running, self.max_batch, self.batching, self.prefill_token_budget, below)
+            return admit(
+                self._pending,
+                running,
+                self.max_batch,
+                self.batching,
+                self.prefill_token_budget,
+                below,
+                self.preempt_max_wait_s,
+            )
 
     def _interactive(self, batch: RunningBatch) -> bool:
         """Whether interactive work (priority below BACKGROUND) is decoding, or waiting and
@@ -205,7 +215,11 @@ class TransformersBackend(Backend):
         Returns whether newcomers may join this step: not while due rows wait for room."""
         now = time.perf_counter()
         if interactive:
-            out = [b for b, r in enumerate(batch.rows) if r.job.sampling.priority >= BACKGROUND and not r.exempt]
+            out = [
+                b
+                for b, r in enumerate(batch.rows)
+                if r.job.sampling.priority >= BACKGROUND and not (r.exempt or r.job.overdue)
+            ]
             if out:
                 for b in out:
                     batch.rows[b].parked_at = now

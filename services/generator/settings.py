@@ -48,8 +48,9 @@ class GeneratorSettings(PolicyModelSettings, WeightStoreSettings, GrpcServiceSet
     preempt_max_wait_seconds: float = Field(
         30.0,
         ge=0,
-        description="transformers backend, pre-emption: most seconds a rollout row spends parked in all; "
-        "then it rejoins beside the chats and is not parked again (keep it well under the rollout worker's "
+        description="transformers backend, pre-emption: most seconds a rollout row spends parked in all, "
+        "or a rollout request waits in the queue while chats run; then it decodes beside the chats and is "
+        "not parked again (keep it well under the rollout worker's "
         "rollout_generate_timeout_seconds)",
     )
     candidate_memory_margin_gib: float = Field(

@@ -132,6 +132,13 @@ def test_admission_priority_capacity_and_prefill_budget():
     assert admit(pending, running=0, max_batch=8, batching="continuous", prefill_token_budget=99, below=10) == [chat]
     assert admit(pending, running=0, max_batch=8, batching="continuous", prefill_token_budget=99, below=10) == []
     assert pending == [rollout]
+    # ... until the oldest background job has waited max_wait: then it joins, marked overdue
+    chat, fresh = job(priority=0), job(priority=10)
+    rollout.queued_at -= 5.0
+    pending = [rollout, fresh, chat]  # arrival order: the older rollout first
+    kw = dict(running=0, max_batch=8, batching="continuous", prefill_token_budget=99, below=10, max_wait=4.0)
+    assert admit(pending, **kw) == [chat, rollout]
+    assert rollout.overdue and not fresh.overdue and pending == [fresh]
 
 
 # --- joining a running batch -----------------------------------------------------------------
@@ -411,3 +418,30 @@ def test_the_starvation_bound_brings_a_parked_rollout_back_beside_the_chat(tiny_
     assert alone_chat and alone_chat[0] < together[0], "the rollout was not parked first"
     rollout_steps = [i for i, p in enumerate(steps) if BACKGROUND in p and i >= together[0]]
     assert rollout_steps == list(range(together[0], together[0] + len(rollout_steps))), "parked again after release"
+
+
+def test_a_rollout_queued_behind_endless_chats_joins_after_the_bound(tiny_model_dir):
+    """Chats that never stop would keep a rollout that arrives meanwhile in the queue for
+    ever (it is never admitted while interactive work is present, so the parked-rows bound
+    never applies to it); after preempt_max_wait_seconds in the queue it joins beside the
+    chat, decodes to its end without being parked, with what it gets alone."""
+    rollout = Sampling(max_tokens=40, priority=BACKGROUND, **GREEDY)
+    endless = Sampling(max_tokens=5000, **GREEDY)
+
+    async def body(backend):
+        alone = (await collect(backend, RUNNING_PROMPT, rollout))[0]
+        chat = backend.generate(SHORT_PROMPT, endless, "endless", None)
+        await chat.__anext__()  # the chat decodes first
+        backend.steps.clear()
+        done = (await asyncio.wait_for(collect(backend, RUNNING_PROMPT, rollout), timeout=120))[0]
+        await chat.__anext__()  # the chat still decodes
+        await chat.aclose()
+        return alone, done, list(backend.steps)
+
+    alone, done, steps = with_backend(tiny_model_dir, body, cls=Recording, max_batch=8, preempt_max_wait_seconds=0.5)
+    assert_same(done, alone)
+    together = mixed(steps)
+    assert together, "the rollout never decoded beside the chat"
+    assert steps[0] == (INTERACTIVE,), "the rollout joined at once, not after the bound"
+    rollout_steps = [i for i, p in enumerate(steps) if BACKGROUND in p]
+    assert rollout_steps == list(range(together[0], together[0] + len(rollout_steps))), "parked after joining"
