@@ -78,21 +78,27 @@ def admit(
     chunked, so one longer than the budget joins alone in its step. An empty batch always
     takes the first job, whatever its size. With `below` (pre-emption: interactive work is
     present), only jobs of a priority lower than `below` join; background jobs wait, except
-    one queued `max_wait` seconds or more, which joins (marked `overdue`) so that a steady
-    stream of chats cannot starve it. Without that bound a rollout that arrives while people
-    chat would never start, however long it waited."""
+    one queued `max_wait` seconds or more: it is marked `overdue` and goes ahead of every job
+    that is not (aging), so it joins as soon as its rows fit and no chat queued after it
+    takes the slots first. Without that bound a rollout that arrives while people chat
+    without pause would never start, however long it waited; without the aging a group of n
+    samples would wait behind every newer chat for n free slots."""
     pending[:] = [j for j in pending if not j.cancelled]
     if batching == STATIC and running:
         return []
-    pending.sort(key=lambda j: j.sampling.priority)
+    now = time.perf_counter()
+    if below is not None and max_wait is not None:
+        for j in pending:
+            if j.sampling.priority >= below and now - j.queued_at >= max_wait:
+                j.overdue = True
+    # overdue jobs first, oldest first; then by priority, arrival order within one
+    pending.sort(key=lambda j: (-1, j.queued_at) if j.overdue else (j.sampling.priority, j.queued_at))
     joining: list[Job] = []
-    rows, tokens, now = running, 0, time.perf_counter()
+    rows, tokens = running, 0
     while pending:
         job = pending[0]
-        if below is not None and job.sampling.priority >= below:
-            if max_wait is None or now - job.queued_at < max_wait:
-                break  # the oldest background job is not due: neither is any behind it
-            job.overdue = True
+        if below is not None and job.sampling.priority >= below and not job.overdue:
+            break  # background work waits while chats are present
         first = not joining and not running
         if not first:
             if rows + job.sampling.n > max_batch:

@@ -132,13 +132,22 @@ def test_admission_priority_capacity_and_prefill_budget():
     assert admit(pending, running=0, max_batch=8, batching="continuous", prefill_token_budget=99, below=10) == [chat]
     assert admit(pending, running=0, max_batch=8, batching="continuous", prefill_token_budget=99, below=10) == []
     assert pending == [rollout]
-    # ... until the oldest background job has waited max_wait: then it joins, marked overdue
+    # ... until a background job has waited max_wait: then it is overdue and goes first, ahead
+    # of the chats queued after it (aging), and a fresh one still waits
     chat, fresh = job(priority=0), job(priority=10)
     rollout.queued_at -= 5.0
-    pending = [rollout, fresh, chat]  # arrival order: the older rollout first
-    kw = dict(running=0, max_batch=8, batching="continuous", prefill_token_budget=99, below=10, max_wait=4.0)
-    assert admit(pending, **kw) == [chat, rollout]
+    pending = [rollout, fresh, chat]
+    kw = dict(batching="continuous", prefill_token_budget=99, below=10, max_wait=4.0)
+    assert admit(pending, running=0, max_batch=8, **kw) == [rollout, chat]
     assert rollout.overdue and not fresh.overdue and pending == [fresh]
+    # an overdue group of 4 that does not fit holds back the chat behind it, so the slots
+    # the chats free go to it and not to newer chats
+    group, chat = job(n=4, priority=10), job(priority=0)
+    group.queued_at -= 5.0
+    pending = [group, chat]
+    assert admit(pending, running=6, max_batch=8, **kw) == []
+    assert admit(pending, running=4, max_batch=8, **kw) == [group]
+    assert pending == [chat]
 
 
 # --- joining a running batch -----------------------------------------------------------------
