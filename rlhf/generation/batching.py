@@ -39,7 +39,7 @@ class Job:
     stats: RequestStats | None = None  # queue time, tokens, waiting/running (rlhf.generation.metrics)
     adapter: int = 0  # the per-row adapter its rows run (rlhf/generation/adapters.py); 0: the merged weights
     queued_at: float = field(default_factory=time.perf_counter)  # when it was submitted (perf_counter)
-    overdue: bool = False  # joined past pre-emption after waiting `preempt_max_wait_seconds`: never parked
+    overdue: bool = False  # queued `preempt_max_wait_seconds` while chats ran: admitted first, its rows exempt
 
     def emit(self, item: Delta | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -56,7 +56,7 @@ class Row:
     held: Delta | None = None  # stream=False: the sample so far, handed over when it ends
     parked_s: float = 0.0  # pre-emption: seconds spent parked so far (the starvation bound counts them)
     parked_at: float | None = None  # when it was parked last (None: not parked now)
-    exempt: bool = False  # parked past `preempt_max_wait_seconds`: not parked again until it ends
+    exempt: bool = False  # parked or queued past `preempt_max_wait_seconds`: not parked (again) until it ends
 
 
 def admit(

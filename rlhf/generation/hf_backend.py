@@ -215,11 +215,7 @@ class TransformersBackend(Backend):
         Returns whether newcomers may join this step: not while due rows wait for room."""
         now = time.perf_counter()
         if interactive:
-            out = [
-                b
-                for b, r in enumerate(batch.rows)
-                if r.job.sampling.priority >= BACKGROUND and not (r.exempt or r.job.overdue)
-            ]
+            out = [b for b, r in enumerate(batch.rows) if r.job.sampling.priority >= BACKGROUND and not r.exempt]
             if out:
                 for b in out:
                     batch.rows[b].parked_at = now
@@ -310,7 +306,13 @@ class TransformersBackend(Backend):
                 logits_to_keep=1,
             ).logits[:, -1]  # (J, V)
         rows = [
-            Row(job, i, TextTracker(self.tokenizer, job.sampling.stop), _row_generator(job.sampling, i, dev))
+            Row(
+                job,
+                i,
+                TextTracker(self.tokenizer, job.sampling.stop),
+                _row_generator(job.sampling, i, dev),
+                exempt=job.overdue,  # it waited the bound in the queue: never parked
+            )
             for job in jobs
             for i in range(job.sampling.n)
         ]
