@@ -150,9 +150,14 @@ def query(prom: str, expr: str) -> list[dict]:
     return api(prom, "query", query=expr)["result"]
 
 
+def up_by_job(prom: str) -> dict[str, str]:
+    """`up` per scrape job, as Prometheus has it now: "1" scraped, "0" failed."""
+    return {r["metric"]["job"]: r["value"][1] for r in query(prom, "up")}
+
+
 def test_prometheus_scrapes_every_service(prometheus):
     def all_up():
-        result = {r["metric"]["job"]: r["value"][1] for r in query(prometheus, "up")}
+        result = up_by_job(prometheus)
         return all(result.get(job) == "1" for job in SERVICE_JOBS) and result
 
     result = wait_for(all_up, 90, "every job up == 1")
@@ -231,9 +236,6 @@ def test_alert_rules_load_and_evaluate_against_live_data(prometheus):
     }
     assert availability >= {"RlhfServiceDown", "RlhfServiceMissing", "RlhfServiceNotReady"}
 
-    def up_by_job() -> dict[str, str]:
-        return {r["metric"]["job"]: r["value"][1] for r in query(prometheus, "up")}
-
     def raised() -> list[str]:
         return [a["labels"]["alertname"] for a in api(prometheus, "alerts")["alerts"]]
 
@@ -244,7 +246,7 @@ def test_alert_rules_load_and_evaluate_against_live_data(prometheus):
         lambda: availability.isdisjoint(raised()),
         30,
         "no availability alert pending",
-        detail=lambda: f"raised {raised()}, up {up_by_job()}",
+        detail=lambda: f"raised {raised()}, up {up_by_job(prometheus)}",
     )
 
 
