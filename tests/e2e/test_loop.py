@@ -173,7 +173,13 @@ def test_feedback_to_new_version_in_chat_then_rollback(stack, tmp_path):
             return [v for v in versions if v.promoted]
 
         good = wait_for(lambda: len(promoted()) >= 2 and promoted(), 400, "two promoted policy versions", every=2)
-        status = learner.GetStatus(learner_pb2.GetStatusRequest(), timeout=30)
+        # the step's version is in the store a moment before GetStatus counts the step
+        status = wait_for(
+            lambda: (st := learner.GetStatus(learner_pb2.GetStatusRequest(), timeout=30)).step >= 2 and st,
+            60,
+            "the learner's status counting the steps of those versions",
+            every=1,
+        )
         assert status.step >= 2 and status.rollouts_trained >= 8
         assert "kl" in status.last_stats and "score_mean" in status.last_stats
         with EventConsumer(
