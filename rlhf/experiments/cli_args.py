@@ -84,6 +84,14 @@ def win_rate_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-minutes", type=float, default=30.0, help="... or after this long since the first feedback")
     p.add_argument("--every", type=float, default=180.0, help="seconds between eval rounds")
+    p.add_argument(
+        "--freeze",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="hold the users and pause the learner during each eval round, so it measures one version on "
+        "free cores; `minutes` then counts loop time only (wall_minutes beside it). --no-freeze: evals "
+        "share the machine with the running loop",
+    )
     p.add_argument("--prompts", default=None, help="held-out prompt file (.txt or .jsonl); default: the held-out split")
     p.add_argument("--n", type=int, default=None, help="first N held-out prompts only (default: all)")
     p.add_argument("--samples", type=int, default=2, help="answers per held-out prompt on each side")

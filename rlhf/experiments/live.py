@@ -8,6 +8,9 @@ much feedback and time does it take? Against a running `rlhf up` stack:
   3. an eval round every `--every` seconds, each row recording the minutes since the first
      feedback and the feedback events accepted so far, until the served policy's win-rate
      reaches `--target` with KL to the reference within `--kl-budget`, or `--max-minutes`.
+     During a round the loop stands still (`--freeze`, the default; LoopFreeze): the users
+     hold and the learner pauses, so the round measures one version on cores of its own,
+     and `minutes` counts the loop's time only (`wall_minutes` includes the rounds).
 
 With `--objective NAME` (ppo, grpo, rloo, online_dpo, best_of_n; `--distill best_of_n` beside
 ppo/grpo/rloo) the experiment starts its own fresh `rlhf up` in <run-dir>/state with that
@@ -44,6 +47,7 @@ from rlhf.prompts import load_prompt_texts
 
 COLUMNS = (
     "minutes",
+    "wall_minutes",
     "feedback",
     "policy_version",
     "win_rate",
@@ -81,6 +85,63 @@ def learner_status(ep: Endpoints) -> dict:
         "kl_coef": st.kl_coef,
         "rollouts_trained": st.rollouts_trained,
     }
+
+
+PAUSE_TIMEOUT_S = 900  # Pause returns once the PPO step in flight has ended: minutes for 135M on 2 cores
+
+
+class LoopFreeze:
+    """Holds the loop still while an eval round measures the served version: the simulated
+    users start no new chat (`hold`) and the learner pauses after the step in flight (its
+    Pause RPC, with the control token), so no version is promoted mid-round and the round
+    has the cores to itself; `thaw` resumes both. A learner an operator had paused is left
+    paused. The rollout worker may still finish the rollouts its budget allows, and the
+    reward model trains on feedback already sent. Failures are loud: a learner that cannot
+    be paused raises, naming what to fix."""
+
+    def __init__(self, ep: Endpoints, state_dir: Path):
+        from rlhf.serving.auth import control_token_from
+
+        self.address = ep.learner
+        self.token = control_token_from(state_dir)
+        self.hold = threading.Event()
+        self._paused_by_us = False
+
+    def _call(self, name: str, timeout: float):
+        import grpc
+
+        from rlhf.serving.client import sync_channel
+        from rlhf.v1 import learner_pb2, learner_pb2_grpc
+
+        request = {"Pause": learner_pb2.PauseRequest, "Resume": learner_pb2.ResumeRequest}[name]()
+        with sync_channel(self.address, control_token=self.token) as ch:
+            stub = learner_pb2_grpc.LearnerServiceStub(ch)
+            try:
+                if stub.GetStatus(learner_pb2.GetStatusRequest(), timeout=30).paused and name == "Pause":
+                    return False  # an operator's pause: theirs to lift
+                getattr(stub, name)(request, timeout=timeout)
+            except grpc.RpcError as e:
+                raise RuntimeError(
+                    f"{name} of the learner at {self.address} failed ({e.code().name}: {e.details()}); "
+                    "the eval freeze needs the control token (RLHF_CONTROL_TOKEN or <state-dir>/control.token), "
+                    "or pass --no-freeze"
+                ) from e
+        return True
+
+    def freeze(self) -> float:
+        """Users held, learner paused; returns the seconds the pause took (the step in flight)."""
+        t0 = time.monotonic()
+        self.hold.set()
+        self._paused_by_us = self._call("Pause", PAUSE_TIMEOUT_S)
+        return time.monotonic() - t0
+
+    def thaw(self) -> None:
+        try:
+            if self._paused_by_us:
+                self._call("Resume", 60)
+                self._paused_by_us = False
+        finally:
+            self.hold.clear()
 
 
 STACK_START_TIMEOUT_S = 900  # the 135M stack on 2 cores takes ~1.5 min; a first model download longer
@@ -182,6 +243,13 @@ def report(rows: list[dict], summary: dict) -> str:
             f"Oracle `{summary['oracle']}`; {summary['n_prompts']} held-out prompts × {summary['samples']} answers per "
             f"side; {verdict}.",
             "",
+            (
+                f"Minutes are the loop's own: it stood still during the eval rounds ({summary['wall_minutes']:.1f} "
+                "min wall-clock to the last row)."
+                if summary["freeze"]
+                else "Minutes are wall-clock; the eval rounds shared the machine with the running loop."
+            ),
+            "",
             table(rows, COLUMNS, markdown=True),
             "",
             "![eval](eval.png)",
@@ -226,6 +294,7 @@ def run(args, profile: str | None = None) -> int:
     """The experiment against the stack in args.state_dir; `profile`: the `rlhf up --profile`
     of a stack main() started (recorded in config.json), None for one started elsewhere."""
     from rlhf.models import rlhf_home
+    from rlhf.serving.settings import default_state_dir
 
     try:
         oracle = load_oracle(args.oracle)
@@ -247,16 +316,34 @@ def run(args, profile: str | None = None) -> int:
         f"target {args.target} within KL {args.kl_budget}, run folder {run.root}"
     )
 
+    freeze = LoopFreeze(ep, Path(args.state_dir) if args.state_dir else default_state_dir())
+    frozen_s = 0.0  # seconds the loop stood still for eval rounds: not counted in `minutes`
+
     def eval_row(started: float | None, stats: SimStats) -> dict:
-        row = evaluate_round(
-            ep, oracle, prompts, args.samples, args.max_tokens, run, args.seed, None, say, args.concurrency
-        )
-        row.update(
-            oracle_name=args.oracle,
-            feedback=stats.accepted,
-            minutes=0.0 if started is None else (time.monotonic() - started) / 60,
-            **learner_status(ep),
-        )
+        nonlocal frozen_s
+        frozen = started is not None and args.freeze
+        if frozen:
+            say("[win-rate] freezing the loop for the eval round (users held, learner paused after its step)")
+            freeze.freeze()  # the step in flight ends first: loop time
+        t0 = time.monotonic()
+        loop_minutes = 0.0 if started is None else (t0 - started - frozen_s) / 60
+        try:
+            row = evaluate_round(
+                ep, oracle, prompts, args.samples, args.max_tokens, run, args.seed, None, say, args.concurrency
+            )
+            row.update(
+                oracle_name=args.oracle,
+                feedback=stats.accepted,
+                minutes=loop_minutes,
+                wall_minutes=0.0 if started is None else (t0 - started) / 60,
+                eval_seconds=time.monotonic() - t0,
+                frozen=frozen,
+                **learner_status(ep),
+            )
+        finally:
+            if frozen:
+                freeze.thaw()
+                frozen_s += time.monotonic() - t0
         run.append("eval", row)
         plot_eval(run, args.target)
         say(
@@ -291,6 +378,7 @@ def run(args, profile: str | None = None) -> int:
                 progress_every=30,
                 stats=stats,
                 stop=stop,
+                hold=freeze.hold,
             )
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
             failure.append(e)
@@ -323,6 +411,8 @@ def run(args, profile: str | None = None) -> int:
         "target": args.target,
         "kl_budget": args.kl_budget,
         "minutes": last["minutes"],
+        "wall_minutes": last["wall_minutes"],
+        "freeze": bool(args.freeze),
         "feedback_events": last["feedback"],
         "chats": stats.chats,
         "policy_version": last["policy_version"],

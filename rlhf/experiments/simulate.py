@@ -119,9 +119,11 @@ def simulate(
     progress_every: float = 5.0,
     stats: SimStats | None = None,
     stop: threading.Event | None = None,
+    hold: threading.Event | None = None,
 ) -> SimStats:
     """Run simulated users until `feedback` events were accepted (or `stop` is set); returns
-    the counts. Pass `stats` to watch them from another thread while it runs."""
+    the counts. Pass `stats` to watch them from another thread while it runs. While `hold`
+    is set no new chat starts (those in flight finish): the users pause."""
     if mode not in ("pairwise", "thumbs", "mixed"):
         raise ValueError(f"mode must be pairwise, thumbs or mixed, got {mode!r}")
     prompts = prompts or load_prompt_texts("train")
@@ -153,6 +155,7 @@ def simulate(
                 len(inflight) < concurrency
                 and stats.accepted + len(inflight) < feedback
                 and not (stop is not None and stop.is_set())
+                and not (hold is not None and hold.is_set())
             ):
                 inflight.add(pool.submit(task, i))
                 i += 1

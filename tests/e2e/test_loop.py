@@ -302,6 +302,14 @@ def _drift_gate_checks(stack, learner) -> None:
     assert len(rows) == summary["eval_rounds"] >= 2 and rows[0]["feedback"] == 0 and rows[-1]["feedback"] == 4
     assert [r["minutes"] for r in rows] == sorted(r["minutes"] for r in rows) and rows[-1]["minutes"] >= 0.3
     assert all(r["policy_version"] == 0 and r["n_prompts"] == 2 for r in rows)
+    # each round after the baseline froze the loop (users held, learner paused), then thawed it
+    assert (
+        not rows[0]["frozen"]
+        and all(r["frozen"] for r in rows[1:])
+        and "stood still" in exp.stdout + (run / "report.md").read_text()
+    )
+    assert all(r["wall_minutes"] >= r["minutes"] for r in rows)
+    assert not learner.GetStatus(learner_pb2.GetStatusRequest(), timeout=30).paused
     assert (run / "eval.png").stat().st_size > 0 and "did not reach" in (run / "report.md").read_text()
 
     def refused():
