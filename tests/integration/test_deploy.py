@@ -25,6 +25,10 @@ BIN = Path(sys.executable).parent
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ["cpu-demo", "gpu"]
 GRPC_PORTS = {"generator": 50051, "reward": 50052, "reference": 50053, "learner": 50054, "rollout": 50055}
+# the second workload of the reward service: scorer-only replicas (RLHF_REWARD_ROLE=scorer)
+# beside the trainer, in Kubernetes and in compose alike
+SCORER = "reward-scorer"
+REWARD_STORE = "/var/lib/rlhf/weights/reward"
 SETTINGS = {
     "generator": "GeneratorSettings",
     "reward": "RewardSettings",
@@ -138,6 +142,7 @@ def test_compose_named_volumes_for_weights_checkpoints_outbox(compose):
     assert mounts["learner"]["weights"] == "/var/lib/rlhf/weights"
     assert mounts["learner"]["learner-checkpoints"] == "/var/lib/rlhf"
     assert mounts["reward"]["reward-checkpoints"] == "/var/lib/rlhf"
+    assert mounts["reward"]["weights"] == mounts[SCORER]["weights"] == "/var/lib/rlhf/weights"
     assert mounts["gateway"]["gateway-outbox"] == "/var/lib/rlhf"
     generator = next(m for n, m in mounts.items() if n.startswith("generator"))
     assert generator["weights"] == "/var/lib/rlhf/weights"
@@ -219,7 +224,8 @@ def test_strict_validation_catches_a_misspelt_field():
 def test_every_service_runs_with_native_probes_and_a_drain_window(manifests):
     _, docs = manifests
     workloads = rlhf_workloads(docs)
-    assert sorted(s for s, _, _ in workloads.values()) == sorted(SERVICES)
+    assert sorted(s for n, (s, _, _) in workloads.items() if n != SCORER) == sorted(SERVICES)
+    assert workloads[SCORER][0] == "reward"
     config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("rlhf-config"))[
         "data"
     ]
@@ -259,7 +265,7 @@ def test_state_lives_in_statefulsets_and_claims(manifests):
         mounts = {m["name"]: m["mountPath"] for m in workloads[service][2]["volumeMounts"]}
         assert mounts[claim] == "/var/lib/rlhf", service
     assert "weights" in by_kind(docs, "PersistentVolumeClaim")
-    for service in ("learner", "generator"):
+    for service in ("learner", "generator", "reward", SCORER):
         w = workloads[service][1]
         claims = {
             v["name"]: v["persistentVolumeClaim"]["claimName"]
@@ -283,7 +289,7 @@ def test_selectors_match_pods(manifests):
         for port in svc["spec"]["ports"]:
             assert port["targetPort"] in ports, (name, port)
     pdbs = by_kind(docs, "PodDisruptionBudget")
-    assert {"generator", "reference"} <= set(pdbs)
+    assert {"generator", "reference", SCORER} <= set(pdbs)
     for name, pdb in pdbs.items():
         assert matches(pdb["spec"]["selector"]["matchLabels"]), f"PDB {name} selects no pod"
 
@@ -466,14 +472,17 @@ def test_learner_ranks_overlay_runs_torchrun_with_a_gpu_per_rank():
     assert rlhf_workloads(docs).keys() == rlhf_workloads(render("gpu")).keys() - {"learner"}
 
 
-def test_clients_spread_over_every_generator_and_reference_pod(manifests):
-    """The gateway and the rollout worker reach the generators and reference servers through
+def test_clients_spread_over_every_generator_reference_and_reward_pod(manifests):
+    """The gateway and the rollout worker reach the generators, reference and reward servers through
     dns:/// addresses of headless Services (round_robin over every ready pod,
     rlhf/serving/client.py), not a ClusterIP that pins each connection to one pod."""
     _, docs = manifests
     services = by_kind(docs, "Service")
     workloads = rlhf_workloads(docs)
-    wanted = {"gateway": ["RLHF_GENERATOR_ADDR"], "rollout": ["RLHF_GENERATOR_ADDR", "RLHF_REFERENCE_ADDR"]}
+    wanted = {
+        "gateway": ["RLHF_GENERATOR_ADDR", "RLHF_REWARD_ADDR"],
+        "rollout": ["RLHF_GENERATOR_ADDR", "RLHF_REFERENCE_ADDR", "RLHF_REWARD_ADDR"],
+    }
     for service, variables in wanted.items():
         env = {e["name"]: e.get("value") for e in workloads[service][2]["env"]}
         for var in variables:
@@ -484,3 +493,90 @@ def test_clients_spread_over_every_generator_and_reference_pod(manifests):
             assert svc["spec"]["clusterIP"] == "None", host
             assert not svc["spec"].get("publishNotReadyAddresses"), host  # only ready pods get calls
             assert int(port) in {p["port"] for p in svc["spec"]["ports"]}, target
+
+
+def container_env(c: dict) -> dict[str, str | None]:
+    return {e["name"]: e.get("value") for e in c.get("env", [])}
+
+
+def test_reward_pods_are_the_trainer_and_the_scorers(manifests):
+    """Score is served by the reward trainer (StatefulSet reward) and by scorer replicas
+    (Deployment reward-scorer, RLHF_REWARD_ROLE=scorer): the headless Service reward-pods
+    selects exactly those pods, the rollout worker and the gateway dial it, and both roles
+    point RLHF_REWARD_STORE at the same folder of the shared weights claim, the scorers
+    read-only. The ClusterIP Service and the metrics Service of each stay with their own pods."""
+    _, docs = manifests
+    services = by_kind(docs, "Service")
+    workloads = rlhf_workloads(docs)
+    pods = {name: w["spec"]["template"] for name, w in by_kind(docs, "Deployment", "StatefulSet").items()}
+
+    def selected(service: str) -> set[str]:
+        selector = services[service]["spec"]["selector"]
+        return {name for name, p in pods.items() if selector.items() <= p["metadata"]["labels"].items()}
+
+    pool = services["reward-pods"]["spec"]
+    assert pool["clusterIP"] == "None" and not pool.get("publishNotReadyAddresses")
+    assert [p["port"] for p in pool["ports"]] == [GRPC_PORTS["reward"]]
+    assert selected("reward-pods") == {"reward", SCORER}
+    assert selected("reward") == selected("reward-metrics") == {"reward"}
+    assert selected(f"{SCORER}-metrics") == {SCORER}
+    for client in ("rollout", "gateway"):
+        assert container_env(workloads[client][2])["RLHF_REWARD_ADDR"] == "dns:///reward-pods:50052", client
+
+    trainer, scorer = workloads["reward"], workloads[SCORER]
+    assert trainer[1]["kind"] == "StatefulSet" and trainer[1]["spec"]["replicas"] == 1
+    assert scorer[1]["kind"] == "Deployment" and scorer[1]["spec"]["replicas"] >= 1
+    assert scorer[2]["args"] == ["serve", "reward"]
+    assert container_env(scorer[2])["RLHF_REWARD_ROLE"] == "scorer"
+    assert container_env(trainer[2]).get("RLHF_REWARD_ROLE", "trainer") == "trainer"
+    for name, (_, w, c) in (("reward", trainer), (SCORER, scorer)):
+        assert container_env(c)["RLHF_REWARD_STORE"] == REWARD_STORE, name
+        assert container_env(c)["RLHF_PORT"] == str(GRPC_PORTS["reward"]), name
+        volumes = {v["name"]: v for v in w["spec"]["template"]["spec"]["volumes"]}
+        # the innermost mount holds the store (the trainer's checkpoints are at /var/lib/rlhf)
+        mount = max(
+            (m for m in c["volumeMounts"] if REWARD_STORE.startswith(m["mountPath"] + "/")),
+            key=lambda m: len(m["mountPath"]),
+        )
+        assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] == "weights", name
+        assert mount.get("readOnly", False) is (name == SCORER), name
+    # stateless apart from the store: no claim of its own, nothing else written but emptyDirs
+    assert "volumeClaimTemplates" not in scorer[1]["spec"]
+    scorer_volumes = {v["name"]: v for v in scorer[1]["spec"]["template"]["spec"]["volumes"]}
+    for m in scorer[2]["volumeMounts"]:
+        assert m.get("readOnly") or "emptyDir" in scorer_volumes[m["name"]], m
+    scrape = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus-k8s.yml").read_text())
+    names = {
+        j["job_name"]: [n for sd in j.get("dns_sd_configs", []) for n in sd["names"]] for j in scrape["scrape_configs"]
+    }
+    assert names[SCORER] == [f"{SCORER}-metrics.rlhf.svc.cluster.local"]
+
+
+def test_compose_reward_pool_is_the_trainer_and_the_scorers(compose):
+    """compose: the trainer (reward) and the scorers (reward-scorer, 0 replicas unless
+    `--scale reward-scorer=N`) share the network alias reward-pool, which the rollout worker
+    and the gateway dial as dns:///reward-pool (every container with the alias); both roles
+    use one RLHF_REWARD_STORE on the weights volume, the scorers read-only."""
+    _, cfg = compose
+    services = cfg["services"]
+    with_alias = {
+        name
+        for name, svc in services.items()
+        if "reward-pool" in (((svc.get("networks") or {}).get("default") or {}).get("aliases") or [])
+    }
+    assert with_alias == {"reward", SCORER}
+    for client in ("rollout", "gateway"):
+        assert services[client]["environment"]["RLHF_REWARD_ADDR"] == "dns:///reward-pool:50052", client
+    trainer, scorer = services["reward"], services[SCORER]
+    assert scorer["command"] == ["serve", "reward"]
+    assert scorer["environment"]["RLHF_REWARD_ROLE"] == "scorer"
+    assert trainer["environment"].get("RLHF_REWARD_ROLE", "trainer") == "trainer"
+    assert scorer["deploy"]["replicas"] == 0  # none unless scaled
+    assert scorer["depends_on"]["reward"]["condition"] == "service_healthy"
+    for name, svc in (("reward", trainer), (SCORER, scorer)):
+        assert svc["environment"]["RLHF_REWARD_STORE"] == REWARD_STORE, name
+        assert svc["environment"]["RLHF_PORT"] == str(GRPC_PORTS["reward"]), name
+        weights = next(v for v in svc["volumes"] if v["type"] == "volume" and v["source"] == "weights")
+        assert REWARD_STORE.startswith(weights["target"] + "/"), name
+        assert bool(weights.get("read_only")) is (name == SCORER), name
+    assert [v["source"] for v in scorer["volumes"]] == ["weights"]  # stateless apart from the store
