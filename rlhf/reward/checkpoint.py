@@ -29,9 +29,17 @@ from rlhf.weightstore import VersionRecord, WeightStore
 
 
 class RewardCheckpoints:
-    def __init__(self, root: str | os.PathLike, keep_versions: int = 5, keep_states: int = 2):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        keep_versions: int = 5,
+        keep_states: int = 2,
+        versions: str | os.PathLike | None = None,
+    ):
+        """`versions`: where the versions live when not <root>/versions (a volume that
+        scorer replicas mount too)."""
         self.root = Path(root)
-        self.store = WeightStore(self.root / "versions")
+        self.store = WeightStore(Path(versions) if versions is not None else self.root / "versions")
         self.states = self.root / "trainer"
         self.keep_versions = keep_versions
         self.keep_states = keep_states
@@ -56,10 +64,21 @@ class RewardCheckpoints:
         return final
 
     def latest_state(self) -> dict[str, Any] | None:
-        """The newest trainer state whose weights version exists, or None (fresh start)."""
-        for path in sorted(self.states.glob("state-*.pt"), reverse=True):
+        """The newest trainer state whose weights version exists, or None (fresh start).
+        States that all name versions the store does not hold mean the store moved or was
+        lost (pruning keeps every version a kept state names): that is refused, naming both
+        folders, rather than silently starting the RM from scratch."""
+        states = sorted(self.states.glob("state-*.pt"), reverse=True)
+        for path in states:
             if (self.store.folder(_version_of(path)) / "manifest.json").exists():
                 return torch.load(path, map_location="cpu", weights_only=True)
+        if states:
+            named = sorted({_version_of(p) for p in states})
+            raise FileNotFoundError(
+                f"the reward trainer states in {self.states} name RM versions {named}, which the store "
+                f"{self.store.root} does not hold: was RLHF_REWARD_STORE changed? Point it back, or copy the "
+                "version folders there"
+            )
         return None
 
     def load_weights(self, version: int) -> tuple[VersionRecord, dict[str, torch.Tensor]]:

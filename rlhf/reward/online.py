@@ -33,7 +33,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
@@ -54,12 +54,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ServingSnapshot:
-    """One RM version as Score serves it: weights, the normaliser of that version, its number."""
+    """One RM version as Score serves it: weights, the normaliser of that version, its number;
+    `info`: the version's manifest meta (online accuracy, pairs seen), which a scorer
+    replica reports in GetInfo (the trainer reports its live numbers)."""
 
     model: RewardModel
     normalizer: ScoreNormalizer
     version: int
     train_step: int
+    info: dict[str, Any] = field(default_factory=dict)
 
     def score(
         self, prompts: list[Messages], responses: list[str], batch_size: int = 64

@@ -3,7 +3,8 @@ ListRaters / ReleaseRater on rater reliability (ReleaseRater needs the control t
 in rlhf.serving.auth.CONTROL_METHODS).
 
 The online loop (rlhf.reward.online) trains and hands each new version over through
-`swap` (on_swap); concurrent Score calls share one forward pass (rlhf.serving.batcher), and
+`swap` (on_swap) — or, on a scorer replica, the follower (rlhf.reward.follower) that loads
+the trainer's versions; concurrent Score calls share one forward pass (rlhf.serving.batcher), and
 a batch is scored by one version whole. Refusals are rlhf.errors exceptions, answered with
 their status code by the server (rlhf/serving/server.py): Unavailable until the first
 version is loaded or while shutting down, InvalidArgument naming the field and the limit.
@@ -32,11 +33,13 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         max_response_chars: int,
         score_batch_size: int,
         max_wait_ms: float,
+        role: str = "trainer",
     ):
         """Limits as the reward service's settings name them (RLHF_REWARD_MAX_ITEMS, ..._PROMPT_CHARS,
         ..._RESPONSE_CHARS); `score_batch_size` items per forward pass, `max_wait_ms` a lone
         call's wait for company."""
         self.backbone = backbone
+        self.role = role  # "scorer": Score and GetInfo only (rlhf/reward/follower.py)
         self.max_items, self.max_prompt_chars, self.max_response_chars = max_items, max_prompt_chars, max_response_chars
         self.score_batch_size = score_batch_size
         self.snapshot: Any = None  # rlhf.reward.online.ServingSnapshot, replaced whole on each version
@@ -85,6 +88,16 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         )
 
     async def GetInfo(self, request: reward_pb2.RewardInfoRequest, context):
+        if self.snapshot is not None and self.role == "scorer":  # the numbers the served version was written with
+            info = self.snapshot.info
+            return reward_pb2.RewardInfo(
+                rm_version=self.snapshot.version,
+                train_step=self.snapshot.train_step,
+                online_accuracy=float(info.get("online_accuracy", 0.0)),
+                pairs_seen=int(info.get("pairs_seen", 0)),
+                examples_seen=int(info.get("examples_seen", 0)),
+                backbone=self.backbone,
+            )
         if self.snapshot is None or self.loop is None or self.loop.trainer is None:
             raise Unavailable("reward model is still loading")
         tr = self.loop.trainer
@@ -97,7 +110,15 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             backbone=self.backbone,
         )
 
+    def _trainer_only(self, what: str) -> None:
+        if self.role == "scorer":
+            raise FailedPrecondition(
+                f"{what}: this reward replica is a scorer (RLHF_REWARD_ROLE=scorer) and keeps no rater state; "
+                "ask the reward trainer (the `reward` service)"
+            )
+
     async def ListRaters(self, request: reward_pb2.ListRatersRequest, context):
+        self._trainer_only("ListRaters")
         if self.loop is None or self.loop.trainer is None:
             raise Unavailable("reward model is still loading")
         trainer = self.loop.trainer
@@ -122,6 +143,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         return reward_pb2.ListRatersResponse(raters=rows, quarantined=sum(r.quarantined for r in rows))
 
     async def ReleaseRater(self, request: reward_pb2.ReleaseRaterRequest, context):
+        self._trainer_only("ReleaseRater")
         rater = request.rater_id.strip()
         if not rater:
             raise InvalidArgument("rater_id: required (as the feedback carries it, e.g. header:alice)")

@@ -3,6 +3,9 @@ with a reward_ prefix (RLHF_REWARD_<NAME> or --reward-<name>; `rlhf config` list
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Literal
+
 from pydantic import Field
 
 from rlhf.reward.config import LoopConfig, TrainerConfig
@@ -26,6 +29,26 @@ class _RewardSettingsBase(PolicyModelSettings, GrpcServiceSettings):
     reward_group_id: str = Field("reward", description="Kafka consumer group of the feedback consumer")
     reward_device: str = Field("auto", description='"auto" (cuda if present), "cpu" or "cuda[:n]"')
     reward_torch_threads: int = Field(0, description="torch intra-op threads; 0 keeps torch's default (all cores)")
+    reward_role: Literal["trainer", "scorer"] = Field(
+        "trainer",
+        description='"trainer": trains the RM from rlhf.feedback, writes its versions and serves Score (one per '
+        'state dir, fenced); "scorer": serves Score only, with the newest version in reward_store, loaded at start '
+        "and on each rlhf.reward-updates announcement (any number of replicas; docs/deployment.md)",
+    )
+    reward_store: Path | None = Field(
+        None,
+        description="folder of RM versions: the trainer writes them, scorers load them (a volume both mount); "
+        "default <state_dir>/reward/versions",
+    )
+    reward_follow_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="role scorer: also look for a newer version in reward_store this often (an announcement "
+        "that did not go out is caught this way)",
+    )
+
+    def reward_store_path(self) -> Path:
+        return self.reward_store or self.state_dir / "reward" / "versions"  # type: ignore[attr-defined]
 
 
 PREFIX = "reward_"

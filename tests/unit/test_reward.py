@@ -297,3 +297,15 @@ def test_policy_backbone_reads_the_last_response_token(tiny_model_dir):
     trainer = OnlineRewardTrainer(model, TrainerConfig(lr=1e-3, train_batch_size=2))
     (s,) = list(trainer.train([Example(PAIR, prompts[0], chosen="good please", rejected="bad")]))
     assert math.isfinite(s["loss"])
+
+
+def test_a_store_moved_away_from_its_states_is_refused_naming_both(tmp_path):
+    """States whose versions are all missing mean RLHF_REWARD_STORE moved: not a fresh start."""
+    t = {"w": torch.zeros(2)}
+    ckpt = RewardCheckpoints(tmp_path / "reward", versions=tmp_path / "shared" / "reward")
+    ckpt.save_state(1, ckpt.publish(t, parent=0, base_model="x", meta={}).version, {})
+    assert ckpt.latest_state()["version"] == 1 and (tmp_path / "shared" / "reward" / "v000001").is_dir()
+    moved = RewardCheckpoints(tmp_path / "reward")  # back to the default <root>/versions: empty
+    with pytest.raises(FileNotFoundError, match=r"name RM versions \[1\].*RLHF_REWARD_STORE"):
+        moved.latest_state()
+    assert RewardCheckpoints(tmp_path / "elsewhere").latest_state() is None  # no states: a fresh start
