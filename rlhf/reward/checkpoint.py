@@ -81,6 +81,25 @@ class RewardCheckpoints:
             )
         return None
 
+    def adopt(self, old: str | os.PathLike) -> list[int]:
+        """Copy the versions of a previous store folder `old` (the default <root>/versions,
+        before RLHF_REWARD_STORE pointed elsewhere) into this store, when this one holds
+        none: an upgrade keeps its trained RM. The weights first, the manifest last, so an
+        interrupted copy reads as absent and is copied again on the next start."""
+        old = Path(old)
+        if old.resolve() == self.store.root.resolve() or self.store.versions():
+            return []
+        copied = []
+        for record in WeightStore(old).versions():
+            dest = self.store.folder(record.version)
+            shutil.rmtree(dest, ignore_errors=True)  # a copy cut short last time
+            dest.mkdir(parents=True)
+            src = Path(record.path)
+            for f in sorted(src.iterdir(), key=lambda f: f.name == "manifest.json"):
+                shutil.copy2(f, dest / f.name)
+            copied.append(record.version)
+        return copied
+
     def load_weights(self, version: int) -> tuple[VersionRecord, dict[str, torch.Tensor]]:
         return self.store.load(version)
 

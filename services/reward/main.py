@@ -99,14 +99,21 @@ class RewardService(Service):
                 client_id="reward-feedback",
             )
 
+        checkpoints = RewardCheckpoints(
+            s.state_dir / "reward", keep_versions=s.reward_keep_versions, versions=s.reward_store_path()
+        )
+        adopted = checkpoints.adopt(s.state_dir / "reward" / "versions")
+        if adopted:
+            log.warning(
+                "reward versions copied into the reward store (RLHF_REWARD_STORE now points there)",
+                extra={"versions": adopted, "store": str(checkpoints.store.root)},
+            )
         self.loop = OnlineRewardLoop(
             make_trainer=lambda: OnlineRewardTrainer(base.clone(), cfg, reliability),
             make_consumer=make_consumer,
             producer=self._producer,
             updates_topic=topics.reward_updates,
-            checkpoints=RewardCheckpoints(
-                s.state_dir / "reward", keep_versions=s.reward_keep_versions, versions=s.reward_store_path()
-            ),
+            checkpoints=checkpoints,
             backbone=spec,
             cfg=config_from(s, LoopConfig, PREFIX),
             on_swap=self.servicer.swap,

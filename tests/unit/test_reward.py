@@ -309,3 +309,8 @@ def test_a_store_moved_away_from_its_states_is_refused_naming_both(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"name RM versions \[1\].*RLHF_REWARD_STORE"):
         moved.latest_state()
     assert RewardCheckpoints(tmp_path / "elsewhere").latest_state() is None  # no states: a fresh start
+    # the upgrade path: the trainer copies the old store's versions into an empty new one
+    target = RewardCheckpoints(tmp_path / "reward", versions=tmp_path / "new")
+    assert target.adopt(tmp_path / "shared" / "reward") == [1]
+    assert target.adopt(tmp_path / "shared" / "reward") == []  # once: the new store holds versions now
+    assert target.latest_state()["version"] == 1 and target.load_weights(1)[1]["w"].shape == (2,)
