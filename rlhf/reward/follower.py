@@ -73,8 +73,8 @@ class RewardFollower:
 
     def start(self) -> None:
         """Serve the store's newest version (or version 0), then assign the announcements."""
-        latest = self.store.latest()
-        if latest is None or not self._load(latest.version, "", "start"):
+        latest = self._latest()
+        if latest is None or not self._load(latest, "", "start"):
             self._swap(self.base.clone().eval(), self.normalizer(), 0, {})
             log.info(
                 "reward scorer serving version 0 (the store holds no version yet)",

@@ -1,6 +1,7 @@
 """The learner as 2 torchrun-launched gloo ranks, through the real broker: it trains and
 publishes versions, and SIGKILL of rank 1 mid-training, again and again, still trains every
-rollout exactly once (the check of test_learner_crash.py).
+rollout exactly once (the check of test_learner_crash.py); the same state then resumes as
+one process and as 2 ranks again (a different world size), training only what is new.
 
     torchrun --standalone --nproc-per-node 2 -m services.learner
 """
@@ -71,13 +72,13 @@ def _processes():
         yield int(entry.name), {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
 
 
-def produce_rollouts(broker, topics, tiny_model_dir, batches: int) -> list:
+def produce_rollouts(broker, topics, tiny_model_dir, batches: int, first_seed: int = 0) -> list:
     tok = load_tokenizer(tiny_model_dir)
     lm = load_causal_lm(tiny_model_dir)
     prompts = [chat_prompt_ids(tok, [{"role": "user", "content": f"Question {i}?"}]) for i in range(BATCH)]
     reward = TokenSetReward(len(tok))
     produced = []
-    for b in range(batches):
+    for b in range(first_seed, first_seed + batches):
         produced += sample_rollouts(
             lm, lm, prompts, reward, policy_version=0, max_new_tokens=6, pad_id=tok.pad_token_id,
             eos_id=tok.eos_token_id, seed=b,
@@ -149,3 +150,30 @@ def test_two_ranks_train_through_the_broker_and_a_killed_rank_1_trains_nothing_t
     assert stored == list(range(BATCHES + 1)), stored  # v0 and one per step, gated and announced by rank 0
     assert "restored checkpoint" in log.read_text(errors="replace")
     assert "following rank 0" in log.read_text(errors="replace")
+
+    # 4. the checkpoint does not depend on the world size: the 2-rank run resumes as one
+    #    process, and that one's checkpoint as 2 ranks again, each training only what is new
+    step = BATCHES
+    for extra_seed, ranks in ((BATCHES, 1), (BATCHES + 2, 2)):
+        produced += produce_rollouts(broker, topics, tiny_model_dir, 2, first_seed=extra_seed)
+        cls = Torchrun if ranks == 2 else ServiceProcess
+        run = cls("learner", env, log, port, 0).start()
+        try:
+            run.wait_serving(240)
+            stub = learner_pb2_grpc.LearnerServiceStub(sync_channel(run.address))
+            deadline = time.monotonic() + 300
+            while stub.GetStatus(learner_pb2.GetStatusRequest()).rollouts_trained < len(produced):
+                assert time.monotonic() < deadline, run.log()
+                time.sleep(0.2)
+            status = stub.GetStatus(learner_pb2.GetStatusRequest())
+            assert status.step == step + 2, (ranks, status.step)  # resumed at `step`, not from scratch
+            step = status.step
+            run.proc.send_signal(signal.SIGTERM)
+            run.proc.wait(120)
+        finally:
+            if run.proc.poll() is None:
+                run.kill_all() if ranks == 2 else run.stop(signal.SIGKILL)
+    entries = ledger_entries(state_dir)
+    trained = [event_id for e in entries for event_id in e["trained"]]
+    assert len(trained) == len(set(trained)) and set(trained) == {r.event_id for r in produced}
+    assert [e["step"] for e in entries] == list(range(1, BATCHES + 5))
