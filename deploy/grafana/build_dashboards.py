@@ -575,7 +575,7 @@ SERVING = Dashboard(
         Panel(
             "Scrape up",
             [
-                ('up{job=~"generator|reward|reference|learner|rollout|gateway"}', "{{job}}"),
+                ('up{job!="prometheus"}', "{{job}}"),
             ],
             kind="stat",
             width=12,
@@ -632,7 +632,7 @@ SERVING = Dashboard(
             "CPU",
             [
                 (
-                    f'rate(process_cpu_seconds_total{{job=~"generator|reward|reference|learner|rollout|gateway"}}[{RI}])',
+                    f'rate(process_cpu_seconds_total{{job!="prometheus"}}[{RI}])',
                     "{{job}}",
                 ),
             ],
@@ -642,7 +642,7 @@ SERVING = Dashboard(
         Panel(
             "Resident memory",
             [
-                ('process_resident_memory_bytes{job=~"generator|reward|reference|learner|rollout|gateway"}', "{{job}}"),
+                ('process_resident_memory_bytes{job!="prometheus"}', "{{job}}"),
             ],
             unit="bytes",
             width=12,
