@@ -88,6 +88,26 @@ def produce_rollouts(broker, topics, tiny_model_dir, batches: int, first_seed: i
     return produced
 
 
+def train_all(run: ServiceProcess, rollouts: int):
+    """Start the learner `run`, wait until it has trained `rollouts` in all, SIGTERM it;
+    (run, its last status). Whatever is left of it is killed."""
+    run.start()
+    try:
+        run.wait_serving(240)
+        stub = learner_pb2_grpc.LearnerServiceStub(sync_channel(run.address))
+        deadline = time.monotonic() + 300
+        while stub.GetStatus(learner_pb2.GetStatusRequest()).rollouts_trained < rollouts:
+            assert time.monotonic() < deadline, run.log()
+            time.sleep(0.2)
+        status = stub.GetStatus(learner_pb2.GetStatusRequest())
+        run.proc.send_signal(signal.SIGTERM)
+        run.proc.wait(120)
+    finally:
+        if run.proc.poll() is None:
+            run.kill_all() if isinstance(run, Torchrun) else run.stop(signal.SIGKILL)
+    return run, status
+
+
 def test_two_ranks_train_through_the_broker_and_a_killed_rank_1_trains_nothing_twice(
     broker, topics, tiny_model_dir, tmp_path
 ):
@@ -120,23 +140,10 @@ def test_two_ranks_train_through_the_broker_and_a_killed_rank_1_trains_nothing_t
     assert "RankLost" in text or "the other ranks did not take the stop" in text, "rank 0 did not see rank 1 go"
 
     # 2. the last incarnation trains the rest and stops cleanly (rank 0 tells rank 1 to stop)
-    run = Torchrun("learner", env, log, port, 0).start()
-    try:
-        run.wait_serving(240)
-        stub = learner_pb2_grpc.LearnerServiceStub(sync_channel(run.address))
-        deadline = time.monotonic() + 300
-        while stub.GetStatus(learner_pb2.GetStatusRequest()).rollouts_trained < len(produced):
-            assert time.monotonic() < deadline, run.log()
-            time.sleep(0.2)
-        status = stub.GetStatus(learner_pb2.GetStatusRequest())
-        # torchrun passes SIGTERM to both ranks and then exits non-zero itself (its
-        # SignalException), so the clean stop shows in the log: rank 1 took rank 0's stop
-        run.proc.send_signal(signal.SIGTERM)
-        run.proc.wait(120)
-        assert "rank 0 stopped; exiting" in run.log(400), run.log()
-    finally:
-        if run.proc.poll() is None:
-            run.kill_all()
+    run, status = train_all(Torchrun("learner", env, log, port, 0), len(produced))
+    # torchrun passes SIGTERM to both ranks and then exits non-zero itself (its
+    # SignalException), so the clean stop shows in the log: rank 1 took rank 0's stop
+    assert "rank 0 stopped; exiting" in run.log(400), run.log()
 
     # 3. the ledger: each rollout once, none missing; versions were published
     entries = ledger_entries(state_dir)
@@ -157,22 +164,9 @@ def test_two_ranks_train_through_the_broker_and_a_killed_rank_1_trains_nothing_t
     for extra_seed, ranks in ((BATCHES, 1), (BATCHES + 2, 2)):
         produced += produce_rollouts(broker, topics, tiny_model_dir, 2, first_seed=extra_seed)
         cls = Torchrun if ranks == 2 else ServiceProcess
-        run = cls("learner", env, log, port, 0).start()
-        try:
-            run.wait_serving(240)
-            stub = learner_pb2_grpc.LearnerServiceStub(sync_channel(run.address))
-            deadline = time.monotonic() + 300
-            while stub.GetStatus(learner_pb2.GetStatusRequest()).rollouts_trained < len(produced):
-                assert time.monotonic() < deadline, run.log()
-                time.sleep(0.2)
-            status = stub.GetStatus(learner_pb2.GetStatusRequest())
-            assert status.step == step + 2, (ranks, status.step)  # resumed at `step`, not from scratch
-            step = status.step
-            run.proc.send_signal(signal.SIGTERM)
-            run.proc.wait(120)
-        finally:
-            if run.proc.poll() is None:
-                run.kill_all() if ranks == 2 else run.stop(signal.SIGKILL)
+        _, status = train_all(cls("learner", env, log, port, 0), len(produced))
+        assert status.step == step + 2, (ranks, status.step)  # resumed at `step`, not from scratch
+        step = status.step
     entries = ledger_entries(state_dir)
     trained = [event_id for e in entries for event_id in e["trained"]]
     assert len(trained) == len(set(trained)) and set(trained) == {r.event_id for r in produced}
