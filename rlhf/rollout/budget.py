@@ -17,6 +17,20 @@ learner consumed a batch either way; ROLLED_BACK: an operator moved the serving 
 Each announcement starts a new budget. With max_policy_lag = 0 the worker produces exactly
 one learner batch per version: on-policy PPO.
 
+A new budget is what the last one left *less the backlog*: rollouts produced and not yet
+trained or dropped are still ahead of anything sampled now, so the rule that holds the lag is
+on the rollouts outstanding — never more than `budget` of them — not on the rollouts made
+per announcement. (Counting per announcement alone let a worker faster than the learner
+pile up a queue whose tail went stale: in a 135M win-rate run the learner dropped 208
+stale rollouts against 256 trained.) The backlog is what the worker produced less
+what the learner trained and dropped since, from the learner's own counts (read just before
+each announcement is followed); when the learner cannot be asked, an announcement is taken
+to have consumed one learner batch. The backlog holds back at most `budget − per_version`:
+every announcement opens at least one learner batch, so a wrong count slows the worker but
+never stalls the loop. This is for one worker (`membership=assign`, what `rlhf up` runs);
+workers that share the budget keep the per-announcement rule, since the learner's counts
+are the whole loop's and no worker knows which of them were its own.
+
 Only the learner's announcements count, and their version *numbers* are never compared: the
 version a generator reports (in a Generate response or GetInfo) does not move the budget, so
 a generator made to serve a bogus version 999999 cannot hold the worker back until the
@@ -70,6 +84,9 @@ class PolicyBudget:
         self.version = -1  # the version of the learner's last announcement (-1: none yet)
         self.announcements = 0  # learner announcements seen
         self.produced = 0  # rollouts produced since the last announcement
+        self.backlog = 0  # rollouts produced and not yet trained or dropped, as best known
+        self.carried = 0  # the part of the backlog that holds this budget back
+        self._last_handled: int | None = None  # learner trained + dropped at the last budget opened
         self.reserved = 0  # rollouts being produced now
         self.releases = 0  # budgets opened by the learner's counts (see the module docstring)
         self._base: tuple[int, int] | None = None  # learner (trained, dropped) when this budget opened
@@ -165,6 +182,15 @@ class PolicyBudget:
         return False
 
     def _open(self, counts: tuple[int, int] | None) -> None:
+        if self.known and self._share is None:  # one worker: the backlog holds the next budget back
+            handled = None if counts is None else counts[0] + counts[1]
+            if handled is not None and self._last_handled is not None and handled >= self._last_handled:
+                consumed = handled - self._last_handled
+            else:  # no counts, first sight of them, or a learner restored from an older checkpoint
+                consumed = self.per_version
+            self._last_handled = handled if handled is not None else self._last_handled
+            self.backlog = max(0, self.backlog - consumed)
+            self.carried = min(self.backlog, self.whole - self.per_version)
         self.produced, self._base = 0, counts
         if self._share is not None:  # a new budget: every partition held counts
             self._share = (self._held, *self._share[1:])
@@ -172,7 +198,7 @@ class PolicyBudget:
 
     @property
     def remaining(self) -> int:
-        return max(0, self.budget - self.produced - self.reserved)
+        return max(0, self.budget - self.carried - self.produced - self.reserved)
 
     def try_reserve(self, n: int) -> bool:
         """Claim room for `n` rollouts (a group is never split across the limit's edge: a
@@ -185,7 +211,7 @@ class PolicyBudget:
             if ok:
                 self.reserved += n
             return ok
-        if self.remaining >= n or (self.produced + self.reserved == 0):
+        if self.remaining >= n or (self.carried + self.produced + self.reserved == 0):
             self.reserved += n
             return True
         return False
@@ -193,6 +219,7 @@ class PolicyBudget:
     def settle(self, reserved: int, produced: int) -> None:
         self.reserved -= reserved
         self.produced += produced
+        self.backlog += produced
 
     async def changed(self, timeout: float) -> None:
         """Wait until the learner announces a version, or `timeout` seconds."""

@@ -31,11 +31,34 @@ def _spend(b: PolicyBudget) -> int:
     return granted
 
 
-def test_budget_allows_lag_plus_one_batches_per_version():
+def test_budget_allows_lag_plus_one_batches_outstanding():
     b = PolicyBudget(rollouts_per_version=4, max_policy_lag=1)
-    assert _spend(b) == 8 and b.remaining == 0
-    assert b.advance(3) and b.remaining == 8  # the learner announced a version: one more budget
+    assert b.advance(0, counts=(0, 0)) and _spend(b) == 8 and b.remaining == 0
+    # the learner trained one batch and announced a version: 4 are still ahead of anything new
+    assert b.advance(1, counts=(4, 0)) and b.carried == 4 and _spend(b) == 4
+    assert b.advance(2, counts=(12, 0)) and b.backlog == 0 and b.remaining == 8  # it caught up
+    assert _spend(b) == 8 and b.advance(3) and b.remaining == 4  # no counts: one batch taken as consumed
     assert PolicyBudget(16, 0).budget == 16  # lag 0: one learner batch per version, on-policy
+
+
+@pytest.mark.parametrize("with_counts", [True, False])
+def test_a_worker_faster_than_the_learner_never_trains_a_rollout_past_the_lag(with_counts):
+    """The worker makes all it may at once; the learner trains one batch (oldest first) per
+    version. Outstanding rollouts stay within the budget, so none is ever stale; counting
+    only what each announcement opened (the old rule) let the queue grow without bound."""
+    per_version, lag = 4, 2
+    b = PolicyBudget(per_version, lag)
+    queue, version, trained, lags = [], 0, 0, []
+    b.advance(version, counts=(0, 0) if with_counts else None)
+    for _ in range(30):
+        queue += [version] * _spend(b)
+        assert len(queue) <= per_version * (lag + 1)
+        batch, queue = queue[:per_version], queue[per_version:]
+        lags += [version - v for v in batch]
+        trained += len(batch)
+        version += 1
+        b.advance(version, counts=(trained, 0) if with_counts else None)
+    assert max(lags) <= lag and trained == 30 * per_version
 
 
 def test_budget_follows_the_learners_announcements_not_version_numbers():
@@ -64,7 +87,7 @@ def test_budget_reopens_when_the_learner_drops_rollouts_and_cannot_make_a_batch(
     assert _spend(b) == 8
     assert not b.learner_counts(108, 3)  # 3 stale dropped, 5 left: still a batch to make
     assert b.learner_counts(108, 6)  # 6 dropped, 2 left: less than a batch, so a new budget
-    assert b.remaining == 8 and b.releases == 1
+    assert b.remaining == 6 and b.carried == 2 and b.releases == 1  # the 2 left are still ahead
     assert not b.learner_counts(50, 0)  # a learner restored from an older checkpoint: a new base
 
 
