@@ -5,9 +5,11 @@ Reward gate under test: no rollout before the reward model has trained on min_rm
 (here 4) feedback examples and serves a trained version.
 
 Budget under test: rollouts_per_version=4, max_policy_lag=1 (the numbers a learner announces in
-its PolicyUpdates; here the test plays the learner) → 8 rollouts per version, then the worker
-holds back until the learner announces a version on rlhf.policy-updates (the generator serving
-a newer version does not move it: only the learner's word does).
+its PolicyUpdates; here the test plays the learner) → 8 rollouts outstanding at most, then the
+worker holds back until the learner announces a version on rlhf.policy-updates (the generator
+serving a newer version does not move it: only the learner's word does). No learner answers
+GetStatus here, so each announcement counts as one batch (4) consumed: 4 more per announcement,
+since the other 4 of the first budget are still ahead (the backlog, rlhf/rollout/budget.py).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from tests.procs import run_service, wait_for
 pytestmark = pytest.mark.slow
 
 BUDGET = 8
+PER_VERSION = 4
 THREADS = {"RLHF_TORCH_THREADS": "1", "RLHF_REFERENCE_TORCH_THREADS": "1", "RLHF_REWARD_TORCH_THREADS": "1"}
 TOKEN = "rollout-test-token"
 
@@ -184,21 +187,21 @@ def test_rollouts_are_consistent_and_the_worker_holds_back_at_max_policy_lag(tmp
                 ),
                 key="policy",
             )
-        wait_for(lambda: held_back_at(2 * BUDGET), 120, "second budget")
+        wait_for(lambda: held_back_at(BUDGET + PER_VERSION), 120, "second budget")
 
-        # 3. the learner announces a version (here: rejected by the drift gate): one more budget
+        # 3. the learner announces a version (here: rejected by the drift gate): one more batch
         with EventProducer(broker.bootstrap) as producer:
             producer.publish(
                 topics.policy_updates,
                 new_event(events_pb2.PolicyUpdate, version=2, action=events_pb2.POLICY_ACTION_REJECTED),
                 key="policy",
             )
-        wait_for(lambda: held_back_at(3 * BUDGET), 120, "third budget")
+        wait_for(lambda: held_back_at(BUDGET + 2 * PER_VERSION), 120, "third budget")
         time.sleep(2)
         rollouts.extend(r.event for r in consumer.poll(timeout_ms=1000))
 
-    assert len(rollouts) == 3 * BUDGET
-    assert [r.policy_version for r in rollouts] == [0] * BUDGET + [1] * (2 * BUDGET)
+    assert len(rollouts) == BUDGET + 2 * PER_VERSION
+    assert [r.policy_version for r in rollouts] == [0] * BUDGET + [1] * (2 * PER_VERSION)
     base = load_causal_lm(tiny_model_dir)
     new = load_causal_lm(other)
     groups: dict[str, list] = {}
