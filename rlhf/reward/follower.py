@@ -30,7 +30,6 @@ from typing import Callable
 
 from prometheus_client import Counter
 
-from rlhf.reward import metrics as m
 from rlhf.reward.model import RewardModel
 from rlhf.reward.normalizer import ScoreNormalizer
 from rlhf.reward.online import ServingSnapshot
@@ -149,10 +148,7 @@ class RewardFollower:
         self.version = version
         snapshot = ServingSnapshot(model, normalizer, version, int(meta.get("train_step", 0)), info=meta)
         self.on_swap(snapshot)
-        m.VERSION.set(version)
-        m.SCORE_MEAN.set(normalizer.mean)
-        m.SCORE_STD.set(normalizer.std)
-        m.ACCURACY.set(float(meta.get("online_accuracy", 0.0)))
+        snapshot.set_gauges(float(meta.get("online_accuracy", 0.0)))
 
     def _invalid(self, ev, reason: str, detail: str) -> None:
         INVALID.labels(reason).inc()

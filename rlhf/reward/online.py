@@ -71,6 +71,13 @@ class ServingSnapshot:
         raw = self.model.score(prompts, responses, batch_size)
         return raw, self.normalizer.normalize(raw)
 
+    def set_gauges(self, online_accuracy: float) -> None:
+        """The served version's gauges: its number, its normaliser, the accuracy it is known by."""
+        m.VERSION.set(self.version)
+        m.SCORE_MEAN.set(self.normalizer.mean)
+        m.SCORE_STD.set(self.normalizer.std)
+        m.ACCURACY.set(online_accuracy)
+
 
 class OnlineRewardLoop:
     def __init__(
@@ -373,10 +380,7 @@ class OnlineRewardLoop:
         tr = self.trainer
         snapshot = ServingSnapshot(tr.model.clone().eval(), copy.deepcopy(tr.normalizer), self.version, tr.step)
         self.on_swap(snapshot)
-        m.VERSION.set(self.version)
-        m.SCORE_MEAN.set(snapshot.normalizer.mean)
-        m.SCORE_STD.set(snapshot.normalizer.std)
-        m.ACCURACY.set(tr.online_accuracy)
+        snapshot.set_gauges(tr.online_accuracy)
 
 
 def read_quarantined(bootstrap: str, topic: str, rater: str, timeout_s: float = 60.0) -> list[Any]:
