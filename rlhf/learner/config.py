@@ -79,6 +79,12 @@ class PPOConfig(BaseModel):
     user_feedback_max_per_step: int = Field(
         16, description="user_feedback: most Feedback events whose examples join one learner step (oldest first)"
     )
+    user_feedback_alone: bool = Field(
+        False,
+        description="user_feedback: when user_feedback_max_per_step events are buffered and no rollout batch is "
+        "ready, a step on them alone (online DPO / SFT on users' own feedback): the policy learns from people "
+        "before the reward model has the comparisons rollouts wait for, and between rollout batches",
+    )
     user_feedback_max_prompt_tokens: int = Field(
         1024,
         description="user_feedback: a Feedback event whose prompt, rendered by the chat template, is longer is "
@@ -205,6 +211,11 @@ class PPOConfig(BaseModel):
                     raise ValueError(
                         f"{name} must be ≥ 1 when user_feedback={self.user_feedback!r}, got {getattr(self, name)}"
                     )
+        elif self.user_feedback_alone:
+            raise ValueError(
+                "user_feedback_alone=True trains steps on users' Feedback events, which user_feedback='none' does "
+                "not read: set user_feedback (dpo, distill or both) or user_feedback_alone=False"
+            )
         return self
 
     @property

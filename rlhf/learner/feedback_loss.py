@@ -69,6 +69,10 @@ class FeedbackBatch:
     def n_answers(self) -> int:
         return self.answers.size if self.answers is not None else 0
 
+    @property
+    def num_tokens(self) -> int:
+        return sum(b.num_tokens for b in (self.pairs, self.answers) if b is not None)
+
     def to(self, device: torch.device | str) -> FeedbackBatch:
         return FeedbackBatch(*(b.to(device) if b is not None else None for b in (self.pairs, self.answers)))
 

@@ -9,7 +9,8 @@ methods (status, pause, resume, versions, rollback). Each iteration of the loop:
      user_feedback, poll Feedback events too (rlhf/learner/feedback_intake.py): meaningless
      ones dead-lettered, the rest buffered until the next step
   2. once batch_size fresh rollouts are buffered, one PPO step on the oldest of them (with
-     up to user_feedback_max_per_step buffered feedback events, rlhf/learner/feedback_loss.py); a
+     up to user_feedback_max_per_step buffered feedback events, rlhf/learner/feedback_loss.py;
+     with user_feedback_alone, that many feedback events and no rollout batch: a step on them alone); a
      step that raises or goes non-finite is undone and its batch dead-lettered, and the
      loop goes on (after MAX_FAILED_STEPS_IN_A_ROW of them it gives up, loudly)
   3. ledger line (event ids trained and dropped), then a checkpoint holding the Kafka
@@ -348,13 +349,23 @@ class Learner:
                 if self.paused.is_set():  # paused during the poll: train nothing it returned
                     continue
                 records = self.intake.take_batch()
-                if records:
-                    self._train(records)
+                if records or self._feedback_alone_due():
+                    self._train(records or [])
         finally:
             self._loop_thread = None
             self._run_commands()  # fail nobody waiting: run what is queued
 
+    def _feedback_alone_due(self) -> bool:
+        """No rollout batch is ready and a full step of users' feedback is (user_feedback_alone)."""
+        return (
+            self.feedback is not None
+            and self.cfg.user_feedback_alone
+            and len(self.feedback.intake) >= self.cfg.user_feedback_max_per_step
+        )
+
     def _train(self, records: list) -> None:
+        """One step on `records` (rollouts) with the users' feedback waiting; `records` empty:
+        on that feedback alone (user_feedback_alone)."""
         cfg, state = self.cfg, self.state
         # 1. the PPO step (all or nothing: a failure leaves the weights as they were), with the
         #    users' feedback examples waiting since the last step (user_feedback)
@@ -363,13 +374,16 @@ class Learner:
         feedback = self.feedback.take() if self.feedback is not None else []
         try:
             examples = collate_feedback([ex for _, exs in feedback for ex in exs], self.pad_id)
-            stats = self.trainer.step(collate(events, self.pad_id), examples)
+            stats = self.trainer.step(collate(events, self.pad_id) if events else None, examples)
         except Exception as e:  # noqa: BLE001 - contained: the batch is dead-lettered, training goes on
             self._step_failed(records, e, feedback)
             return
         self._failed_in_a_row = 0
-        stats["staleness_mean"] = sum(lags) / len(lags)
-        stats["staleness_max"] = float(max(lags))
+        if lags:
+            stats["staleness_mean"] = sum(lags) / len(lags)
+            stats["staleness_max"] = float(max(lags))
+        else:
+            metrics.FEEDBACK_ALONE_STEPS.inc()
 
         # 2. bookkeeping: step, maybe a new version
         with self._lock:

@@ -136,6 +136,10 @@ CHECKPOINT_SECONDS = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 STEPS = Counter("rlhf_learner_steps_total", "PPO steps completed")
+FEEDBACK_ALONE_STEPS = Counter(
+    "rlhf_learner_feedback_alone_steps_total",
+    "user_feedback_alone: steps trained on users' Feedback events with no rollouts (also in rlhf_learner_steps_total)",
+)
 ROLLOUTS_TRAINED = Counter("rlhf_learner_rollouts_trained_total", "Rollouts trained on")
 ROLLOUTS_DROPPED_STALE = Counter(
     "rlhf_learner_rollouts_dropped_stale_total", "Rollouts dropped: generated more than max_policy_lag versions ago"

@@ -180,18 +180,21 @@ class PPOTrainer:
         mask = batch.response_mask
         return zero_padding(logprobs, mask), zero_padding(values, mask), zero_padding(entropy, mask)
 
-    def step(self, batch: RolloutBatch, feedback: FeedbackBatch | None = None) -> dict[str, float]:
+    def step(self, batch: RolloutBatch | None, feedback: FeedbackBatch | None = None) -> dict[str, float]:
         """Train on one batch; returns the step's diagnostics (floats, ready for metrics).
 
         `feedback`: users' examples (user_feedback; rlhf/learner/feedback_loss.py) whose loss,
-        × user_feedback_coef, joins each optimizer step of the batch's objective.
+        × user_feedback_coef, joins each optimizer step of the batch's objective. `batch`
+        None: a step on the feedback alone (user_feedback_alone; `_feedback_alone`).
         All or nothing: on any exception (NonFiniteStep included) the trainer and the
         policy's trainable weights are as they were before the call. On rank 0 of several,
         the batch goes to the other ranks first (they run the same step in `follow`).
         """
         if not self.ranks.distributed:
             return self._all_or_nothing(batch, feedback)
-        self.commands.send(Commands.STEP, batch.to("cpu"), None if feedback is None else feedback.to("cpu"))
+        self.commands.send(
+            Commands.STEP, None if batch is None else batch.to("cpu"), None if feedback is None else feedback.to("cpu")
+        )
         return self._step_together(batch, feedback)
 
     def _step_together(self, batch: RolloutBatch, feedback: FeedbackBatch | None) -> dict[str, float]:
@@ -252,7 +255,9 @@ class PPOTrainer:
         self.shuffle.set_state(snap["shuffle"])
         self.steps = snap["steps"]
 
-    def _step(self, batch: RolloutBatch, feedback_batch: FeedbackBatch | None = None) -> dict[str, float]:
+    def _step(self, batch: RolloutBatch | None, feedback_batch: FeedbackBatch | None = None) -> dict[str, float]:
+        if batch is None:
+            return self._feedback_alone(feedback_batch)
         cfg = self.cfg
         start = time.perf_counter()
         batch = batch.to(self.device)
@@ -337,6 +342,32 @@ class PPOTrainer:
         out = {k: float(v) for k, v in stats.items()}  # one device sync for the whole step
         out["step_seconds"] = time.perf_counter() - start
         out["tokens"] = float(batch.num_tokens)
+        out["tokens_per_second"] = out["tokens"] / out["step_seconds"]
+        return out
+
+    def _feedback_alone(self, feedback_batch: FeedbackBatch | None) -> dict[str, float]:
+        """A step on users' examples with no rollouts (user_feedback_alone): `ppo_epochs`
+        epochs of their loss, each split over ceil(examples / minibatch_size) optimizer steps
+        as a rollout batch is; no rollout objective, no KL measured, β left as it is (the
+        drift gate measures each version's KL itself)."""
+        if feedback_batch is None:
+            raise ValueError("a step without rollouts needs users' feedback examples")
+        cfg = self.cfg
+        start = time.perf_counter()
+        feedback = FeedbackTerm(feedback_batch, self.policy, self._forward, self._autocast, cfg, self.shuffle)
+        examples = feedback_batch.n_pairs + feedback_batch.n_answers
+        parts = max(1, min(examples, math.ceil(examples / cfg.minibatch_size)))
+        grad_norms = []
+        for _ in range(cfg.ppo_epochs):
+            for part in range(parts):
+                self.optimizer.zero_grad(set_to_none=True)
+                grad_norms.append(self._optimizer_step(feedback, part, parts))
+        self.steps += 1
+        stats: dict[str, Any] = feedback.stats()
+        stats.update(grad_norm=torch.stack(grad_norms).mean(), lr=self.scheduler.get_last_lr()[0])
+        out = {k: float(v) for k, v in stats.items()}
+        out["step_seconds"] = time.perf_counter() - start
+        out["tokens"] = float(feedback_batch.num_tokens)
         out["tokens_per_second"] = out["tokens"] / out["step_seconds"]
         return out
 

@@ -189,6 +189,46 @@ def test_users_feedback_moves_the_policy_toward_their_answer(broker, topics, tin
         learner.close()
 
 
+def test_feedback_alone_steps_train_users_pairs_before_any_rollout(broker, topics, tiny_model_dir, tmp_path, sampler):
+    """user_feedback_alone: a full step of comparisons trains with no rollout at all, and
+    publishes a version; fewer than a step's worth wait for the next rollout batch."""
+    per_step = 4
+    cfg = config(
+        lr=1e-2,
+        user_feedback="dpo",
+        user_feedback_coef=1.0,
+        dpo_beta=0.5,
+        user_feedback_max_per_step=per_step,
+        user_feedback_alone=True,
+        publish_every=1,
+    )
+    before = REGISTRY.get_sample_value("rlhf_learner_feedback_alone_steps_total") or 0
+    learner = Learner(cfg, tiny_model_dir, tmp_path / "state", broker.bootstrap, topics.prefix)
+    learner.start()
+    tok = learner.tokenizer
+    try:
+        with training(learner):
+            start = measure(learner, tok, "dpo", per_step)
+            events = [prefers_target(i % per_step) for i in range(2 * per_step + 1)]
+            publish(broker.bootstrap, [(topics.feedback, e, e.conversation_id) for e in events])
+            wait_for(lambda: learner.state.step == 2 and len(learner.feedback.intake) == 1, 120, "two feedback steps")
+            after = measure(learner, tok, "dpo", per_step)
+            assert learner.state.step == 2  # the ninth event alone is no step
+            publish(broker.bootstrap, [(topics.rollouts, r, r.prompt_id) for r in sampler(seed=5)])
+            wait_for(lambda: learner.state.step == 3, 120, "a rollout step")
+        assert after > start + 0.5, (start, after)
+        first, second, third = learner.ledger.entries()
+        assert first["trained"] == second["trained"] == [] and len(third["trained"]) == BATCH
+        assert [len(e["feedback"]) for e in (first, second, third)] == [per_step, per_step, 1]
+        assert sorted(i for e in (first, second, third) for i in e["feedback"]) == sorted(e.event_id for e in events)
+        s = learner.state
+        assert (s.rollouts_trained, s.feedback_pairs_trained) == (BATCH, 2 * per_step + 1)
+        assert learner.state.lineage[-1] >= 2, learner.state.lineage  # the feedback steps published versions
+        assert REGISTRY.get_sample_value("rlhf_learner_feedback_alone_steps_total") == before + 2
+    finally:
+        learner.close()
+
+
 def test_meaningless_feedback_is_dead_lettered_with_its_reason_and_training_goes_on(
     broker, topics, tiny_model_dir, tmp_path, sampler
 ):

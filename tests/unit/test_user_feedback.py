@@ -211,6 +211,8 @@ def test_user_feedback_settings_are_checked():
     with pytest.raises(ValidationError, match="user_feedback_max_per_step must be ≥ 1"):
         LearnerConfig(user_feedback="both", user_feedback_max_per_step=0)
     LearnerConfig(user_feedback="none", user_feedback_coef=0)  # off: nothing to weigh
+    with pytest.raises(ValidationError, match="user_feedback_alone=True trains steps on users' Feedback events"):
+        LearnerConfig(user_feedback_alone=True)  # with user_feedback="none" nothing is read to step on
 
 
 # --- the trainer: the users' loss in the rollout objective's optimizer steps -----------------
