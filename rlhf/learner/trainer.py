@@ -315,9 +315,7 @@ class PPOTrainer:
 
         if feedback is not None:
             if not grad_norms:  # the objective took no optimizer step (all ties, no target): the users' loss alone
-                for _ in range(cfg.ppo_epochs):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    grad_norms.append(self._optimizer_step(feedback, 0, 1))
+                grad_norms = self._feedback_epochs(feedback, 1)
             extra.update(feedback.stats())
 
         # 5. adaptive β from the measured sequence KL
@@ -356,12 +354,7 @@ class PPOTrainer:
         start = time.perf_counter()
         feedback = FeedbackTerm(feedback_batch, self.policy, self._forward, self._autocast, cfg, self.shuffle)
         examples = feedback_batch.n_pairs + feedback_batch.n_answers
-        parts = max(1, min(examples, math.ceil(examples / cfg.minibatch_size)))
-        grad_norms = []
-        for _ in range(cfg.ppo_epochs):
-            for part in range(parts):
-                self.optimizer.zero_grad(set_to_none=True)
-                grad_norms.append(self._optimizer_step(feedback, part, parts))
+        grad_norms = self._feedback_epochs(feedback, max(1, math.ceil(examples / cfg.minibatch_size)))
         self.steps += 1
         stats: dict[str, Any] = feedback.stats()
         stats.update(grad_norm=torch.stack(grad_norms).mean(), lr=self.scheduler.get_last_lr()[0])
@@ -370,6 +363,16 @@ class PPOTrainer:
         out["tokens"] = float(feedback_batch.num_tokens)
         out["tokens_per_second"] = out["tokens"] / out["step_seconds"]
         return out
+
+    def _feedback_epochs(self, feedback: FeedbackTerm, parts: int) -> list[torch.Tensor]:
+        """`ppo_epochs` epochs of the users' loss alone, each over `parts` optimizer steps;
+        their gradient norms."""
+        grad_norms = []
+        for _ in range(self.cfg.ppo_epochs):
+            for part in range(parts):
+                self.optimizer.zero_grad(set_to_none=True)
+                grad_norms.append(self._optimizer_step(feedback, part, parts))
+        return grad_norms
 
     def _optimizer_step(self, feedback: FeedbackTerm | None, part: int, parts: int) -> torch.Tensor:
         """Add the users' loss of slice `part` of `parts` (if any) to the accumulated gradient,
