@@ -317,7 +317,11 @@ def test_user_feedback_none_leaves_the_feedback_topic_unread(broker, topics, tin
 
 
 @pytest.mark.slow
-def test_sigkill_and_restart_train_each_feedback_event_exactly_once(broker, topics, tiny_model_dir, tmp_path, sampler):
+@pytest.mark.parametrize("alone", [False, True], ids=["rollout-steps", "feedback-alone-steps"])
+def test_sigkill_and_restart_train_each_feedback_event_exactly_once(
+    broker, topics, tiny_model_dir, tmp_path, sampler, alone
+):
+    """`alone`: no rollout at all, every step is a feedback-alone step (user_feedback_alone)."""
     feedback = [prefers_target(i) if i % 2 else thumbs_up_target(i) for i in range(12)]
     bad = user_feedback(99, comparison=events_pb2.Comparison(chosen="x", rejected="x"))
     publish(broker.bootstrap, [(topics.feedback, e, e.conversation_id) for e in feedback[:6] + [bad] + feedback[6:]])
@@ -329,10 +333,18 @@ def test_sigkill_and_restart_train_each_feedback_event_exactly_once(broker, topi
         batches += n
         publish(broker.bootstrap, [(topics.rollouts, r, r.prompt_id) for r in rollouts])
 
-    more_rollouts(8)
+    if not alone:
+        more_rollouts(8)
     state_dir = tmp_path / "state"
     env = learner_env(
-        broker, topics, tiny_model_dir, state_dir, user_feedback="both", user_feedback_max_per_step=2, tracking="none"
+        broker,
+        topics,
+        tiny_model_dir,
+        state_dir,
+        user_feedback="both",
+        user_feedback_max_per_step=2,
+        user_feedback_alone=alone,
+        tracking="none",
     )
     port, log = int(env["RLHF_PORT"]), tmp_path / "learner.log"
 
@@ -361,7 +373,7 @@ def test_sigkill_and_restart_train_each_feedback_event_exactly_once(broker, topi
         def all_trained() -> bool:
             if set(trained_feedback()) >= {e.event_id for e in feedback}:
                 return True
-            if stub.GetStatus(learner_pb2.GetStatusRequest()).rollouts_trained >= batches * BATCH:
+            if not alone and stub.GetStatus(learner_pb2.GetStatusRequest()).rollouts_trained >= batches * BATCH:
                 more_rollouts(1)  # the steps are driven by rollouts: give it another one
             return False
 
@@ -375,4 +387,6 @@ def test_sigkill_and_restart_train_each_feedback_event_exactly_once(broker, topi
     assert set(trained) == {e.event_id for e in feedback} and bad.event_id not in trained
     entries = ledger_entries(state_dir)
     assert [e["step"] for e in entries] == list(range(1, len(entries) + 1))
+    if alone:
+        assert all(e["trained"] == [] for e in entries)
     assert "restored checkpoint" in log.read_text()
