@@ -197,7 +197,7 @@ class PPOTrainer:
         )
         return self._step_together(batch, feedback)
 
-    def _step_together(self, batch: RolloutBatch, feedback: FeedbackBatch | None) -> dict[str, float]:
+    def _step_together(self, batch: RolloutBatch | None, feedback: FeedbackBatch | None) -> dict[str, float]:
         """The step on one of several ranks. A NonFiniteStep comes from numbers every rank
         shares (summed losses, the gradient norm, the batch's KL), so every rank undoes the
         step and they train on together; any other failure may be this rank's alone (out
@@ -337,11 +337,7 @@ class PPOTrainer:
             grad_norm=torch.stack(grad_norms).mean() if grad_norms else 0.0,
             lr=self.scheduler.get_last_lr()[0],
         )
-        out = {k: float(v) for k, v in stats.items()}  # one device sync for the whole step
-        out["step_seconds"] = time.perf_counter() - start
-        out["tokens"] = float(batch.num_tokens)
-        out["tokens_per_second"] = out["tokens"] / out["step_seconds"]
-        return out
+        return _step_out(stats, start, batch.num_tokens)
 
     def _feedback_alone(self, feedback_batch: FeedbackBatch | None) -> dict[str, float]:
         """A step on users' examples with no rollouts (user_feedback_alone): `ppo_epochs`
@@ -358,11 +354,7 @@ class PPOTrainer:
         self.steps += 1
         stats: dict[str, Any] = feedback.stats()
         stats.update(grad_norm=torch.stack(grad_norms).mean(), lr=self.scheduler.get_last_lr()[0])
-        out = {k: float(v) for k, v in stats.items()}
-        out["step_seconds"] = time.perf_counter() - start
-        out["tokens"] = float(feedback_batch.num_tokens)
-        out["tokens_per_second"] = out["tokens"] / out["step_seconds"]
-        return out
+        return _step_out(stats, start, feedback_batch.num_tokens)
 
     def _feedback_epochs(self, feedback: FeedbackTerm, parts: int) -> list[torch.Tensor]:
         """`ppo_epochs` epochs of the users' loss alone, each over `parts` optimizer steps;
@@ -665,3 +657,13 @@ def _to_cpu(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu(v) for v in obj)
     return obj
+
+
+def _step_out(stats: dict[str, Any], start: float, tokens: int) -> dict[str, float]:
+    """A step's diagnostics as floats (one device sync for the whole step), with its time
+    since `start` and its throughput over `tokens`."""
+    out = {k: float(v) for k, v in stats.items()}
+    out["step_seconds"] = time.perf_counter() - start
+    out["tokens"] = float(tokens)
+    out["tokens_per_second"] = out["tokens"] / out["step_seconds"]
+    return out
