@@ -412,6 +412,7 @@ def _sim_arguments(command: str):
 
 def build_parser() -> argparse.ArgumentParser:
     from rlhf import __version__
+    from rlhf.profile import CHOICES
 
     p = argparse.ArgumentParser(prog="rlhf", description="Online RLHF serving loop")
     p.add_argument("--version", action="version", version=f"rlhf {__version__}")
@@ -424,10 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--tiny", action="store_true", help="tiny random models (seconds to start; for smoke tests)")
     up.add_argument(
         "--profile",
-        choices=("auto", "none"),
+        choices=CHOICES,
         default="auto",
         help="auto: this machine's defaults (precision, threads, learning settings) for every RLHF_* "
-        "variable not exported; none: the settings' own defaults",
+        "variable not exported; feedback: auto plus GRPO + best-of-n with the users' feedback in the "
+        "policy (docs/configuration.md); none: the settings' own defaults",
     )
     up.add_argument("--kafka-bootstrap", default=None, help="use this Kafka instead of the embedded broker")
     up.add_argument("--broker-port", type=int, default=9092, help="port of the embedded broker")

@@ -11,7 +11,7 @@ import pytest
 
 from rlhf import profile as prof
 from rlhf.cli import build_parser, settings_classes
-from rlhf.profile import LEARNING, THREAD_VARS, Machine, profile_for, resolve
+from rlhf.profile import FEEDBACK, LEARNING, THREAD_VARS, Machine, profile_for, resolve
 
 SETTINGS = settings_classes()
 # the values of the documented win-rate runs (docs/results.md §3) on this 2-core bf16 CPU
@@ -118,7 +118,7 @@ def test_profile_none_applies_nothing_and_says_so():
     assert build_parser().parse_args(["up"]).profile == "auto"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["up", "--profile", "fast"])
-    with pytest.raises(ValueError, match="--profile must be one of auto, none"):
+    with pytest.raises(ValueError, match="--profile must be one of auto, feedback, none"):
         resolve("fast")
 
 
@@ -139,7 +139,7 @@ def _profile_vars() -> dict[str, str]:
     every: dict[str, str] = {}
     for machine in (Machine(2, True, False), Machine(2, False, False), Machine(8, True, True, True)):
         every.update(profile_for(machine).env)
-    return every
+    return {**every, **FEEDBACK}
 
 
 def test_every_profile_variable_is_a_setting_and_its_value_parses(monkeypatch):
@@ -160,8 +160,14 @@ def test_every_profile_variable_is_a_setting_and_its_value_parses(monkeypatch):
 def test_no_profile_variable_has_an_old_name_the_user_could_have_exported_instead():
     # a renamed setting is read from RLHF_<OLD> only while RLHF_<NEW> is unset, so the profile
     # setting RLHF_<NEW> would silently override a user's RLHF_<OLD>
-    renamed = {f"RLHF_{new.upper()}" for cls in SETTINGS.values() for new in cls.renamed.values()}
-    assert not renamed & set(_profile_vars())
+    # unless the profile knows the old name and leaves the variable alone when it is exported
+    renamed = {
+        f"RLHF_{new.upper()}": f"RLHF_{old.upper()}" for cls in SETTINGS.values() for old, new in cls.renamed.items()
+    }
+    assert {k: renamed[k] for k in set(renamed) & set(_profile_vars())} == prof.OLD_NAMES
+    p = resolve("feedback")
+    applied, kept = p.split({"RLHF_SAMPLES_PER_PROMPT": "2"})
+    assert kept == {"RLHF_SAMPLES_PER_PROMPT": "2"} and "RLHF_ROLLOUT_SAMPLES_PER_PROMPT" not in applied
 
 
 def test_a_win_rate_run_records_what_the_profile_gave_its_stack(monkeypatch):
@@ -177,3 +183,24 @@ def test_a_win_rate_run_records_what_the_profile_gave_its_stack(monkeypatch):
     assert applied and all(recorded[k] == v for k, v in applied.items())
     assert profile_of(["--profile=none"]) == profile_of(["--profile", "none"]) == "none"
     assert "RLHF_LEARNER_PPO_EPOCHS" not in stack_settings("none") or "RLHF_LEARNER_PPO_EPOCHS" in os.environ
+
+
+def test_profile_feedback_is_auto_plus_the_users_feedback_setting_and_exports_still_win():
+    auto, feedback = resolve("auto"), resolve("feedback")
+    assert feedback.name == f"{auto.name}+feedback" and feedback.machine == auto.machine
+    assert feedback.env == {**auto.env, **FEEDBACK}
+    # runs 10-12 of docs/results.md §4: the values they exported
+    assert FEEDBACK["RLHF_LEARNER_OBJECTIVE"] == "grpo" and FEEDBACK["RLHF_LEARNER_USER_FEEDBACK"] == "both"
+    assert set(FEEDBACK).isdisjoint(LEARNING)
+    applied, kept = feedback.split({"RLHF_LEARNER_OBJECTIVE": "ppo"})
+    assert kept == {"RLHF_LEARNER_OBJECTIVE": "ppo"} and "RLHF_LEARNER_OBJECTIVE" not in applied
+    assert build_parser().parse_args(["up", "--profile", "feedback"]).profile == "feedback"
+
+
+def test_profile_feedback_gives_the_learner_and_gateway_a_configuration_they_accept(monkeypatch):
+    """The settings validate across fields (a batch of whole prompt groups, feedback-alone steps
+    need user_feedback): the profile's values together must pass, not only one by one."""
+    for k, v in resolve("feedback").env.items():
+        monkeypatch.setenv(k, v)
+    for cls in SETTINGS.values():
+        cls()
